@@ -1,0 +1,485 @@
+"""The scheduled agent: a ``fit`` job and an ``infer`` job over every entity group.
+
+The inference cycle reads top to bottom as its phases, each timed into
+``aiops_cycle_duration_seconds{phase}``::
+
+    fetch      incremental PromQL reads into a bounded per-group buffer
+    features   entities with too little observed data are skipped, with a reason
+    infer      every fitted detector scores the whole group in one batched call
+    calibrate  raw scores -> the common scale (1.0 = threshold) -> fused score
+    export     publish the snapshot, track anomaly events in the store
+
+Fitting writes a model version in one transaction only once it is complete; a stop request
+(SIGTERM/SIGINT) between groups or detectors abandons the fit without writing anything, so the
+store never holds a half-written version. On start-up, models fitted under the same configuration
+are loaded from the store instead of being refitted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from aiops_plugin.calibration import fuse_scores
+from aiops_plugin.config import Config, EntityGroupConfig
+from aiops_plugin.detectors.base import choose_device
+from aiops_plugin.detectors.registry import FittedModel, build_detector
+from aiops_plugin.exporter import Exporter, GroupSnapshot
+from aiops_plugin.sources.prometheus import PrometheusReader, SourceUnavailable, merge_windows
+from aiops_plugin.store import Store
+from aiops_plugin.windows import Windows
+
+log = logging.getLogger(__name__)
+
+FUSED = "fused"
+
+
+class StopRequested(Exception):
+    """Raised inside a job when the agent is shutting down."""
+
+
+class CycleFailed(Exception):
+    """No group could be scored in an inference cycle."""
+
+
+@dataclass
+class GroupResult:
+    """What one inference cycle produced for one group (also what ``score --once`` prints)."""
+
+    group: str
+    entities: list[dict[str, str]] = field(default_factory=list)
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+    timestamp: float | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+
+class Agent:
+    """Owns the reader, the store, the fitted models and the exporter."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store | None = None,
+        reader: PrometheusReader | None = None,
+        exporter: Exporter | None = None,
+    ) -> None:
+        self.config = config
+        self.device = choose_device(config.detectors.device)
+        self.store = store or Store.open(config.store.resolved_url())
+        self.reader = reader or PrometheusReader(config.prometheus)
+        self.exporter = exporter or Exporter()
+        self.models: dict[tuple[str, str], FittedModel] = {}
+        self.buffers: dict[str, Windows] = {}
+        self.stop_event = threading.Event()
+        self._models_lock = threading.Lock()
+        self.cycle_succeeded = False
+        self.scheduler: BackgroundScheduler | None = None
+
+    # ----------------------------------------------------------------- state
+    @property
+    def groups(self) -> list[EntityGroupConfig]:
+        return self.config.entities
+
+    @property
+    def detector_names(self) -> list[str]:
+        return self.config.detectors.enabled_names()
+
+    def missing_models(self) -> list[tuple[str, str]]:
+        return [
+            (detector, group.name)
+            for group in self.groups
+            for detector in self.detector_names
+            if (detector, group.name) not in self.models
+        ]
+
+    def readiness(self) -> tuple[bool, str]:
+        if not self.models:
+            return False, "no model fitted yet"
+        if not self.cycle_succeeded:
+            return False, "no inference cycle has succeeded yet"
+        return True, "ready"
+
+    def load_models(self) -> int:
+        """Models fitted under the current configuration, from the store; returns how many."""
+        loaded = 0
+        for group in self.groups:
+            for detector in self.detector_names:
+                version = self.store.latest_model_version(
+                    detector, group.name, self.config.model_hash(detector)
+                )
+                if version is None:
+                    continue
+                model = FittedModel.from_bytes(version.state, self.config, self.device)
+                with self._models_lock:
+                    self.models[(detector, group.name)] = model
+                self.exporter.model_last_fit.labels(detector=detector).set(
+                    version.created_at.timestamp()
+                )
+                loaded += 1
+        log.info("loaded %d model version(s) from the store", loaded)
+        return loaded
+
+    def _check_stop(self) -> None:
+        if self.stop_event.is_set():
+            raise StopRequested
+
+    @contextlib.contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.exporter.observe_phase(name, time.perf_counter() - started)
+
+    @contextlib.contextmanager
+    def _job(self, kind: str) -> Iterator[dict]:
+        detail: dict = {}
+        job_id = self.store.start_job(kind)
+        try:
+            yield detail
+        except StopRequested:
+            self.store.finish_job(job_id, "interrupted", detail=detail)
+            log.warning("%s job interrupted by shutdown; nothing half-written was kept", kind)
+            raise
+        except Exception as exc:
+            self.store.finish_job(job_id, "failed", error=str(exc), detail=detail)
+            raise
+        else:
+            self.store.finish_job(job_id, "succeeded", detail=detail)
+
+    # ------------------------------------------------------------------- fit
+    def fit(self, now: float | None = None) -> dict[str, dict]:
+        """Fit every enabled detector on every group's ``fit_window`` of history."""
+        now = now if now is not None else time.time()
+        start = now - self.config.schedule.fit_window
+        summary: dict[str, dict] = {}
+        with self._job("fit") as detail:
+            for group in self.groups:
+                self._check_stop()
+                with self._phase("fetch"):
+                    read = self._read(group, start, now)
+                if read is None:
+                    summary[group.name] = {"error": "no data in the fit window"}
+                    log.warning("group %r: no data in the fit window, not fitted", group.name)
+                    continue
+                for detector_name in self.detector_names:
+                    self._check_stop()
+                    detector = build_detector(detector_name, self.config, self.device)
+                    with self._phase("fit"):
+                        model = FittedModel.fit(
+                            detector, read, self.config.calibration.false_alarm_rate
+                        )
+                    self._check_stop()
+                    report = model.report
+                    version = self.store.save_model_version(
+                        detector=detector_name,
+                        group=group.name,
+                        config_hash=self.config.model_hash(detector_name),
+                        state=model.to_bytes(),
+                        training_metrics={
+                            **(report.metrics if report else {}),
+                            "seconds": report.seconds if report else 0.0,
+                            "pooled_threshold": model.scaler.pooled_threshold_,
+                        },
+                        n_entities=len(read.entities),
+                        n_features=len(read.features),
+                    )
+                    self.store.prune_model_versions(detector_name, group.name)
+                    with self._models_lock:
+                        self.models[(detector_name, group.name)] = model
+                    self.exporter.model_last_fit.labels(detector=detector_name).set(
+                        version.created_at.timestamp()
+                    )
+                    summary.setdefault(group.name, {})[detector_name] = {
+                        "version": version.id,
+                        "entities": len(read.entities),
+                        "features": len(read.features),
+                        "steps": len(read.timestamps),
+                    }
+                    log.info(
+                        "fitted %s on group %r: %d entities x %d steps x %d features (v%d)",
+                        detector_name,
+                        group.name,
+                        len(read.entities),
+                        len(read.timestamps),
+                        len(read.features),
+                        version.id,
+                    )
+            detail.update(summary)
+        return summary
+
+    def _read(self, group: EntityGroupConfig, start: float, end: float) -> Windows | None:
+        try:
+            result = self.reader.read_range(group, start, end)
+        except SourceUnavailable:
+            self.exporter.source_up.labels(source="prometheus").set(0)
+            raise
+        self.exporter.source_up.labels(source="prometheus").set(1)
+        return result.windows
+
+    # ----------------------------------------------------------------- infer
+    def _context_steps(self, group: str) -> int:
+        with self._models_lock:
+            contexts = [
+                model.detector.context_steps
+                for (_, group_name), model in self.models.items()
+                if group_name == group
+            ]
+        return max(contexts, default=1)
+
+    def infer(self, now: float | None = None) -> list[GroupResult]:
+        """One inference cycle over every group; a failing group does not stop the others."""
+        now = now if now is not None else time.time()
+        results: list[GroupResult] = []
+        store_up = self.store.ping()
+        self.exporter.source_up.labels(source="store").set(1 if store_up else 0)
+        with self._job("infer") as detail:
+            for group in self.groups:
+                self._check_stop()
+                result = self._infer_group(group, now)
+                results.append(result)
+                detail[group.name] = {
+                    "scored": len(result.entities),
+                    "skipped": len(result.skipped),
+                    **({"error": result.error} if result.error else {}),
+                }
+            if all(result.error for result in results):
+                raise CycleFailed(
+                    "; ".join(f"group {result.group!r}: {result.error}" for result in results)
+                )
+        self.exporter.last_success.set(time.time())
+        self.cycle_succeeded = True
+        return results
+
+    def _infer_group(self, group: EntityGroupConfig, now: float) -> GroupResult:
+        result = GroupResult(group.name)
+        with self._models_lock:
+            models = {
+                detector: model
+                for (detector, group_name), model in self.models.items()
+                if group_name == group.name
+            }
+        if not models:
+            result.error = "no fitted model yet"
+            self.exporter.entities_skipped.labels(entity_group=group.name, reason="no_model").inc()
+            return result
+        context = self._context_steps(group.name)
+        keep_steps = 2 * context + 10
+        step = self.config.prometheus.step
+
+        with self._phase("fetch"):
+            buffer = self.buffers.get(group.name)
+            overlap = 2 * step
+            start = (
+                max(buffer.timestamps[-1] - overlap, now - (keep_steps - 1) * step)
+                if buffer is not None
+                else now - (keep_steps - 1) * step
+            )
+            try:
+                window = self._read(group, start, now)
+            except SourceUnavailable as exc:
+                self.exporter.withdraw(group.name)
+                result.error = f"prometheus unavailable: {exc}"
+                log.error("group %r: %s", group.name, result.error)
+                return result
+            if window is None:
+                self.exporter.withdraw(group.name)
+                result.error = "no series returned"
+                return result
+            buffer = merge_windows(buffer, window, keep_steps)
+            self.buffers[group.name] = buffer
+
+        with self._phase("features"):
+            scored_windows, result.skipped = self._select_scorable(buffer, context)
+            for reason in result.skipped.values():
+                self.exporter.entities_skipped.labels(
+                    entity_group=group.name, reason=reason.split(":")[0]
+                ).inc()
+            if result.skipped:
+                log.info(
+                    "group %r: %d entities skipped this cycle: %s",
+                    group.name,
+                    len(result.skipped),
+                    result.skipped,
+                )
+            if scored_windows is None:
+                self.exporter.withdraw(group.name)
+                return result
+
+        with self._phase("infer"):
+            outputs = {name: model.score(scored_windows) for name, model in models.items()}
+
+        with self._phase("calibrate"):
+            latest = {name: output.score[:, -1] for name, output in outputs.items()}
+            latest[FUSED] = fuse_scores([latest[name] for name in models])
+            uncertainty = {
+                name: output.uncertainty[:, -1]
+                for name, output in outputs.items()
+                if output.uncertainty is not None
+            }
+            contributions = self._fused_contributions(outputs, models, scored_windows)
+
+        with self._phase("export"):
+            snapshot = GroupSnapshot(
+                group=group.name,
+                entities=scored_windows.entities,
+                features=scored_windows.features,
+                timestamp=float(scored_windows.timestamps[-1]),
+                scores=latest,
+                uncertainty=uncertainty,
+                contributions=contributions,
+            )
+            self.exporter.publish(snapshot)
+            fused = latest[FUSED]
+            keys = scored_windows.keys
+            self.store.track_anomaly_events(
+                group=group.name,
+                detector=FUSED,
+                timestamp=datetime.fromtimestamp(snapshot.timestamp, UTC),
+                scores={key: float(v) for key, v in zip(keys, fused, strict=True) if np.isfinite(v)},
+                labels=dict(zip(keys, scored_windows.entities, strict=True)),
+                threshold=self.config.schedule.event_min_score,
+            )
+        result.entities = scored_windows.entities
+        result.scores = latest
+        result.timestamp = snapshot.timestamp
+        return result
+
+    def _select_scorable(
+        self, buffer: Windows, context: int
+    ) -> tuple[Windows | None, dict[str, str]]:
+        """Entities with enough observed data in the scoring context; reasons for the rest."""
+        span = buffer.tail(context + 1)
+        observed_fraction = span.observed.mean(axis=(1, 2))
+        latest_observed = span.observed[:, -1, :].any(axis=1)
+        minimum = self.config.schedule.min_observed_fraction
+        skipped: dict[str, str] = {}
+        keep: list[int] = []
+        for i, key in enumerate(span.keys):
+            if not latest_observed[i]:
+                skipped[key] = "no_recent_data: no sample at the latest step"
+            elif observed_fraction[i] < minimum:
+                skipped[key] = (
+                    f"too_little_data: {observed_fraction[i]:.0%} observed of the last "
+                    f"{context + 1} steps, need {minimum:.0%}"
+                )
+            else:
+                keep.append(i)
+        if not keep:
+            return None, skipped
+        return buffer.select_entities(keep), skipped
+
+    @staticmethod
+    def _fused_contributions(
+        outputs: dict, models: dict[str, FittedModel], windows: Windows
+    ) -> np.ndarray | None:
+        """Per entity, the feature shares of the detector with the highest score now, laid out
+        on the scored windows' features."""
+        candidates = []
+        for name, output in outputs.items():
+            if output.contributions is None:
+                continue
+            shares = output.contributions[:, -1, :]
+            model_features = models[name].features
+            position = {feature: j for j, feature in enumerate(model_features)}
+            aligned = np.full((shares.shape[0], len(windows.features)), np.nan, dtype=np.float32)
+            for j, feature in enumerate(windows.features):
+                if feature in position:
+                    aligned[:, j] = shares[:, position[feature]]
+            candidates.append((np.nan_to_num(output.score[:, -1], nan=-np.inf), aligned))
+        if not candidates:
+            return None
+        best = np.argmax(np.stack([score for score, _ in candidates]), axis=0)
+        stacked = np.stack([aligned for _, aligned in candidates])
+        return stacked[best, np.arange(stacked.shape[1])]
+
+    # ------------------------------------------------------------------- run
+    def start_up(self) -> None:
+        interrupted = self.store.mark_running_jobs_interrupted()
+        if interrupted:
+            log.warning("%d job(s) left running by a previous process marked interrupted", interrupted)
+        self.load_models()
+
+    def _fit_job(self) -> None:
+        try:
+            self.fit()
+        except StopRequested:
+            pass
+        except SourceUnavailable as exc:
+            log.error("fit skipped, Prometheus unavailable: %s", exc)
+        except Exception:
+            log.exception("fit failed")
+
+    def _infer_job(self) -> None:
+        try:
+            self.infer()
+        except StopRequested:
+            pass
+        except CycleFailed as exc:
+            log.error("inference cycle failed: %s", exc)
+        except Exception:
+            log.exception("inference cycle failed")
+
+    def start_scheduler(self) -> BackgroundScheduler:
+        """Schedule ``fit`` and ``infer``; each never overlaps itself and missed runs coalesce."""
+        schedule = self.config.schedule
+        scheduler = BackgroundScheduler(
+            timezone="UTC",
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+        )
+        now = datetime.now(UTC)
+        scheduler.add_job(
+            self._fit_job,
+            "interval",
+            seconds=schedule.fit_every,
+            id="fit",
+            next_run_time=now if self.missing_models() else None,
+        )
+        scheduler.add_job(
+            self._infer_job, "interval", seconds=schedule.infer_every, id="infer", next_run_time=now
+        )
+        if not self.missing_models():
+            scheduler.get_job("fit").modify(
+                next_run_time=datetime.fromtimestamp(time.time() + schedule.fit_every, UTC)
+            )
+        scheduler.start()
+        self.scheduler = scheduler
+        return scheduler
+
+    def request_stop(self, *_: object) -> None:
+        log.info("stop requested; finishing the running job")
+        self.stop_event.set()
+
+    def run(self, serve: bool = True) -> None:
+        """Start-up, schedule, serve HTTP, and block until SIGTERM/SIGINT."""
+        from aiops_plugin.api import HttpServer
+
+        self.start_up()
+        server = HttpServer(self, self.config.server.host, self.config.server.port) if serve else None
+        if server:
+            server.start()
+        previous = {
+            sig: signal.signal(sig, self.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+        scheduler = self.start_scheduler()
+        try:
+            while not self.stop_event.wait(0.5):
+                pass
+        finally:
+            scheduler.shutdown(wait=True)
+            if server:
+                server.stop()
+            self.store.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            log.info("agent stopped cleanly")

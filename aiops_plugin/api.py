@@ -1,0 +1,64 @@
+"""HTTP: ``/metrics`` (the exporter's registry), ``/healthz`` and ``/readyz``.
+
+Served by uvicorn in a background thread so the scheduler and the signal handling stay in the
+main thread; the log receiver's ``/v1/logs`` will join this app.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import uvicorn
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+if TYPE_CHECKING:
+    from aiops_plugin.agent import Agent
+
+
+def create_app(agent: Agent) -> FastAPI:
+    app = FastAPI(title="aiops-plugin", docs_url=None, redoc_url=None)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(agent.exporter.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        ready, reason = agent.readiness()
+        return JSONResponse({"ready": ready, "reason": reason}, status_code=200 if ready else 503)
+
+    return app
+
+
+class HttpServer:
+    """uvicorn in a thread (which leaves signal handling to the main thread), stoppable."""
+
+    def __init__(self, agent: Agent, host: str, port: int) -> None:
+        config = uvicorn.Config(
+            create_app(agent), host=host, port=port, log_level="warning", access_log=False
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="http", daemon=True)
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"HTTP server did not start on {self.server.config.host}:"
+                    f"{self.server.config.port} (port in use?)"
+                )
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -1,0 +1,137 @@
+"""``aiops-plugin`` command line: thin: parse, call, print.
+
+A bad configuration exits with code 2 and a message naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from aiops_plugin.config import Config, ConfigError, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="YAML configuration file")]
+EXIT_BAD_CONFIG = 2
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("apscheduler", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load(path: Path) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_CONFIG) from exc
+
+
+@app.command("check-config")
+def check_config(path: Annotated[Path, typer.Argument(help="YAML configuration file")]) -> None:
+    """Validate a configuration file; exit 2 with the file and field named when it is invalid."""
+    config = _load(path)
+    groups = ", ".join(f"{g.name} ({len(g.queries)} queries)" for g in config.entities)
+    typer.echo(f"{path}: OK. entity groups: {groups}; detectors: {config.detectors.enabled_names()}")
+
+
+@app.command()
+def run(config: ConfigOption, verbose: bool = False) -> None:
+    """Run the agent: scheduled fit and inference, /metrics, /healthz, /readyz."""
+    from aiops_plugin.agent import Agent
+
+    _setup_logging(verbose)
+    Agent(_load(config)).run()
+
+
+@app.command()
+def fit(config: ConfigOption, verbose: bool = False) -> None:
+    """Fit every enabled detector on the configured history window and store the models."""
+    from aiops_plugin.agent import Agent
+
+    _setup_logging(verbose)
+    agent = Agent(_load(config))
+    agent.start_up()
+    summary = agent.fit()
+    for group, detectors in summary.items():
+        typer.echo(f"{group}: {detectors}")
+
+
+@app.command()
+def score(
+    config: ConfigOption,
+    once: Annotated[bool, typer.Option("--once", help="score one cycle and print a table")] = False,
+    verbose: bool = False,
+) -> None:
+    """Score the current data once with the stored models (fitting first where none exists)."""
+    from aiops_plugin.agent import Agent
+
+    if not once:
+        typer.echo("error: only --once is supported; use `aiops-plugin run` to keep scoring", err=True)
+        raise typer.Exit(EXIT_BAD_CONFIG)
+    _setup_logging(verbose)
+    agent = Agent(_load(config))
+    agent.start_up()
+    if agent.missing_models():
+        typer.echo(f"fitting first, no stored model for {agent.missing_models()}", err=True)
+        agent.fit()
+    for result in agent.infer():
+        typer.echo(_format_group(result))
+
+
+def _format_group(result) -> str:  # noqa: ANN001 - GroupResult, imported lazily
+    lines = [f"# group {result.group}"]
+    if result.error:
+        lines.append(f"  error: {result.error}")
+    detectors = list(result.scores)
+    if result.entities:
+        header = ["entity", *detectors]
+        rows = [
+            [
+                "/".join(labels[name] for name in sorted(labels)),
+                *(_cell(result.scores[d][i]) for d in detectors),
+            ]
+            for i, labels in enumerate(result.entities)
+        ]
+        widths = [max(len(str(row[c])) for row in [header, *rows]) for c in range(len(header))]
+        for row in [header, *rows]:
+            lines.append("  " + "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)))
+    for key, reason in result.skipped.items():
+        lines.append(f"  skipped {key}: {reason}")
+    return "\n".join(lines)
+
+
+def _cell(value: float) -> str:
+    if not math.isfinite(value):
+        return "-"
+    return f"{value:.3f}" + (" !" if value >= 1.0 else "")
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="where Prometheus, Alertmanager and the store keep their data")] = Path("./aiops-demo"),
+    port: Annotated[int, typer.Option(help="port of the agent's /metrics")] = 9108,
+    keep_running: Annotated[bool, typer.Option(help="keep everything running after the alert")] = False,
+) -> None:
+    """Local demo: real Prometheus + Alertmanager on 127.0.0.1, a real SMD sample as history,
+    the agent scoring it, and an alert delivered through Alertmanager."""
+    from aiops_plugin.demo import run_demo
+
+    _setup_logging(False)
+    raise typer.Exit(run_demo(workdir, agent_port=port, keep_running=keep_running))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,240 @@
+"""Configuration: one YAML file validated by pydantic models.
+
+Every model forbids unknown keys so that a typo in the YAML is an error instead of a silent
+default. Errors are raised as :class:`ConfigError`, which names the file and the field path.
+Secrets (Prometheus bearer token, store URL, Grafana token) can come from environment variables,
+which win over the file so that a Kubernetes Secret never has to be written into a ConfigMap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+ENV_PROMETHEUS_TOKEN = "AIOPS_PROMETHEUS_TOKEN"
+ENV_STORE_URL = "AIOPS_STORE_URL"
+ENV_GRAFANA_TOKEN = "AIOPS_GRAFANA_TOKEN"
+
+#: Labels the exporter adds itself; an entity may not be identified by one of them.
+RESERVED_LABELS = frozenset(
+    {"detector", "entity", "entity_group", "metric", "horizon", "phase", "source", "reason"}
+)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; the message names the file and the field."""
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a Prometheus-style duration (``30s``, ``5m``, ``2h``) or a bare number."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like '30s' or '5m', got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"expected a duration like '30s' or '5m', got {value!r}")
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
+    if seconds <= 0:
+        raise ValueError(f"duration must be positive, got {value!r}")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PrometheusConfig(_Strict):
+    """Where metrics are read from; any PromQL API (Thanos, Mimir, VictoriaMetrics) works."""
+
+    url: str = "http://127.0.0.1:9090"
+    step: Duration = Field(60.0, description="resolution of the step grid, seconds")
+    timeout: Duration = Field(10.0, description="per-request timeout, seconds")
+    retries: int = Field(3, ge=0, le=10, description="retries per request after the first try")
+    backoff: Duration = Field(0.5, description="first retry delay; doubles on each retry")
+    max_points_per_request: int = Field(
+        11000, ge=10, le=11000, description="Prometheus refuses more than 11,000 points a series"
+    )
+    max_sample_age: Duration | None = Field(
+        None,
+        description="a sample older than this at a grid point counts as missing (default 2 steps); "
+        "PromQL would otherwise repeat the last value through a gap for 5 minutes",
+    )
+    bearer_token: str | None = Field(None, description=f"or set {ENV_PROMETHEUS_TOKEN}")
+    verify_tls: bool = True
+
+
+class EntityGroupConfig(_Strict):
+    """A set of entities that share one metric set and therefore one model.
+
+    Each named query returns series for many entities; the ``labels`` split them into entities.
+    Labels of a series beyond the identifying ones make separate features of the same query
+    (for example ``cpu`` and ``mode`` of ``node_cpu_seconds_total``).
+    """
+
+    name: str = Field(pattern=r"^[a-zA-Z_][a-zA-Z0-9_-]*$")
+    labels: list[str] = Field(min_length=1, description="labels that identify an entity")
+    queries: dict[str, str] = Field(min_length=1, description="feature name -> PromQL")
+    max_entities: int = Field(1000, ge=1, description="bound on entities (label cardinality)")
+    max_features: int = Field(256, ge=1, description="bound on features per entity")
+
+    @field_validator("labels")
+    @classmethod
+    def _no_reserved_labels(cls, labels: list[str]) -> list[str]:
+        clash = sorted(set(labels) & RESERVED_LABELS)
+        if clash:
+            raise ValueError(f"labels {clash} are reserved for the exporter's own labels")
+        return labels
+
+
+class MadDetectorConfig(_Strict):
+    """Robust rolling z-score: |x - rolling median| / (1.4826 * rolling MAD) per feature."""
+
+    enabled: bool = True
+    window: int = Field(60, ge=5, description="trailing window of the rolling median, steps")
+    min_scale_fraction: float = Field(
+        0.1, gt=0, le=1, description="floor of the rolling scale as a fraction of the fit scale"
+    )
+    reference_quantile: float = Field(
+        0.99, gt=0.5, lt=1, description="each feature's z is divided by this quantile of its fit z"
+    )
+
+
+class DetectorsConfig(_Strict):
+    mad: MadDetectorConfig = MadDetectorConfig()
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'")
+
+    def enabled_names(self) -> list[str]:
+        return [name for name in ("mad",) if getattr(self, name).enabled]
+
+
+class CalibrationConfig(_Strict):
+    false_alarm_rate: float = Field(
+        0.001, gt=0, lt=0.5, description="fraction of normal steps allowed above score 1.0"
+    )
+    horizons: list[Duration] = Field(
+        default_factory=lambda: [300.0, 900.0, 1800.0], description="early-warning horizons"
+    )
+
+
+class ScheduleConfig(_Strict):
+    infer_every: Duration = 60.0
+    fit_every: Duration = 86400.0
+    fit_window: Duration = Field(7 * 86400.0, description="history used by each fit")
+    min_observed_fraction: float = Field(
+        0.5, gt=0, le=1, description="an entity with less observed data in a cycle is skipped"
+    )
+    event_min_score: float = Field(1.0, gt=0, description="score at which an anomaly event opens")
+
+
+class StoreConfig(_Strict):
+    url: str | None = Field(None, description=f"SQLAlchemy URL; or set {ENV_STORE_URL}")
+    data_dir: str = "./data"
+
+    def resolved_url(self) -> str:
+        if self.url:
+            return self.url
+        return f"sqlite:///{Path(self.data_dir).resolve() / 'aiops.db'}"
+
+
+class ServerConfig(_Strict):
+    host: str = "0.0.0.0"
+    port: int = Field(9108, ge=0, le=65535)
+
+
+class GrafanaConfig(_Strict):
+    url: str | None = None
+    token: str | None = Field(None, description=f"or set {ENV_GRAFANA_TOKEN}")
+
+
+class Config(_Strict):
+    prometheus: PrometheusConfig = PrometheusConfig()
+    entities: list[EntityGroupConfig] = Field(min_length=1)
+    detectors: DetectorsConfig = DetectorsConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    store: StoreConfig = StoreConfig()
+    server: ServerConfig = ServerConfig()
+    grafana: GrafanaConfig = GrafanaConfig()
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Config:
+        names = [group.name for group in self.entities]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"entity group names must be unique, repeated: {duplicates}")
+        if not self.detectors.enabled_names():
+            raise ValueError("at least one detector must be enabled")
+        if self.schedule.fit_window < 10 * self.prometheus.step:
+            raise ValueError("schedule.fit_window must cover at least 10 prometheus steps")
+        return self
+
+    def model_hash(self, detector: str) -> str:
+        """Hash of what shapes a detector's model, so a model fitted under other settings is
+        recognised and refitted instead of being loaded."""
+        payload = {
+            "detector": detector,
+            "settings": getattr(self.detectors, detector).model_dump(mode="json"),
+            "entities": [group.model_dump(mode="json") for group in self.entities],
+            "step": self.prometheus.step,
+            "false_alarm_rate": self.calibration.false_alarm_rate,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _apply_environment(config: Config) -> Config:
+    if token := os.environ.get(ENV_PROMETHEUS_TOKEN):
+        config.prometheus.bearer_token = token
+    if url := os.environ.get(ENV_STORE_URL):
+        config.store.url = url
+    if token := os.environ.get(ENV_GRAFANA_TOKEN):
+        config.grafana.token = token
+    return config
+
+
+def _format_errors(path: Path, error: ValidationError) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  {field}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, validate and complete (environment overrides) the YAML configuration at ``path``."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: configuration file not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(path, exc)) from exc
+    return _apply_environment(config)

@@ -1,0 +1,1 @@
+"""Anomaly detectors behind one interface (:mod:`aiops_plugin.detectors.base`)."""

@@ -1,0 +1,97 @@
+"""The one contract every detector honours, classic or deep.
+
+A detector takes :class:`~aiops_plugin.windows.Windows` of one entity group, shape
+``(entities, time, features)``, and returns a raw score per entity and step (higher = more
+anomalous). It knows nothing of thresholds: turning raw scores into the exported scale where 1.0 is
+the threshold is :mod:`aiops_plugin.calibration`'s job, so every detector goes through the same
+scaling. Detectors are batched over all entities of a group at once and receive the compute device
+from their caller, which chooses it once.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from aiops_plugin.windows import Windows
+
+
+class NotFittedError(RuntimeError):
+    """``score`` was called before ``fit`` or ``load_state_dict``."""
+
+
+@dataclass
+class Scores:
+    """Raw detector output for one group.
+
+    Attributes:
+        score: ``(entities, time)`` raw anomaly score, NaN where it could not be computed.
+        uncertainty: ``(entities, time)`` predictive standard deviation of the score in raw units,
+            or None for detectors that do not model it (nothing is exported for them).
+        contributions: ``(entities, time, features)`` non-negative share of each feature in the
+            score (rows sum to 1 where defined), or None.
+    """
+
+    score: np.ndarray
+    uncertainty: np.ndarray | None = None
+    contributions: np.ndarray | None = None
+
+
+@dataclass
+class FitReport:
+    """What a fit did, stored with the model version."""
+
+    n_entities: int
+    n_steps: int
+    n_features: int
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Detector(abc.ABC):
+    """Scores windows of shape ``(entities, time, features)``; higher = more anomalous."""
+
+    name: ClassVar[str]
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device or torch.device("cpu")
+        self.features_: list[str] | None = None
+
+    @abc.abstractmethod
+    def fit(self, windows: Windows) -> FitReport:
+        """Learn normal behaviour from history (unlabelled, assumed mostly normal)."""
+
+    @abc.abstractmethod
+    def score(self, windows: Windows) -> Scores:
+        """Raw scores for every entity and step of ``windows``."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to score after a restart; tensors or numpy arrays and plain data."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    @property
+    def context_steps(self) -> int:
+        """Steps of history before the scored step that a score depends on."""
+        return 1
+
+    def _require_fitted(self) -> list[str]:
+        if self.features_ is None:
+            raise NotFittedError(f"detector {self.name!r} is not fitted")
+        return self.features_
+
+
+def choose_device(setting: str) -> torch.device:
+    """The compute device, chosen once: 'auto' picks CUDA when present."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"detectors.device is {setting!r} but no CUDA device is available")
+    return device

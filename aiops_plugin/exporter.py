@@ -1,0 +1,160 @@
+"""The metric contract (DESIGN.md), served from one ``CollectorRegistry`` owned by the exporter.
+
+Per-entity series are produced from the latest published snapshot of each group at scrape time,
+so an entity that was skipped or a group whose read failed simply has no series: nothing is
+exported that was not computed in the last cycle. Label sets come from one place
+(:func:`entity_series_labels`): the entity's identifying labels copied unchanged, plus ``entity``
+(its values joined by '/', for annotations and dashboard variables) and ``entity_group``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
+
+from aiops_plugin.windows import EntityLabels, entity_display_name
+
+PHASES = ("fetch", "features", "infer", "calibrate", "export")
+FIT_PHASES = ("fit",)
+CYCLE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+def entity_series_labels(group: str, labels: EntityLabels) -> dict[str, str]:
+    return {**labels, "entity": entity_display_name(labels), "entity_group": group}
+
+
+@dataclass
+class GroupSnapshot:
+    """The latest exported state of one entity group (only entities that were scored).
+
+    Attributes:
+        scores: detector name (including ``fused``) -> ``(entities,)`` scaled scores.
+        uncertainty: detector name -> ``(entities,)`` predictive std on the same scale.
+        contributions: ``(entities, features)`` shares of the fused score, or None.
+    """
+
+    group: str
+    entities: list[EntityLabels]
+    features: list[str]
+    timestamp: float
+    scores: dict[str, np.ndarray]
+    uncertainty: dict[str, np.ndarray] = field(default_factory=dict)
+    contributions: np.ndarray | None = None
+
+
+class _SnapshotCollector(Collector):
+    def __init__(self, exporter: Exporter) -> None:
+        self.exporter = exporter
+
+    def collect(self) -> Iterator[Metric]:
+        snapshots = self.exporter.snapshots()
+        score = Metric(
+            "aiops_anomaly_score",
+            "Anomaly score per entity and detector; 1.0 is the threshold for the configured "
+            "false-alarm rate.",
+            "gauge",
+        )
+        uncertainty = Metric(
+            "aiops_anomaly_uncertainty",
+            "Predictive standard deviation of the anomaly score, on the score's scale.",
+            "gauge",
+        )
+        contribution = Metric(
+            "aiops_metric_contribution",
+            "Share of the current anomaly score explained by each input metric (top k).",
+            "gauge",
+        )
+        top_k = self.exporter.top_k_contributions
+        for snapshot in snapshots:
+            for i, labels in enumerate(snapshot.entities):
+                base = entity_series_labels(snapshot.group, labels)
+                for detector, values in snapshot.scores.items():
+                    if np.isfinite(values[i]):
+                        score.add_sample(
+                            "aiops_anomaly_score", {**base, "detector": detector}, float(values[i])
+                        )
+                for detector, values in snapshot.uncertainty.items():
+                    if np.isfinite(values[i]):
+                        uncertainty.add_sample(
+                            "aiops_anomaly_uncertainty",
+                            {**base, "detector": detector},
+                            float(values[i]),
+                        )
+                if snapshot.contributions is not None:
+                    shares = snapshot.contributions[i]
+                    order = np.argsort(-np.nan_to_num(shares, nan=-1.0))[:top_k]
+                    for j in order:
+                        if np.isfinite(shares[j]) and shares[j] > 0:
+                            contribution.add_sample(
+                                "aiops_metric_contribution",
+                                {**base, "metric": snapshot.features[j]},
+                                float(shares[j]),
+                            )
+        yield score
+        if uncertainty.samples:
+            yield uncertainty
+        if contribution.samples:
+            yield contribution
+
+
+class Exporter:
+    """Owns the registry; the agent publishes snapshots and self-monitoring values into it."""
+
+    def __init__(self, top_k_contributions: int = 3) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.top_k_contributions = top_k_contributions
+        self._lock = threading.Lock()
+        self._snapshots: dict[str, GroupSnapshot] = {}
+        self.cycle_duration = Histogram(
+            "aiops_cycle_duration_seconds",
+            "Duration of each phase of the fit and inference cycles.",
+            ["phase"],
+            buckets=CYCLE_BUCKETS,
+            registry=self.registry,
+        )
+        self.last_success = Gauge(
+            "aiops_cycle_last_success_timestamp_seconds",
+            "Unix time at which the last inference cycle succeeded (freshness of the scores).",
+            registry=self.registry,
+        )
+        self.source_up = Gauge(
+            "aiops_source_up",
+            "1 when the source answered in the last cycle, 0 when it did not.",
+            ["source"],
+            registry=self.registry,
+        )
+        self.model_last_fit = Gauge(
+            "aiops_model_last_fit_timestamp_seconds",
+            "Unix time at which the detector's model in use was fitted.",
+            ["detector"],
+            registry=self.registry,
+        )
+        self.entities_skipped = Counter(
+            "aiops_entities_skipped_total",
+            "Entities not scored in a cycle, by reason (too little data, no model yet).",
+            ["entity_group", "reason"],
+            registry=self.registry,
+        )
+        self.registry.register(_SnapshotCollector(self))
+
+    def publish(self, snapshot: GroupSnapshot) -> None:
+        with self._lock:
+            self._snapshots[snapshot.group] = snapshot
+
+    def withdraw(self, group: str) -> None:
+        """Stop exporting a group's scores (its read failed: old scores would be stale)."""
+        with self._lock:
+            self._snapshots.pop(group, None)
+
+    def snapshots(self) -> list[GroupSnapshot]:
+        with self._lock:
+            return list(self._snapshots.values())
+
+    def observe_phase(self, phase: str, seconds: float) -> None:
+        self.cycle_duration.labels(phase=phase).observe(seconds)

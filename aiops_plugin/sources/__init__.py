@@ -1,0 +1,1 @@
+"""Metric sources: PromQL reads onto the step grid."""

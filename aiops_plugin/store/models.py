@@ -1,0 +1,134 @@
+"""SQLAlchemy tables of the agent's state.
+
+``migrations/versions`` must describe exactly these tables: a test compares the migrated schema
+with this metadata. Change both together.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend.
+
+    PostgreSQL keeps the offset, SQLite stores text without one and hands back naive values; this
+    type stores UTC everywhere and always returns aware UTC datetimes, and it refuses naive input
+    so that a local-time bug cannot be written silently.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value.isoformat()}: pass a timezone-aware one")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base with named constraints, so migrations can refer to them by name."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON()}
+
+
+class Entity(Base):
+    """One monitored label set (a host, a pod, ...) of an entity group."""
+
+    __tablename__ = "entities"
+    __table_args__ = (UniqueConstraint("group_name", "key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    group_name: Mapped[str] = mapped_column(String(200))
+    key: Mapped[str] = mapped_column(Text, doc="aiops_plugin.windows.entity_key(labels)")
+    labels: Mapped[dict[str, Any]]
+    first_seen: Mapped[datetime]
+    last_seen: Mapped[datetime]
+
+
+class ModelVersionRow(Base):
+    """A trained detector's serialized state; written only complete, in one transaction."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (Index(None, "detector", "group_name", "config_hash", "created_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    detector: Mapped[str] = mapped_column(String(100))
+    group_name: Mapped[str] = mapped_column(String(200))
+    config_hash: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime]
+    state: Mapped[bytes] = mapped_column(LargeBinary)
+    training_metrics: Mapped[dict[str, Any]]
+    n_entities: Mapped[int] = mapped_column(Integer)
+    n_features: Mapped[int] = mapped_column(Integer)
+
+
+class JobRun(Base):
+    """One run of a scheduled job (fit, infer, ...), so a crash or a hang is visible afterwards."""
+
+    __tablename__ = "job_runs"
+    __table_args__ = (Index(None, "kind", "started_at"), Index(None, "status"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(50))
+    started_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+    status: Mapped[str] = mapped_column(String(20))
+    error: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[dict[str, Any] | None]
+
+
+class AnomalyEventRow(Base):
+    """A span during which an entity's score stayed at or above the threshold; open while end_at is
+    NULL."""
+
+    __tablename__ = "anomaly_events"
+    __table_args__ = (
+        Index(None, "group_name", "detector", "end_at"),
+        Index(None, "start_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    entity_id: Mapped[int] = mapped_column(ForeignKey("entities.id"), index=True)
+    group_name: Mapped[str] = mapped_column(String(200))
+    detector: Mapped[str] = mapped_column(String(100))
+    start_at: Mapped[datetime]
+    end_at: Mapped[datetime | None]
+    peak_score: Mapped[float] = mapped_column(Float)
+    peak_at: Mapped[datetime]

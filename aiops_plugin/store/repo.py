@@ -1,0 +1,531 @@
+"""The agent's state in SQL: entities, model versions, job runs and anomaly events.
+
+``Store`` is the only place that opens sessions. Every public method is one transaction, so a
+crash leaves either all of a call's writes or none. Database failures surface as ``StoreError``
+with the URL (password masked), which the agent catches at the job boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.util.exc import CommandError
+from sqlalchemy import Connection, case, create_engine, delete, event, or_, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from aiops_plugin.store.models import AnomalyEventRow, Entity, JobRun, ModelVersionRow
+from aiops_plugin.windows import entity_key
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+FINISHED_STATUSES = ("succeeded", "failed", "interrupted")
+INTERRUPTED_ERROR = "the agent stopped before the job finished"
+
+# Rows per INSERT .. ON CONFLICT statement: 5 parameters a row stays far below SQLite's limit.
+_UPSERT_CHUNK = 500
+# Key of the PostgreSQL advisory lock that serialises migrations of shards starting together.
+_MIGRATION_LOCK_KEY = 0x41_49_4F_50
+# Alembic's ``context`` and ``op`` are process-global proxies: one migration at a time per process.
+_ALEMBIC_LOCK = threading.Lock()
+
+
+class StoreError(Exception):
+    """The store cannot be reached, migrated or written; the message names the masked URL."""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A saved, complete training result of one detector for one entity group."""
+
+    id: int
+    detector: str
+    group_name: str
+    config_hash: str
+    created_at: datetime
+    state: bytes
+    training_metrics: dict
+    n_entities: int
+    n_features: int
+
+
+@dataclass(frozen=True)
+class AnomalyEvent:
+    """A span during which an entity's score stayed at or above the threshold; open while
+    ``end_at`` is None."""
+
+    id: int
+    group_name: str
+    entity_key: str
+    entity_labels: dict[str, str]
+    detector: str
+    start_at: datetime
+    end_at: datetime | None
+    peak_score: float
+    peak_at: datetime
+
+
+class Store:
+    """SQLite (default, one file) or PostgreSQL (a cluster of shards) through one interface."""
+
+    def __init__(self, url: str) -> None:
+        """Create the engine; does not touch the schema (``open`` does)."""
+        try:
+            self.url: URL = make_url(url)
+        except ArgumentError:
+            raise StoreError(
+                "the store URL is not a SQLAlchemy URL "
+                "(expected e.g. sqlite:////var/lib/aiops/aiops.db or postgresql://user@host/db)"
+            ) from None
+        self.display_url = self.url.render_as_string(hide_password=True)
+        backend = self.url.get_backend_name()
+        # Refuse NaN/Infinity in JSON columns on every backend: PostgreSQL rejects them anyway.
+        options: dict[str, Any] = {"json_serializer": partial(json.dumps, allow_nan=False)}
+        in_memory = _sqlite_in_memory(self.url)
+        if backend == "sqlite":
+            options["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            if in_memory:
+                options["poolclass"] = StaticPool  # one shared connection, else one DB each
+            elif self.url.database and not self.url.query.get("uri"):
+                self._create_folder(Path(self.url.database).expanduser().parent)
+        elif backend == "postgresql":
+            options["pool_pre_ping"] = True
+            if self.url.get_driver_name() == "psycopg2" and "connect_timeout" not in self.url.query:
+                options["connect_args"] = {"connect_timeout": 10}
+        else:
+            raise StoreError(f"unsupported store {self.display_url}: use sqlite or postgresql")
+        try:
+            self.engine = create_engine(self.url, **options)
+        except (SQLAlchemyError, ImportError) as exc:
+            raise StoreError(f"cannot create an engine for {self.display_url}: {exc}") from exc
+        if backend == "sqlite":
+            event.listen(self.engine, "connect", partial(_configure_sqlite, wal=not in_memory))
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def _create_folder(self, folder: Path) -> None:
+        """SQLite creates the database file but not its folder (e.g. a fresh data_dir)."""
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the folder {folder} of the store {self.display_url}: {exc}"
+            ) from exc
+
+    @classmethod
+    def open(cls, url: str) -> Store:
+        """A store whose schema is migrated to the newest version: what the agent starts with."""
+        store = cls(url)
+        try:
+            store.upgrade()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def upgrade(self) -> None:
+        """Run ``alembic upgrade head``; idempotent, and safe when several shards start at once."""
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        config.set_main_option("path_separator", "os")
+        url = self.url.render_as_string(hide_password=False)
+        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+        try:
+            with _ALEMBIC_LOCK, self.engine.begin() as connection:
+                _lock_for_migration(connection)
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+        except (SQLAlchemyError, CommandError, OSError) as exc:
+            raise StoreError(
+                f"cannot migrate the store {self.display_url}: {self._reason(exc)}"
+            ) from exc
+
+    def ping(self) -> bool:
+        """True when the database answers ``SELECT 1`` (``aiops_source_up{source="store"}``)."""
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+        except SQLAlchemyError:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def upsert_entities(
+        self, group: str, labels: list[dict[str, str]], seen_at: datetime
+    ) -> dict[str, int]:
+        """Record label sets seen at ``seen_at``; returns entity key -> id, stable across calls.
+
+        ``last_seen`` only moves forward, so a late or replayed call cannot age an entity.
+        """
+        seen_at = _as_utc(seen_at, "seen_at")
+        with self._transaction(f"upserting entities of group {group!r}") as session:
+            return self._upsert_entities(session, group, labels, seen_at)
+
+    def save_model_version(
+        self,
+        *,
+        detector: str,
+        group: str,
+        config_hash: str,
+        state: bytes,
+        training_metrics: dict,
+        n_entities: int,
+        n_features: int,
+    ) -> ModelVersion:
+        """Write a trained model in one transaction: either the complete row or nothing.
+
+        ``training_metrics`` must be plain JSON (no NaN / Infinity).
+        """
+        with self._transaction(f"saving a {detector!r} model of group {group!r}") as session:
+            row = ModelVersionRow(
+                detector=detector,
+                group_name=group,
+                config_hash=config_hash,
+                created_at=_now(),
+                state=bytes(state),
+                training_metrics=training_metrics,
+                n_entities=int(n_entities),
+                n_features=int(n_features),
+            )
+            session.add(row)
+            session.flush()
+            return _model_version(row)
+
+    def latest_model_version(
+        self, detector: str, group: str, config_hash: str | None = None
+    ) -> ModelVersion | None:
+        """Newest saved model; with ``config_hash``, only one trained under that configuration,
+        so a changed configuration never loads incompatible weights."""
+        query = select(ModelVersionRow).where(
+            ModelVersionRow.detector == detector, ModelVersionRow.group_name == group
+        )
+        if config_hash is not None:
+            query = query.where(ModelVersionRow.config_hash == config_hash)
+        query = query.order_by(ModelVersionRow.created_at.desc(), ModelVersionRow.id.desc())
+        with self._transaction(f"reading the latest {detector!r} model") as session:
+            row = session.scalars(query.limit(1)).first()
+            return None if row is None else _model_version(row)
+
+    def prune_model_versions(self, detector: str, group: str, keep: int = 5) -> int:
+        """Delete all but the ``keep`` newest versions (any config hash); returns rows deleted."""
+        if keep < 0:
+            raise ValueError(f"keep must be >= 0, got {keep}")
+        mine = (ModelVersionRow.detector == detector, ModelVersionRow.group_name == group)
+        with self._transaction(f"pruning {detector!r} models of group {group!r}") as session:
+            kept = session.scalars(
+                select(ModelVersionRow.id)
+                .where(*mine)
+                .order_by(ModelVersionRow.created_at.desc(), ModelVersionRow.id.desc())
+                .limit(keep)
+            ).all()
+            result = session.execute(
+                delete(ModelVersionRow).where(*mine, ModelVersionRow.id.not_in(kept))
+            )
+            return result.rowcount
+
+    def start_job(self, kind: str, detail: dict | None = None) -> int:
+        """Record a job as running; returns its id for ``finish_job``."""
+        with self._transaction(f"starting a {kind!r} job") as session:
+            row = JobRun(kind=kind, started_at=_now(), status="running", detail=detail)
+            session.add(row)
+            session.flush()
+            return row.id
+
+    def finish_job(
+        self, job_id: int, status: str, error: str | None = None, detail: dict | None = None
+    ) -> None:
+        """Close a job with a final status; ``detail`` is merged into what ``start_job`` stored."""
+        if status not in FINISHED_STATUSES:
+            raise ValueError(f"a job finishes as one of {FINISHED_STATUSES}, not {status!r}")
+        with self._transaction(f"finishing job {job_id}") as session:
+            row = session.get(JobRun, job_id)
+            if row is None:
+                raise LookupError(f"no job run with id {job_id} in {self.display_url}")
+            row.finished_at = _now()
+            row.status = status
+            row.error = error
+            if detail is not None:
+                row.detail = {**(row.detail or {}), **detail}
+
+    def mark_running_jobs_interrupted(self) -> int:
+        """At start-up: jobs a killed process left 'running' become 'interrupted'; returns how
+        many."""
+        with self._transaction("marking running jobs interrupted") as session:
+            result = session.execute(
+                update(JobRun)
+                .where(JobRun.status == "running")
+                .values(status="interrupted", finished_at=_now(), error=INTERRUPTED_ERROR)
+            )
+            return result.rowcount
+
+    def recent_jobs(self, kind: str | None = None, limit: int = 20) -> list[dict]:
+        """Newest job runs first, as plain dicts for the API and the CLI."""
+        query = select(JobRun)
+        if kind is not None:
+            query = query.where(JobRun.kind == kind)
+        query = query.order_by(JobRun.started_at.desc(), JobRun.id.desc()).limit(limit)
+        with self._transaction("reading recent jobs") as session:
+            return [
+                {
+                    "id": row.id,
+                    "kind": row.kind,
+                    "started_at": row.started_at,
+                    "finished_at": row.finished_at,
+                    "status": row.status,
+                    "error": row.error,
+                    "detail": row.detail,
+                }
+                for row in session.scalars(query)
+            ]
+
+    def track_anomaly_events(
+        self,
+        *,
+        group: str,
+        detector: str,
+        timestamp: datetime,
+        scores: dict[str, float],
+        labels: dict[str, dict[str, str]],
+        threshold: float = 1.0,
+    ) -> list[AnomalyEvent]:
+        """Turn one step of scores into events, in one transaction; returns events opened or
+        closed now.
+
+        Per entity key in ``scores``: at or above ``threshold`` opens an event (or raises the
+        open one's peak), below closes the open one. Entities absent from ``scores``, or with a
+        NaN score (no data says nothing), keep their events as they are. Entities are upserted
+        from ``labels``; a key that is neither in ``labels`` nor already stored is a ValueError.
+        """
+        timestamp = _as_utc(timestamp, "timestamp")
+        scored = {key: float(score) for key, score in scores.items() if not math.isnan(score)}
+        action = f"tracking {detector!r} anomaly events of group {group!r}"
+        with self._transaction(action) as session:
+            ids = self._entity_ids(session, group, scored, labels, timestamp)
+            open_rows = session.scalars(
+                select(AnomalyEventRow)
+                .where(
+                    AnomalyEventRow.group_name == group,
+                    AnomalyEventRow.detector == detector,
+                    AnomalyEventRow.end_at.is_(None),
+                )
+                .order_by(AnomalyEventRow.start_at.desc())
+            ).all()
+            open_by_entity = {row.entity_id: row for row in open_rows}
+            changed: list[AnomalyEventRow] = []
+            for key, score in scored.items():
+                row = open_by_entity.get(ids[key])
+                if score >= threshold and row is None:
+                    row = AnomalyEventRow(
+                        entity_id=ids[key],
+                        group_name=group,
+                        detector=detector,
+                        start_at=timestamp,
+                        peak_score=score,
+                        peak_at=timestamp,
+                    )
+                    session.add(row)
+                    changed.append(row)
+                elif score >= threshold and row is not None and score > row.peak_score:
+                    row.peak_score = score
+                    row.peak_at = timestamp
+                elif score < threshold and row is not None:
+                    row.end_at = timestamp
+                    changed.append(row)
+            session.flush()
+            return self._events_by_id(session, [row.id for row in changed])
+
+    def open_anomaly_events(self, group: str | None = None) -> list[AnomalyEvent]:
+        """Events still open (the entity is anomalous now), oldest first."""
+        query = select(AnomalyEventRow, Entity).join(Entity).where(AnomalyEventRow.end_at.is_(None))
+        if group is not None:
+            query = query.where(AnomalyEventRow.group_name == group)
+        query = query.order_by(AnomalyEventRow.start_at, AnomalyEventRow.id)
+        with self._transaction("reading open anomaly events") as session:
+            return [_anomaly_event(row, entity) for row, entity in session.execute(query)]
+
+    def anomaly_events(
+        self, *, since: datetime | None = None, limit: int = 100
+    ) -> list[AnomalyEvent]:
+        """Newest first; with ``since``, events still open or that ended at or after it."""
+        query = select(AnomalyEventRow, Entity).join(Entity)
+        if since is not None:
+            since = _as_utc(since, "since")
+            query = query.where(
+                or_(AnomalyEventRow.end_at.is_(None), AnomalyEventRow.end_at >= since)
+            )
+        query = query.order_by(AnomalyEventRow.start_at.desc(), AnomalyEventRow.id.desc())
+        with self._transaction("reading anomaly events") as session:
+            return [
+                _anomaly_event(row, entity) for row, entity in session.execute(query.limit(limit))
+            ]
+
+    @contextmanager
+    def _transaction(self, action: str) -> Iterator[Session]:
+        """One session, committed on success, rolled back on any error; DB errors -> StoreError."""
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except SQLAlchemyError as exc:
+            raise StoreError(f"{action} failed on {self.display_url}: {self._reason(exc)}") from exc
+
+    def _reason(self, exc: BaseException) -> str:
+        """The driver's first message line, never the password even if a driver echoes it."""
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        message = reason[0] if reason else type(exc).__name__
+        if self.url.password:
+            message = message.replace(str(self.url.password), "***")
+        return message
+
+    def _upsert_entities(
+        self, session: Session, group: str, labels: Iterable[dict[str, str]], seen_at: datetime
+    ) -> dict[str, int]:
+        """INSERT .. ON CONFLICT (group_name, key) DO UPDATE last_seen, RETURNING key, id."""
+        by_key = {entity_key(entity): dict(entity) for entity in labels}
+        insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
+        table = Entity.__table__
+        items = list(by_key.items())
+        ids: dict[str, int] = {}
+        for start in range(0, len(items), _UPSERT_CHUNK):
+            statement = insert(table).values(
+                [
+                    {
+                        "group_name": group,
+                        "key": key,
+                        "labels": entity,
+                        "first_seen": seen_at,
+                        "last_seen": seen_at,
+                    }
+                    for key, entity in items[start : start + _UPSERT_CHUNK]
+                ]
+            )
+            later = statement.excluded.last_seen > table.c.last_seen
+            statement = statement.on_conflict_do_update(
+                index_elements=[table.c.group_name, table.c.key],
+                set_={
+                    "last_seen": case(
+                        (later, statement.excluded.last_seen), else_=table.c.last_seen
+                    )
+                },
+            ).returning(table.c.key, table.c.id)
+            ids.update({row.key: row.id for row in session.execute(statement)})
+        return ids
+
+    def _entity_ids(
+        self,
+        session: Session,
+        group: str,
+        keys: Iterable[str],
+        labels: dict[str, dict[str, str]],
+        seen_at: datetime,
+    ) -> dict[str, int]:
+        """Ids of ``keys``: upserted from ``labels`` where given, else looked up."""
+        keys = list(keys)
+        ids = self._upsert_entities(
+            session, group, [labels[k] for k in keys if k in labels], seen_at
+        )
+        missing = [key for key in keys if key not in ids]
+        if missing:
+            found = session.execute(
+                select(Entity.key, Entity.id).where(
+                    Entity.group_name == group, Entity.key.in_(missing)
+                )
+            )
+            ids.update({row.key: row.id for row in found})
+        unknown = [key for key in keys if key not in ids]
+        if unknown:
+            raise ValueError(f"no labels given for unknown entities of group {group!r}: {unknown}")
+        return ids
+
+    @staticmethod
+    def _events_by_id(session: Session, event_ids: list[int]) -> list[AnomalyEvent]:
+        if not event_ids:
+            return []
+        rows = session.execute(
+            select(AnomalyEventRow, Entity)
+            .join(Entity)
+            .where(AnomalyEventRow.id.in_(event_ids))
+            .order_by(AnomalyEventRow.id)
+        )
+        return [_anomaly_event(row, entity) for row, entity in rows]
+
+
+def _lock_for_migration(connection: Connection) -> None:
+    """Serialise migrations of processes starting together: the second waits, then finds the
+    schema at head. PostgreSQL: a transaction-scoped advisory lock; SQLite: the write lock."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+    else:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _sqlite_in_memory(url: URL) -> bool:
+    return url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+
+
+def _configure_sqlite(dbapi_connection: Any, _record: Any, *, wal: bool) -> None:
+    """Enforce foreign keys; WAL lets the API read while a job writes."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    if wal:
+        cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.close()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _as_utc(value: datetime, name: str) -> datetime:
+    """Refuse naive datetimes: a local time stored as UTC would shift every event silently."""
+    if value.tzinfo is None:
+        raise ValueError(f"{name} must be timezone-aware (UTC), got naive {value.isoformat()}")
+    return value.astimezone(UTC)
+
+
+def _model_version(row: ModelVersionRow) -> ModelVersion:
+    return ModelVersion(
+        id=row.id,
+        detector=row.detector,
+        group_name=row.group_name,
+        config_hash=row.config_hash,
+        created_at=row.created_at,
+        state=bytes(row.state),
+        training_metrics=dict(row.training_metrics),
+        n_entities=row.n_entities,
+        n_features=row.n_features,
+    )
+
+
+def _anomaly_event(row: AnomalyEventRow, entity: Entity) -> AnomalyEvent:
+    return AnomalyEvent(
+        id=row.id,
+        group_name=row.group_name,
+        entity_key=entity.key,
+        entity_labels=dict(entity.labels),
+        detector=row.detector,
+        start_at=row.start_at,
+        end_at=row.end_at,
+        peak_score=row.peak_score,
+        peak_at=row.peak_at,
+    )

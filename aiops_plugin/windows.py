@@ -1,0 +1,132 @@
+"""The one container that travels from the reader through the detectors to the exporter.
+
+``Windows`` keeps values, the missing-data mask, the step grid and the entity identities together
+so that no function takes five parallel arrays and no two of them drift out of order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+EntityLabels = dict[str, str]
+
+
+def entity_key(labels: EntityLabels) -> str:
+    """Canonical, order-independent string for an entity's identifying labels."""
+    return json.dumps(labels, sort_keys=True, separators=(",", ":"))
+
+
+def entity_display_name(labels: EntityLabels) -> str:
+    """Short human-readable name (label values joined by '/'), used for the ``entity`` label."""
+    return "/".join(labels[name] for name in sorted(labels))
+
+
+@dataclass
+class Windows:
+    """Aligned multivariate series of one entity group.
+
+    Attributes:
+        group: entity group name from the configuration.
+        values: float32 array ``(entities, time, features)``; NaN where no sample exists.
+        observed: bool array of the same shape; False where the value is missing (a gap,
+            a series that disappeared, a failed query). Never imputed silently.
+        timestamps: float64 array ``(time,)`` of step-grid times, Unix seconds.
+        entities: identifying labels of each entity, in the order of axis 0.
+        features: feature names, in the order of axis 2.
+        step: seconds between grid points.
+    """
+
+    group: str
+    values: np.ndarray
+    observed: np.ndarray
+    timestamps: np.ndarray
+    entities: list[EntityLabels]
+    features: list[str]
+    step: float
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n_entities, n_time, n_features = self.values.shape
+        if self.observed.shape != self.values.shape:
+            raise ValueError(f"mask shape {self.observed.shape} != values {self.values.shape}")
+        if self.timestamps.shape != (n_time,):
+            raise ValueError(f"timestamps shape {self.timestamps.shape} != ({n_time},)")
+        if len(self.entities) != n_entities or len(self.features) != n_features:
+            raise ValueError("entity or feature names do not match the values' shape")
+
+    @property
+    def keys(self) -> list[str]:
+        return [entity_key(labels) for labels in self.entities]
+
+    @classmethod
+    def from_array(
+        cls,
+        values: np.ndarray,
+        *,
+        group: str = "series",
+        step: float = 60.0,
+        start: float = 0.0,
+        entities: list[EntityLabels] | None = None,
+        features: list[str] | None = None,
+    ) -> Windows:
+        """Windows from a plain array ``(entities, time, features)``; NaN marks missing values."""
+        values = np.asarray(values, dtype=np.float32)
+        if values.ndim == 2:
+            values = values[None]
+        n_entities, n_time, n_features = values.shape
+        return cls(
+            group=group,
+            values=values,
+            observed=~np.isnan(values),
+            timestamps=start + step * np.arange(n_time, dtype=np.float64),
+            entities=entities or [{"entity": str(i)} for i in range(n_entities)],
+            features=features or [f"f{j}" for j in range(n_features)],
+            step=step,
+        )
+
+    def select_entities(self, indices: list[int] | np.ndarray) -> Windows:
+        indices = list(indices)
+        return Windows(
+            group=self.group,
+            values=self.values[indices],
+            observed=self.observed[indices],
+            timestamps=self.timestamps,
+            entities=[self.entities[i] for i in indices],
+            features=self.features,
+            step=self.step,
+        )
+
+    def tail(self, steps: int) -> Windows:
+        return Windows(
+            group=self.group,
+            values=self.values[:, -steps:],
+            observed=self.observed[:, -steps:],
+            timestamps=self.timestamps[-steps:],
+            entities=self.entities,
+            features=self.features,
+            step=self.step,
+        )
+
+    def reindex_features(self, features: list[str]) -> Windows:
+        """The same data laid out on another feature list (a fitted model's); absent features
+        become missing (NaN, unobserved), extra ones are dropped."""
+        position = {name: j for j, name in enumerate(self.features)}
+        n_entities, n_time, _ = self.values.shape
+        values = np.full((n_entities, n_time, len(features)), np.nan, dtype=np.float32)
+        observed = np.zeros(values.shape, dtype=bool)
+        for j, name in enumerate(features):
+            if name in position:
+                values[:, :, j] = self.values[:, :, position[name]]
+                observed[:, :, j] = self.observed[:, :, position[name]]
+        return Windows(
+            group=self.group,
+            values=values,
+            observed=observed,
+            timestamps=self.timestamps,
+            entities=self.entities,
+            features=list(features),
+            step=self.step,
+        )

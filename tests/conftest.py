@@ -1,0 +1,3 @@
+"""Shared fixtures of the test suite."""
+
+from tests.postgres_fixture import *  # noqa: F403

@@ -1,0 +1,135 @@
+"""The shipped alert rules: valid for Prometheus, covered by promtool unit tests, and complete.
+
+promtool is required: without it these tests fail (they do not skip), because an untested rule
+file is exactly what they exist to prevent.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from aiops_plugin.alerting import RuleFileError, load_rules_with_for
+
+REPO_ROOT = Path(__file__).parents[1]
+RULES = REPO_ROOT / "alert_rules" / "aiops-plugin.rules.yml"
+RULE_TESTS = REPO_ROOT / "alert_rules" / "tests" / "aiops-plugin.rules.test.yml"
+PROMTOOL_TIMEOUT_S = 120
+SEVERITIES = {"warning", "critical"}
+REQUIRED_ANNOTATIONS = ("summary", "description", "runbook")
+
+
+def _alert_rules(path: Path) -> list[dict[str, Any]]:
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return [rule for group in document["groups"] for rule in group["rules"] if "alert" in rule]
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.fail(
+            "promtool not found on PATH: install Prometheus' tools "
+            "(apt-get install prometheus) to check and unit-test alert_rules/"
+        )
+    return path
+
+
+def _run_promtool(promtool: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [promtool, *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=PROMTOOL_TIMEOUT_S,
+        check=False,
+    )
+
+
+def _assert_promtool_succeeded(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 0, (
+        f"{' '.join(result.args)} exited {result.returncode}\n"
+        f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}"
+    )
+
+
+def test_rule_file_passes_promtool_check(promtool: str) -> None:
+    _assert_promtool_succeeded(
+        _run_promtool(promtool, "check", "rules", str(RULES.relative_to(REPO_ROOT)))
+    )
+
+
+def test_promtool_unit_tests_pass(promtool: str) -> None:
+    _assert_promtool_succeeded(
+        _run_promtool(promtool, "test", "rules", str(RULE_TESTS.relative_to(REPO_ROOT)))
+    )
+
+
+@pytest.mark.parametrize("rule", _alert_rules(RULES), ids=lambda rule: rule["alert"])
+def test_every_alert_has_severity_and_what_to_do(rule: dict[str, Any]) -> None:
+    assert rule.get("labels", {}).get("severity") in SEVERITIES
+    annotations = rule.get("annotations", {})
+    missing = [name for name in REQUIRED_ANNOTATIONS if not annotations.get(name, "").strip()]
+    assert not missing, f"{rule['alert']} lacks annotations {missing}"
+
+
+def test_anomaly_alerts_link_to_the_entity_dashboard() -> None:
+    anomaly_rules = [rule for rule in _alert_rules(RULES) if "aiops_anomaly_score" in rule["expr"]]
+    assert anomaly_rules
+    for rule in anomaly_rules:
+        dashboard = rule["annotations"].get("dashboard", "")
+        assert dashboard.startswith("/d/aiops-entity/aiops-entity?var-entity="), rule["alert"]
+
+
+def test_every_alert_has_a_promtool_unit_test() -> None:
+    tested = {
+        case["alertname"]
+        for test in yaml.safe_load(RULE_TESTS.read_text(encoding="utf-8"))["tests"]
+        for case in test.get("alert_rule_test", [])
+        if case.get("exp_alerts")
+    }
+    untested = {rule["alert"] for rule in _alert_rules(RULES)} - tested
+    assert not untested, f"alerts never seen firing in {RULE_TESTS.name}: {sorted(untested)}"
+
+
+def test_load_rules_with_for_shortens_every_for_and_passes_promtool_check(
+    promtool: str, tmp_path: Path
+) -> None:
+    shortened = tmp_path / "aiops-plugin.rules.yml"
+    shortened.write_text(load_rules_with_for(RULES, "5s"), encoding="utf-8")
+
+    rules = _alert_rules(shortened)
+    assert len(rules) == len(_alert_rules(RULES))
+    assert all(rule["for"] == "5s" for rule in rules)
+    _assert_promtool_succeeded(_run_promtool(promtool, "check", "rules", str(shortened)))
+
+
+def test_load_rules_with_for_changes_nothing_but_for() -> None:
+    original = yaml.safe_load(RULES.read_text(encoding="utf-8"))
+    rewritten = yaml.safe_load(load_rules_with_for(RULES, "1s"))
+
+    expected = copy.deepcopy(original)
+    for group in expected["groups"]:
+        for rule in group["rules"]:
+            if "for" in rule:
+                rule["for"] = "1s"
+    assert rewritten == expected
+
+
+@pytest.mark.parametrize("duration", ["", "5", "1.5s", "5 s", "30s1m", "fast"])
+def test_load_rules_with_for_rejects_a_malformed_duration(duration: str) -> None:
+    with pytest.raises(ValueError, match="not a Prometheus duration"):
+        load_rules_with_for(RULES, duration)
+
+
+def test_load_rules_with_for_rejects_a_file_that_is_not_a_rule_file(tmp_path: Path) -> None:
+    not_rules = tmp_path / "dashboard.yml"
+    not_rules.write_text("panels: []\n", encoding="utf-8")
+    with pytest.raises(RuleFileError, match="dashboard.yml"):
+        load_rules_with_for(not_rules, "5s")

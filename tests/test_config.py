@@ -1,0 +1,100 @@
+"""Configuration: valid files load, bad ones name the file and the field, secrets from env."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aiops_plugin.config import ConfigError, load_config, parse_duration
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+MINIMAL = """
+prometheus: {url: "http://127.0.0.1:9090", step: 30s}
+entities:
+  - name: node
+    labels: [instance]
+    queries: {cpu: 'rate(node_cpu_seconds_total[5m])'}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "aiops.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_examples_are_valid(example: Path) -> None:
+    config = load_config(example)
+    assert config.entities
+
+
+def test_durations_are_seconds(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.prometheus.step == 30.0
+    assert parse_duration("5m") == 300.0
+    assert parse_duration("2h") == 7200.0
+    assert parse_duration(15) == 15.0
+
+
+def test_unknown_field_names_the_file_and_the_field(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "schedule: {infer_evry: 1m}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(path) in str(error.value)
+    assert "schedule.infer_evry" in str(error.value)
+
+
+def test_bad_duration_names_the_field(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL.replace("step: 30s", "step: soon"))
+    with pytest.raises(ConfigError, match=r"prometheus\.step"):
+        load_config(path)
+
+
+def test_reserved_entity_label_is_rejected(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL.replace("labels: [instance]", "labels: [detector]"))
+    with pytest.raises(ConfigError, match=r"entities\.0\.labels.*reserved"):
+        load_config(path)
+
+
+def test_missing_file_and_bad_yaml_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "entities: [\n"))
+
+
+def test_secrets_come_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIOPS_PROMETHEUS_TOKEN", "s3cret")
+    monkeypatch.setenv("AIOPS_STORE_URL", "postgresql://aiops@db/aiops")
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.prometheus.bearer_token == "s3cret"
+    assert config.store.resolved_url() == "postgresql://aiops@db/aiops"
+
+
+def test_model_hash_changes_with_detector_settings(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+    before = config.model_hash("mad")
+    config.detectors.mad.window = 30
+    assert config.model_hash("mad") != before
+
+
+def test_cli_check_config_exits_2_naming_file_and_field(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL.replace("name: node", "name: node\n    lables: [x]"))
+    done = subprocess.run(
+        [sys.executable, "-m", "aiops_plugin.cli", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert str(path) in done.stderr and "entities.0.lables" in done.stderr
+    good = subprocess.run(
+        [sys.executable, "-m", "aiops_plugin.cli", "check-config", str(EXAMPLES / "node-exporter.yaml")],
+        capture_output=True,
+        text=True,
+    )
+    assert good.returncode == 0, good.stderr
