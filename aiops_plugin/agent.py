@@ -80,6 +80,8 @@ class Agent:
         self.exporter = exporter or Exporter()
         self.models: dict[tuple[str, str], FittedModel] = {}
         self.buffers: dict[str, Windows] = {}
+        #: entity keys seen at the last fit, so an entity whose series vanished is reported
+        self.fitted_entities: dict[str, dict[str, dict[str, str]]] = {}
         self.stop_event = threading.Event()
         self._models_lock = threading.Lock()
         self.cycle_succeeded = False
@@ -172,6 +174,8 @@ class Agent:
                     summary[group.name] = {"error": "no data in the fit window"}
                     log.warning("group %r: no data in the fit window, not fitted", group.name)
                     continue
+                self.fitted_entities[group.name] = dict(zip(read.keys, read.entities, strict=True))
+                self.store.upsert_entities(group.name, read.entities, datetime.now(UTC))
                 for detector_name in self.detector_names:
                     self._check_stop()
                     detector = build_detector(detector_name, self.config, self.device)
@@ -301,6 +305,8 @@ class Agent:
 
         with self._phase("features"):
             scored_windows, result.skipped = self._select_scorable(buffer, context)
+            for key in self.fitted_entities.get(group.name, {}).keys() - set(buffer.keys):
+                result.skipped[key] = "no_recent_data: the entity's series returned nothing"
             for reason in result.skipped.values():
                 self.exporter.entities_skipped.labels(
                     entity_group=group.name, reason=reason.split(":")[0]
@@ -346,7 +352,9 @@ class Agent:
                 group=group.name,
                 detector=FUSED,
                 timestamp=datetime.fromtimestamp(snapshot.timestamp, UTC),
-                scores={key: float(v) for key, v in zip(keys, fused, strict=True) if np.isfinite(v)},
+                scores={
+                    key: float(v) for key, v in zip(keys, fused, strict=True) if np.isfinite(v)
+                },
                 labels=dict(zip(keys, scored_windows.entities, strict=True)),
                 threshold=self.config.schedule.event_min_score,
             )
@@ -407,7 +415,9 @@ class Agent:
     def start_up(self) -> None:
         interrupted = self.store.mark_running_jobs_interrupted()
         if interrupted:
-            log.warning("%d job(s) left running by a previous process marked interrupted", interrupted)
+            log.warning(
+                "%d job(s) left running by a previous process marked interrupted", interrupted
+            )
         self.load_models()
 
     def _fit_job(self) -> None:
@@ -465,7 +475,9 @@ class Agent:
         from aiops_plugin.api import HttpServer
 
         self.start_up()
-        server = HttpServer(self, self.config.server.host, self.config.server.port) if serve else None
+        server = (
+            HttpServer(self, self.config.server.host, self.config.server.port) if serve else None
+        )
         if server:
             server.start()
         previous = {

@@ -27,8 +27,10 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("apscheduler", "urllib3", "httpx"):
+    for noisy in ("apscheduler", "httpx", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # each retry is already summed up by the agent's own error line
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 
 def _load(path: Path) -> Config:
@@ -44,7 +46,9 @@ def check_config(path: Annotated[Path, typer.Argument(help="YAML configuration f
     """Validate a configuration file; exit 2 with the file and field named when it is invalid."""
     config = _load(path)
     groups = ", ".join(f"{g.name} ({len(g.queries)} queries)" for g in config.entities)
-    typer.echo(f"{path}: OK. entity groups: {groups}; detectors: {config.detectors.enabled_names()}")
+    typer.echo(
+        f"{path}: OK. entity groups: {groups}; detectors: {config.detectors.enabled_names()}"
+    )
 
 
 @app.command()
@@ -79,7 +83,9 @@ def score(
     from aiops_plugin.agent import Agent
 
     if not once:
-        typer.echo("error: only --once is supported; use `aiops-plugin run` to keep scoring", err=True)
+        typer.echo(
+            "error: only --once is supported; use `aiops-plugin run` to keep scoring", err=True
+        )
         raise typer.Exit(EXIT_BAD_CONFIG)
     _setup_logging(verbose)
     agent = Agent(_load(config))
@@ -107,7 +113,9 @@ def _format_group(result) -> str:  # noqa: ANN001 - GroupResult, imported lazily
         ]
         widths = [max(len(str(row[c])) for row in [header, *rows]) for c in range(len(header))]
         for row in [header, *rows]:
-            lines.append("  " + "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)))
+            lines.append(
+                "  " + "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True))
+            )
     for key, reason in result.skipped.items():
         lines.append(f"  skipped {key}: {reason}")
     return "\n".join(lines)
@@ -121,9 +129,13 @@ def _cell(value: float) -> str:
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="where Prometheus, Alertmanager and the store keep their data")] = Path("./aiops-demo"),
+    workdir: Annotated[
+        Path, typer.Option(help="where Prometheus, Alertmanager and the store keep their data")
+    ] = Path("./aiops-demo"),
     port: Annotated[int, typer.Option(help="port of the agent's /metrics")] = 9108,
-    keep_running: Annotated[bool, typer.Option(help="keep everything running after the alert")] = False,
+    keep_running: Annotated[
+        bool, typer.Option(help="keep everything running after the alert")
+    ] = False,
 ) -> None:
     """Local demo: real Prometheus + Alertmanager on 127.0.0.1, a real SMD sample as history,
     the agent scoring it, and an alert delivered through Alertmanager."""

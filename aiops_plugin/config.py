@@ -2,7 +2,7 @@
 
 Every model forbids unknown keys so that a typo in the YAML is an error instead of a silent
 default. Errors are raised as :class:`ConfigError`, which names the file and the field path.
-Secrets (Prometheus bearer token, store URL, Grafana token) can come from environment variables,
+Secrets (Prometheus bearer token, store URL) can come from environment variables,
 which win over the file so that a Kubernetes Secret never has to be written into a ConfigMap.
 """
 
@@ -28,7 +28,6 @@ from pydantic import (
 
 ENV_PROMETHEUS_TOKEN = "AIOPS_PROMETHEUS_TOKEN"
 ENV_STORE_URL = "AIOPS_STORE_URL"
-ENV_GRAFANA_TOKEN = "AIOPS_GRAFANA_TOKEN"
 
 #: Labels the exporter adds itself; an entity may not be identified by one of them.
 RESERVED_LABELS = frozenset(
@@ -134,9 +133,6 @@ class CalibrationConfig(_Strict):
     false_alarm_rate: float = Field(
         0.001, gt=0, lt=0.5, description="fraction of normal steps allowed above score 1.0"
     )
-    horizons: list[Duration] = Field(
-        default_factory=lambda: [300.0, 900.0, 1800.0], description="early-warning horizons"
-    )
 
 
 class ScheduleConfig(_Strict):
@@ -164,11 +160,6 @@ class ServerConfig(_Strict):
     port: int = Field(9108, ge=0, le=65535)
 
 
-class GrafanaConfig(_Strict):
-    url: str | None = None
-    token: str | None = Field(None, description=f"or set {ENV_GRAFANA_TOKEN}")
-
-
 class Config(_Strict):
     prometheus: PrometheusConfig = PrometheusConfig()
     entities: list[EntityGroupConfig] = Field(min_length=1)
@@ -177,7 +168,6 @@ class Config(_Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     store: StoreConfig = StoreConfig()
     server: ServerConfig = ServerConfig()
-    grafana: GrafanaConfig = GrafanaConfig()
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Config:
@@ -209,8 +199,6 @@ def _apply_environment(config: Config) -> Config:
         config.prometheus.bearer_token = token
     if url := os.environ.get(ENV_STORE_URL):
         config.store.url = url
-    if token := os.environ.get(ENV_GRAFANA_TOKEN):
-        config.grafana.token = token
     return config
 
 

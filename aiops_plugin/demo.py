@@ -181,7 +181,9 @@ class DemoStack:
     def wait_agent_ready(self, timeout: float = 120.0) -> None:
         def ready() -> bool | None:
             if self.agent is not None and self.agent.poll() is not None:
-                raise RuntimeError(f"agent exited with {self.agent.returncode}:\n{self.agent_log()}")
+                raise RuntimeError(
+                    f"agent exited with {self.agent.returncode}:\n{self.agent_log()}"
+                )
             try:
                 response = requests.get(f"{self.agent_url}/readyz", timeout=2)
             except requests.RequestException:
@@ -196,7 +198,11 @@ class DemoStack:
 
     def agent_log(self, lines: int = 60) -> str:
         path = self.workdir / "agent.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+        return (
+            "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+            if path.exists()
+            else ""
+        )
 
     def stop_agent(self, timeout: float = 30.0) -> int | None:
         if self.agent is None or self.agent.poll() is not None:
@@ -254,10 +260,14 @@ def run_demo(workdir: Path, agent_port: int = 9108, keep_running: bool = False) 
             "AiopsAnomalyDetected", timeout=stack.anomaly_row + 180, instance=stack.sample.machine
         )
         visible = stack.replay.row_started_at(stack.anomaly_row)
-        alert = next(a for a in payload["alerts"] if a["labels"]["alertname"] == "AiopsAnomalyDetected")
+        alert = next(
+            a for a in payload["alerts"] if a["labels"]["alertname"] == "AiopsAnomalyDetected"
+        )
         print(f"[demo] alert delivered by Alertmanager {received_at - visible:.1f} s after the")
         print("[demo] first anomalous sample was served:")
-        print(json.dumps({"labels": alert["labels"], "annotations": alert["annotations"]}, indent=2))
+        print(
+            json.dumps({"labels": alert["labels"], "annotations": alert["annotations"]}, indent=2)
+        )
         if keep_running:
             print("[demo] everything keeps running; Ctrl-C to stop")
             while True:

@@ -7,6 +7,8 @@ instead of mocking their HTTP APIs. Nothing here imports pytest.
 Public API:
 
 - ``free_port() -> int``: a TCP port on 127.0.0.1 that was free a moment ago.
+- ``find_binary(*names) -> str``: path of a binary, or ``BinaryNotFoundError`` with the apt line.
+- ``poll_until(check, timeout, what, interval=0.2)``: the one deadline-poll loop used here.
 - ``load_demo_sample() -> DemoSample``: the shipped SMD machine-1-2 slice (see
   ``demo_data/README.md``): 3000 train rows, 600 labelled test rows, 38 features ``m00..m37``.
 - ``backfill_timestamps(n_rows, end, step=1.0) -> np.ndarray``: time-compressed timestamps, row
@@ -30,12 +32,32 @@ Errors are ``LocalStackError`` subclasses: ``BinaryNotFoundError`` (with the apt
 ``WaitTimeoutError``. All wall-clock times are Unix seconds (``time.time()``), so times measured
 here compare directly with Prometheus sample timestamps.
 
-Facts these helpers are built around: promtool's OpenMetrics timestamps are in seconds and each
-series' samples must be in time order; Prometheus deletes blocks older than its newest sample minus
-retention (hence ``retention="10y"``); when Prometheus opens a TSDB it only accepts samples newer
-than its newest block, so backfill first, then start Prometheus, and end the backfilled history
-before the first live scrape. A new scrape target appears in ``up`` after a few seconds: poll with
-``wait_for``, never sleep.
+Facts these helpers are built around (checked against Prometheus 2.42):
+
+- promtool reads OpenMetrics timestamps as seconds (milliseconds silently become dates far in the
+  future) and silently drops a sample older than the previous one of its series, so
+  ``write_openmetrics`` refuses both.
+- Prometheus deletes blocks older than its newest sample minus retention: ``retention="10y"``.
+- Prometheus loads blocks at startup, and then rejects every sample (of every series, ``up``
+  included) older than its newest block's end. So: backfill, then start Prometheus, and end the
+  history at or before now; history ending in the future stalls all ingestion until then.
+- A new scrape target is first scraped ~6 s after Prometheus starts: poll with ``wait_for``.
+
+History that live scrapes continue, as the end-to-end test and the demo use it::
+
+    sample = load_demo_sample()
+    labels = {"instance": sample.machine, "job": "smd"}  # the labels the scrape will produce
+    stamps = backfill_timestamps(len(sample.train), end=time.time() - 1)
+    write_openmetrics(om, "smd_metric_value", labels, "dim", sample.feature_names,
+                      sample.train, stamps)
+    backfill(om, tsdb)
+    replay = ReplayExporter(sample.test, sample.feature_names, {"instance": sample.machine})
+    with PrometheusServer(tsdb, [ScrapeJob("smd", [replay.target], honor_labels=True)]) as prom:
+        prom.wait_for('up{job="smd"} == 1')
+        replay.start()  # row 0 is in the next scrape; no test row is skipped
+
+The series then hold every history row 1 s apart, a seam of ~6-8 s (target discovery), then one
+live sample per second; a 1 s ``query_range`` over the whole span has a point at every step.
 """
 
 from __future__ import annotations
@@ -204,9 +226,9 @@ def write_openmetrics(
     """Write one gauge family as OpenMetrics text for ``promtool tsdb create-blocks-from``.
 
     One series per feature: ``metric{labels, feature_label="<feature>"} value timestamp``.
-    Series are written one after another, each in time order, because promtool appends a
-    series' samples in file order and rejects out-of-order ones. NaN values are skipped (a
-    missing sample, not a NaN sample).
+    Series are written one after another, each in time order: promtool appends samples in file
+    order and silently drops one older than its series' previous sample. NaN values are skipped
+    (a missing sample, not a NaN sample).
 
     Args:
         path: output file.
@@ -255,8 +277,8 @@ def write_openmetrics(
 def backfill(openmetrics_path: str | Path, tsdb_dir: str | Path) -> None:
     """Turn an OpenMetrics file into TSDB blocks in ``tsdb_dir`` (before Prometheus starts).
 
-    Prometheus only loads blocks at startup and, once running, only accepts samples newer than
-    its newest block, so history must be written here first.
+    Prometheus only loads blocks at startup and, once running, rejects samples older than its
+    newest block's end, so history must be written here first and must not end in the future.
     """
     promtool = find_binary("promtool")
     Path(tsdb_dir).mkdir(parents=True, exist_ok=True)
@@ -523,7 +545,11 @@ class PrometheusServer(_ServerProcess):
         predicate: Callable[[list[dict[str, Any]]], bool] = bool,
         timeout: float = 30.0,
     ) -> list[dict[str, Any]]:
-        """Poll an instant query until ``predicate(result)`` holds (default: non-empty result)."""
+        """Poll an instant query until ``predicate(result)`` holds (default: non-empty result).
+
+        In an instant vector result, ``value[0]`` is the evaluation time, not the sample's
+        timestamp: query a range selector (``metric[1m]``) to see when samples were scraped.
+        """
         last: list[dict[str, Any]] = []
 
         def check() -> list[dict[str, Any]] | None:
@@ -737,9 +763,12 @@ class ReplayExporter:
     """Serves a dataset live, one row every ``seconds_per_row``, for Prometheus to scrape.
 
     Exposes ``metric{<labels>, <feature_label>="<feature>"}`` (default
-    ``smd_metric_value{instance=..., dim="m00".."m37"}``) from its own registry. After the last
-    row it keeps serving that row. Scrape it with ``ScrapeJob(..., honor_labels=True)`` so its
-    ``instance`` label is kept.
+    ``smd_metric_value{instance=..., dim="m00".."m37"}``) from its own registry, without
+    timestamps, so Prometheus stamps each sample with its scrape time. The HTTP server runs from
+    construction but serves no series until ``start()``: start it once Prometheus scrapes it, so
+    that no row is missed. After the last row it keeps serving that row. Scrape it with
+    ``ScrapeJob(..., honor_labels=True)`` so its ``instance`` label is kept. With scrapes and rows
+    both 1 s apart, scrape jitter can occasionally repeat or skip one row.
 
     Args:
         values: ``(rows, features)``.

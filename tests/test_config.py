@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
-from aiops_plugin.config import ConfigError, load_config, parse_duration
+from aiops_plugin.config import Config, ConfigError, EntityGroupConfig, load_config, parse_duration
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
@@ -93,8 +94,33 @@ def test_cli_check_config_exits_2_naming_file_and_field(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert str(path) in done.stderr and "entities.0.lables" in done.stderr
     good = subprocess.run(
-        [sys.executable, "-m", "aiops_plugin.cli", "check-config", str(EXAMPLES / "node-exporter.yaml")],
+        [
+            sys.executable,
+            "-m",
+            "aiops_plugin.cli",
+            "check-config",
+            str(EXAMPLES / "node-exporter.yaml"),
+        ],
         capture_output=True,
         text=True,
     )
     assert good.returncode == 0, good.stderr
+
+
+def _field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    paths = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            paths += _field_paths(annotation, f"{prefix}{name}.")
+        elif name == "entities":
+            paths += _field_paths(EntityGroupConfig, "entities[].")
+        else:
+            paths.append(prefix + name)
+    return paths
+
+
+def test_readme_documents_every_configuration_field() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    undocumented = [path for path in _field_paths(Config) if f"`{path}`" not in readme]
+    assert not undocumented, f"README configuration reference lacks {undocumented}"

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aiops_plugin.localstack import (
     AlertmanagerServer,
+    BackfillError,
     BinaryNotFoundError,
     PrometheusServer,
     ReplayExporter,
@@ -97,6 +98,13 @@ def test_write_openmetrics_refuses_what_promtool_would_silently_drop(tmp_path: P
     with pytest.raises(ValueError, match="milliseconds"):
         millis = np.array([1.7e12, 1.7e12 + 1000, 1.7e12 + 2000])
         write_openmetrics(tmp_path / "b.om", METRIC, {}, "dim", ["m00"], values, millis)
+
+
+def test_backfill_error_carries_promtools_reason(tmp_path: Path) -> None:
+    openmetrics = tmp_path / "truncated.om"
+    openmetrics.write_text('# TYPE m gauge\nm{dim="m00"} 1 1700000000\n')
+    with pytest.raises(BackfillError, match="does not end with # EOF"):
+        backfill(openmetrics, tmp_path / "tsdb")
 
 
 def test_backfilled_history_reads_back_through_promql(history) -> None:

@@ -95,7 +95,9 @@ class RollingMadDetector(Detector):
             metrics={"median_fit_scale": float(np.median(scale))},
         )
 
-    def _per_entity(self, table: dict[str, np.ndarray], default: np.ndarray | None, keys: list[str]):
+    def _per_entity(
+        self, table: dict[str, np.ndarray], default: np.ndarray | None, keys: list[str]
+    ):
         assert default is not None
         return np.stack([table.get(key, default) for key in keys])
 
@@ -112,7 +114,9 @@ class RollingMadDetector(Detector):
         total = np.where(defined, z, 0.0).sum(axis=2, keepdims=True)
         with np.errstate(invalid="ignore", divide="ignore"):
             contributions = np.where(total > 0, np.where(defined, z, 0.0) / total, np.nan)
-        return Scores(score=score.astype(np.float32), contributions=contributions.astype(np.float32))
+        return Scores(
+            score=score.astype(np.float32), contributions=contributions.astype(np.float32)
+        )
 
     def _feature_z(self, windows: Windows) -> np.ndarray:
         """Robust z ``(entities, time, features)`` of each value against its trailing window;
@@ -124,17 +128,17 @@ class RollingMadDetector(Detector):
         )
         n_entities, n_time, n_features = values.shape
         padded = torch.cat(
-            [torch.full((n_entities, self.window, n_features), float("nan"), device=self.device),
-             values],
+            [
+                torch.full((n_entities, self.window, n_features), float("nan"), device=self.device),
+                values,
+            ],
             dim=1,
         )
         z_parts = []
         for chunk_start in range(0, n_time, self.time_chunk):
             chunk_end = min(chunk_start + self.time_chunk, n_time)
             # history[:, t] = the `window` steps before step t: (E, chunk, F, window)
-            history = padded[:, chunk_start : chunk_end + self.window - 1].unfold(
-                1, self.window, 1
-            )
+            history = padded[:, chunk_start : chunk_end + self.window - 1].unfold(1, self.window, 1)
             current = values[:, chunk_start:chunk_end]
             median = history.nanmedian(dim=-1).values
             mad = (history - median[..., None]).abs().nanmedian(dim=-1).values

@@ -59,7 +59,9 @@ class ReadResult:
     dropped_entities: int = 0
 
 
-def plan_chunks(start: float, end: float, step: float, max_points: int) -> list[tuple[float, float]]:
+def plan_chunks(
+    start: float, end: float, step: float, max_points: int
+) -> list[tuple[float, float]]:
     """Split ``[start, end]`` into ranges of at most ``max_points`` grid points each."""
     if end < start:
         return []
@@ -184,7 +186,9 @@ class PrometheusReader:
                 labels = {label: metric[label] for label in group.labels}
                 key = entity_key(labels)
                 labels_by_key[key] = labels
-                points = series.setdefault((key, feature_name(query_name, metric, group.labels)), {})
+                points = series.setdefault(
+                    (key, feature_name(query_name, metric, group.labels)), {}
+                )
                 for timestamp, raw in item.get("values", []):
                     index = int(round((float(timestamp) - start) / step))
                     value = float(raw)

@@ -1,0 +1,235 @@
+"""The agent against a real Prometheus holding real SMD history: reads, fit, infer, export.
+
+History: machine-1-2 of the shipped SMD sample, one row per second, plus a second entity (the
+same machine's rows shifted by 1000 steps) and a third whose series stop 10 minutes before the
+end (a series that disappeared), and a fourth with a 2-minute hole at the end of its history.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from aiops_plugin.agent import Agent, CycleFailed, StopRequested
+from aiops_plugin.config import Config
+from aiops_plugin.localstack import (
+    PrometheusServer,
+    backfill,
+    backfill_timestamps,
+    free_port,
+    load_demo_sample,
+    write_openmetrics,
+)
+from aiops_plugin.sources.prometheus import PrometheusReader, plan_chunks
+from aiops_plugin.store import Store
+
+METRIC = "smd_metric_value"
+ROWS = 2400
+QUERY = f"sum by (instance, dim) ({METRIC})"
+
+
+class History:
+    def __init__(self, prometheus: PrometheusServer, end: float) -> None:
+        self.prometheus = prometheus
+        self.end = end
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory: pytest.TempPathFactory) -> Iterator[History]:
+    workdir = tmp_path_factory.mktemp("agent-history")
+    sample = load_demo_sample()
+    rows = sample.train[-ROWS:]
+    end = time.time() - 2.0
+    timestamps = backfill_timestamps(ROWS, end, 1.0)
+    series = {
+        "machine-1-2": rows,
+        "machine-1-2-shifted": np.roll(rows, 1000, axis=0),
+        "vanished": np.where(np.arange(ROWS)[:, None] < ROWS - 600, rows, np.nan),
+        "holey": np.where(np.arange(ROWS)[:, None] < ROWS - 120, rows, np.nan),
+    }
+    tsdb = workdir / "tsdb"
+    for i, (instance, values) in enumerate(series.items()):
+        path = workdir / f"history-{i}.om"
+        labels = {"instance": instance, "job": "smd"}
+        write_openmetrics(path, METRIC, labels, "dim", sample.feature_names, values, timestamps)
+        backfill(path, tsdb)
+    with PrometheusServer(tsdb_dir=tsdb, workdir=workdir / "prometheus") as prometheus:
+        prometheus.start()
+        yield History(prometheus, end)
+
+
+def make_config(url: str, tmp_path: Path, **overrides) -> Config:
+    raw = {
+        "prometheus": {"url": url, "step": "1s", "timeout": "5s", "retries": 1, "backoff": "0.1s"},
+        "entities": [{"name": "smd", "labels": ["instance"], "queries": {"smd": QUERY}}],
+        "detectors": {"device": "cpu", "mad": {"window": 30}},
+        "schedule": {"fit_window": f"{ROWS - 1}s", "infer_every": "1s"},
+        "store": {"data_dir": str(tmp_path / "data")},
+        "server": {"host": "127.0.0.1", "port": free_port()},
+    }
+    raw.update(overrides)
+    return Config.model_validate(raw)
+
+
+def exported(agent: Agent) -> dict[str, list]:
+    text = generate_latest(agent.exporter.registry).decode()
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def scores_by_instance(agent: Agent, detector: str = "fused") -> dict[str, float]:
+    samples = exported(agent)["aiops_anomaly_score"]
+    return {s.labels["instance"]: s.value for s in samples if s.labels["detector"] == detector}
+
+
+@pytest.fixture
+def fitted_agent(history: History, tmp_path: Path) -> Iterator[Agent]:
+    agent = Agent(make_config(history.prometheus.url, tmp_path))
+    agent.start_up()
+    agent.fit(now=history.end)
+    yield agent
+    agent.store.close()
+
+
+def test_reader_chunks_long_ranges_without_changing_the_result(history: History) -> None:
+    config = make_config(history.prometheus.url, Path("/tmp"))
+    group = config.entities[0]
+    whole = PrometheusReader(config.prometheus).read_range(group, history.end - 1500, history.end)
+    config.prometheus.max_points_per_request = 100
+    assert len(plan_chunks(history.end - 1500, history.end, 1.0, 100)) == 16
+    chunked = PrometheusReader(config.prometheus).read_range(group, history.end - 1500, history.end)
+    assert whole.windows is not None and chunked.windows is not None
+    assert whole.windows.values.shape == (4, 1501, 38)
+    np.testing.assert_array_equal(whole.windows.values, chunked.windows.values)
+
+
+def test_gaps_are_missing_values_not_repeated_or_zero_filled(history: History) -> None:
+    """The last 120 s of "holey" have no samples; PromQL alone would repeat its last value
+    there for 5 minutes (its lookback), the reader's staleness guard keeps them missing."""
+    plain = [{"name": "smd", "labels": ["instance"], "queries": {"smd": METRIC}}]
+    config = make_config(history.prometheus.url, Path("/tmp"), entities=plain)
+    read = PrometheusReader(config.prometheus).read_range(
+        config.entities[0], history.end - 300, history.end
+    )
+    windows = read.windows
+    assert windows is not None
+    assert windows.features[0] == 'smd{dim="m00",job="smd"}'
+    holey = [i for i, labels in enumerate(windows.entities) if labels["instance"] == "holey"][0]
+    assert not windows.observed[holey, -118:].any()
+    assert np.isnan(windows.values[holey, -118:]).all()
+    assert windows.observed[holey, :170].all()
+
+
+def test_fit_then_infer_scores_every_entity_with_recent_data(fitted_agent: Agent, history: History):
+    results = fitted_agent.infer(now=history.end)
+    (result,) = results
+    scored = {labels["instance"] for labels in result.entities}
+    # "holey" is still scored: an aggregating query carries PromQL's 5-minute lookback
+    assert scored == {"machine-1-2", "machine-1-2-shifted", "holey"}
+    assert "no_recent_data" in result.skipped['{"instance":"vanished"}']
+    fused = scores_by_instance(fitted_agent)
+    mad = scores_by_instance(fitted_agent, "mad")
+    assert set(fused) == scored and fused == mad
+    assert all(np.isfinite(list(fused.values())))
+    sample = exported(fitted_agent)["aiops_anomaly_score"][0]
+    assert {"instance", "entity", "entity_group", "detector"} <= set(sample.labels)
+    assert fitted_agent.readiness() == (True, "ready")
+
+
+def test_restarted_agent_loads_models_instead_of_refitting(
+    fitted_agent: Agent, history: History, tmp_path: Path
+) -> None:
+    fitted_agent.infer(now=history.end)
+    before = scores_by_instance(fitted_agent)
+    restarted = Agent(make_config(history.prometheus.url, tmp_path))
+    restarted.start_up()
+    assert restarted.missing_models() == []
+    restarted.infer(now=history.end)
+    assert scores_by_instance(restarted) == pytest.approx(before)
+    assert len(restarted.store.recent_jobs(kind="fit")) == 1
+
+
+def test_changed_model_settings_trigger_a_refit(fitted_agent: Agent, history: History, tmp_path):
+    changed = make_config(
+        history.prometheus.url, tmp_path, detectors={"device": "cpu", "mad": {"window": 20}}
+    )
+    agent = Agent(changed)
+    agent.start_up()
+    assert agent.missing_models() == [("mad", "smd")]
+
+
+def test_bad_promql_in_one_group_does_not_stop_others(
+    history: History, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    entities = [
+        {"name": "broken", "labels": ["instance"], "queries": {"cpu": f"rate({METRIC}[5m"}},
+        {
+            "name": "partly",
+            "labels": ["instance"],
+            "queries": {"smd": QUERY, "typo": f"sum by (instance) ({METRIC}"},
+        },
+        {"name": "smd", "labels": ["instance"], "queries": {"smd": QUERY}},
+    ]
+    agent = Agent(make_config(history.prometheus.url, tmp_path, entities=entities))
+    agent.start_up()
+    with caplog.at_level(logging.ERROR):
+        agent.fit(now=history.end)
+        results = {result.group: result for result in agent.infer(now=history.end)}
+    assert results["broken"].error is not None and not results["broken"].entities
+    assert len(results["smd"].entities) == 3
+    assert len(results["partly"].entities) == 3
+    messages = "\n".join(record.getMessage() for record in caplog.records)
+    assert "group 'broken' query 'cpu'" in messages and f"rate({METRIC}[5m" in messages
+    assert "group 'partly' query 'typo'" in messages
+    groups = {s.labels["entity_group"] for s in exported(agent)["aiops_anomaly_score"]}
+    assert groups == {"smd", "partly"}
+
+
+def test_unreachable_prometheus_marks_source_down_and_withdraws_scores(
+    fitted_agent: Agent, history: History, tmp_path: Path
+) -> None:
+    fitted_agent.infer(now=history.end)
+    assert scores_by_instance(fitted_agent)
+    dead = make_config(f"http://127.0.0.1:{free_port()}", tmp_path)
+    fitted_agent.reader = PrometheusReader(dead.prometheus)
+    with pytest.raises(CycleFailed, match="prometheus unavailable"):
+        fitted_agent.infer(now=history.end)
+    metrics = exported(fitted_agent)
+    up = {s.labels["source"]: s.value for s in metrics["aiops_source_up"]}
+    assert up["prometheus"] == 0.0 and up["store"] == 1.0
+    assert not metrics["aiops_anomaly_score"]
+    statuses = [job["status"] for job in fitted_agent.store.recent_jobs(kind="infer")]
+    assert statuses[0] == "failed"
+
+
+def test_stop_during_fit_writes_no_model_version(history: History, tmp_path: Path) -> None:
+    agent = Agent(make_config(history.prometheus.url, tmp_path))
+    agent.start_up()
+
+    class StopAfterRead(PrometheusReader):
+        def read_range(self, group, start, end):  # noqa: ANN001, ANN201
+            result = super().read_range(group, start, end)
+            agent.request_stop()
+            return result
+
+    agent.reader = StopAfterRead(agent.config.prometheus)
+    with pytest.raises(StopRequested):
+        agent.fit(now=history.end)
+    assert agent.store.latest_model_version("mad", "smd") is None
+    assert agent.store.recent_jobs(kind="fit")[0]["status"] == "interrupted"
+
+
+def test_store_is_shared_with_postgresql(history: History, postgresql_url: str, tmp_path: Path):
+    config = make_config(history.prometheus.url, tmp_path, store={"url": postgresql_url})
+    agent = Agent(config, store=Store.open(postgresql_url))
+    agent.start_up()
+    agent.fit(now=history.end)
+    agent.infer(now=history.end)
+    version = agent.store.latest_model_version("mad", "smd", config.model_hash("mad"))
+    assert version is not None and version.n_entities == 4
