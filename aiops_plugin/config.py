@@ -34,6 +34,9 @@ RESERVED_LABELS = frozenset(
     {"detector", "entity", "entity_group", "metric", "horizon", "phase", "source", "reason"}
 )
 
+#: Every detector with a configuration section, in the order they are run.
+DETECTOR_NAMES = ("mad", "iforest", "pca", "cblof")
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
@@ -121,12 +124,40 @@ class MadDetectorConfig(_Strict):
     )
 
 
+class _PointwiseDetectorConfig(_Strict):
+    enabled: bool = False
+    max_train_samples: int = Field(20000, ge=100, description="fit rows drawn (seeded) per fit")
+    seed: int = 0
+
+
+class IsolationForestConfig(_PointwiseDetectorConfig):
+    """PyOD IForest over each step's standardised feature vector."""
+
+    n_estimators: int = Field(200, ge=10)
+    max_samples: int = Field(256, ge=16)
+
+
+class PcaConfig(_PointwiseDetectorConfig):
+    """PyOD PCA reconstruction distance."""
+
+    n_components: float = Field(0.9, gt=0, description="explained-variance share, or a count")
+
+
+class CblofConfig(_PointwiseDetectorConfig):
+    """PyOD CBLOF: distance to the nearest large k-means cluster."""
+
+    n_clusters: int = Field(8, ge=2)
+
+
 class DetectorsConfig(_Strict):
     mad: MadDetectorConfig = MadDetectorConfig()
+    iforest: IsolationForestConfig = IsolationForestConfig()
+    pca: PcaConfig = PcaConfig()
+    cblof: CblofConfig = CblofConfig()
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'")
 
     def enabled_names(self) -> list[str]:
-        return [name for name in ("mad",) if getattr(self, name).enabled]
+        return [name for name in DETECTOR_NAMES if getattr(self, name).enabled]
 
 
 class CalibrationConfig(_Strict):

@@ -10,7 +10,7 @@ from aiops_plugin.calibration import ThresholdScaler, fuse_scores
 from aiops_plugin.config import Config
 from aiops_plugin.detectors.base import NotFittedError, choose_device
 from aiops_plugin.detectors.baselines import RollingMadDetector
-from aiops_plugin.detectors.registry import FittedModel
+from aiops_plugin.detectors.registry import FittedModel, build_detector
 from aiops_plugin.localstack import load_demo_sample
 from aiops_plugin.windows import Windows
 
@@ -104,3 +104,19 @@ def test_fused_score_is_the_max_of_defined_scores() -> None:
 def test_device_auto_is_cpu_without_cuda() -> None:
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert choose_device("auto").type == expected
+
+
+@pytest.mark.parametrize("name", ["mad", "iforest", "pca", "cblof"])
+def test_every_baseline_ranks_the_smd_anomaly_above_normal_steps(smd, name: str) -> None:
+    config = Config.model_validate(
+        {"entities": [{"name": "smd", "labels": ["instance"], "queries": {"v": "x"}}]}
+    )
+    detector = build_detector(name, config, torch.device("cpu"))
+    model = FittedModel.fit(detector, Windows.from_array(smd.train), 0.01)
+    history = Windows.from_array(np.concatenate([smd.train, smd.test]))
+    scores = model.score(history).score[0, len(smd.train) :]
+    labels = smd.test_labels.astype(bool)
+    assert np.nanmean(scores[labels]) > np.nanmean(scores[~labels])
+    assert np.nanmax(scores[labels]) > 1.0
+    loaded = FittedModel.from_bytes(model.to_bytes(), config, torch.device("cpu"))
+    np.testing.assert_allclose(loaded.score(history).score, model.score(history).score, rtol=1e-5)

@@ -1,5 +1,9 @@
 """Classic detectors: the honest yardstick and the CPU fallback for the deep ones.
 
+``mad`` (robust rolling z-score) runs by default. ``iforest``, ``pca`` and ``cblof`` are PyOD
+models over each step's standardised feature vector (:class:`PointwiseDetector`), used as
+benchmark baselines and available to the agent.
+
 ``mad`` is a robust rolling z-score. For every feature, the value at step t is compared with the
 median of the trailing ``window`` steps before it, in units of that window's median absolute
 deviation (MAD x 1.4826, the normal-consistent scale). A window's MAD is floored at a fraction of
@@ -19,6 +23,7 @@ time so memory stays bounded, and runs on whatever device its caller chose.
 
 from __future__ import annotations
 
+import pickle
 import time
 import warnings
 from typing import Any, ClassVar
@@ -173,3 +178,205 @@ class RollingMadDetector(Detector):
         references = np.asarray(state["entity_references"], dtype=np.float32)
         self.entity_references_ = dict(zip(state["entity_keys"], references, strict=True))
         self.default_reference_ = np.asarray(state["default_reference"], dtype=np.float32)
+
+
+class PointwiseDetector(Detector):
+    """A PyOD model over each step's feature vector, one model for the whole entity group.
+
+    Every entity's features are robustly standardised with that entity's own fit-window median
+    and scale (1.4826 x MAD, falling back to the standard deviation), so entities of different
+    size share one model and one ``decision_function`` call over all ``entities x steps`` rows.
+    Missing features are set to the entity's median (0 after standardising) only where at least
+    half of the step's features were observed; a step with less is not scored (NaN).
+    The fit uses at most ``max_train_samples`` rows, drawn with a fixed seed.
+    """
+
+    def __init__(
+        self, max_train_samples: int = 20000, seed: int = 0, device: torch.device | None = None
+    ) -> None:
+        super().__init__(device)
+        self.max_train_samples = max_train_samples
+        self.seed = seed
+        self.model_: Any = None
+        self.entity_centers_: dict[str, np.ndarray] = {}
+        self.entity_scales_: dict[str, np.ndarray] = {}
+        self.default_center_: np.ndarray | None = None
+        self.default_scale_: np.ndarray | None = None
+
+    def build_model(self) -> Any:
+        raise NotImplementedError
+
+    def _hyper_parameters(self) -> dict[str, Any]:
+        return {"max_train_samples": self.max_train_samples, "seed": self.seed}
+
+    def _rows(self, windows: Windows) -> tuple[np.ndarray, np.ndarray]:
+        """``(entities*time, features)`` standardised rows and ``(entities*time,)`` validity."""
+        centers = np.stack(
+            [self.entity_centers_.get(key, self.default_center_) for key in windows.keys]
+        )
+        scales = np.stack(
+            [self.entity_scales_.get(key, self.default_scale_) for key in windows.keys]
+        )
+        values = np.where(windows.observed, windows.values, np.nan)
+        standard = (values - centers[:, None, :]) / scales[:, None, :]
+        valid = windows.observed.mean(axis=2) >= 0.5
+        standard = np.clip(np.nan_to_num(standard, nan=0.0), -MAX_Z, MAX_Z)
+        return standard.reshape(-1, standard.shape[2]), valid.reshape(-1)
+
+    def fit(self, windows: Windows) -> FitReport:
+        started = time.perf_counter()
+        values = np.where(windows.observed, windows.values, np.nan)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            center = np.nanmedian(values, axis=1)
+            scale = MAD_TO_SIGMA * np.nanmedian(np.abs(values - center[:, None, :]), axis=1)
+            spread = np.nanstd(values, axis=1)
+        scale = np.where(scale > 0, scale, spread)
+        flat = FLAT_FEATURE_SCALE * np.maximum(np.abs(np.nan_to_num(center)), 1.0)
+        scale = np.where(np.isfinite(scale) & (scale > 0), scale, flat).astype(np.float32)
+        center = np.nan_to_num(center).astype(np.float32)
+        self.features_ = list(windows.features)
+        self.entity_centers_ = dict(zip(windows.keys, center, strict=True))
+        self.entity_scales_ = dict(zip(windows.keys, scale, strict=True))
+        self.default_center_ = np.median(center, axis=0)
+        self.default_scale_ = np.median(scale, axis=0)
+        rows, valid = self._rows(windows)
+        rows = rows[valid]
+        if len(rows) > self.max_train_samples:
+            pick = np.random.default_rng(self.seed).choice(
+                len(rows), self.max_train_samples, replace=False
+            )
+            rows = rows[np.sort(pick)]
+        self.model_ = self.build_model()
+        self.model_.fit(rows)
+        return FitReport(
+            n_entities=len(windows.entities),
+            n_steps=len(windows.timestamps),
+            n_features=len(windows.features),
+            seconds=time.perf_counter() - started,
+            metrics={"train_rows": float(len(rows))},
+        )
+
+    def score(self, windows: Windows) -> Scores:
+        features = self._require_fitted()
+        windows = windows.reindex_features(features)
+        rows, valid = self._rows(windows)
+        raw = np.full(len(rows), np.nan, dtype=np.float32)
+        if valid.any():
+            raw[valid] = self.model_.decision_function(rows[valid])
+        n_entities, n_time = windows.values.shape[:2]
+        contributions = self._contributions(rows, valid)
+        if contributions is not None:
+            contributions = contributions.reshape(n_entities, n_time, -1)
+        return Scores(score=raw.reshape(n_entities, n_time), contributions=contributions)
+
+    def _contributions(self, rows: np.ndarray, valid: np.ndarray) -> np.ndarray | None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        features = self._require_fitted()
+        return {
+            "hyper_parameters": self._hyper_parameters(),
+            "features": features,
+            "entity_keys": list(self.entity_centers_),
+            "entity_centers": np.stack(list(self.entity_centers_.values())),
+            "entity_scales": np.stack(list(self.entity_scales_.values())),
+            "default_center": self.default_center_,
+            "default_scale": self.default_scale_,
+            # a fitted scikit-learn / PyOD estimator; written and read only by this store
+            "model_pickle": pickle.dumps(self.model_),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, value in state["hyper_parameters"].items():
+            setattr(self, name, value)
+        self.features_ = list(state["features"])
+        keys = state["entity_keys"]
+        self.entity_centers_ = dict(
+            zip(keys, np.asarray(state["entity_centers"], np.float32), strict=True)
+        )
+        self.entity_scales_ = dict(
+            zip(keys, np.asarray(state["entity_scales"], np.float32), strict=True)
+        )
+        self.default_center_ = np.asarray(state["default_center"], np.float32)
+        self.default_scale_ = np.asarray(state["default_scale"], np.float32)
+        self.model_ = pickle.loads(state["model_pickle"])  # noqa: S301 - our own store
+
+
+class IsolationForestDetector(PointwiseDetector):
+    """Isolation Forest (Liu et al. 2008) via PyOD's ``IForest`` (scikit-learn underneath)."""
+
+    name: ClassVar[str] = "iforest"
+
+    def __init__(self, n_estimators: int = 200, max_samples: int = 256, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.n_estimators = n_estimators
+        self.max_samples = max_samples
+
+    def _hyper_parameters(self) -> dict[str, Any]:
+        return {
+            **super()._hyper_parameters(),
+            "n_estimators": self.n_estimators,
+            "max_samples": self.max_samples,
+        }
+
+    def build_model(self) -> Any:
+        from pyod.models.iforest import IForest
+
+        return IForest(
+            n_estimators=self.n_estimators,
+            max_samples=self.max_samples,
+            random_state=self.seed,
+            n_jobs=1,
+        )
+
+
+class PcaReconstructionDetector(PointwiseDetector):
+    """PCA reconstruction (Shyu et al. 2003) via PyOD's ``PCA``: distance of a step from the
+    principal subspace of normal steps. Contributions are each feature's share of the squared
+    residual outside that subspace."""
+
+    name: ClassVar[str] = "pca"
+
+    def __init__(self, n_components: float = 0.9, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.n_components = n_components
+
+    def _hyper_parameters(self) -> dict[str, Any]:
+        return {**super()._hyper_parameters(), "n_components": self.n_components}
+
+    def build_model(self) -> Any:
+        from pyod.models.pca import PCA
+
+        return PCA(n_components=self.n_components, standardization=True, random_state=self.seed)
+
+    def _contributions(self, rows: np.ndarray, valid: np.ndarray) -> np.ndarray | None:
+        detector = self.model_.detector_
+        standard = self.model_.scaler_.transform(rows)
+        reconstructed = detector.inverse_transform(detector.transform(standard))
+        residual = (standard - reconstructed) ** 2
+        total = residual.sum(axis=1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            shares = np.where(total > 0, residual / total, np.nan)
+        shares[~valid] = np.nan
+        return shares.astype(np.float32)
+
+
+class ClusterOutlierDetector(PointwiseDetector):
+    """CBLOF, cluster-based local outlier factor (He et al. 2003), via PyOD: distance to the
+    nearest large k-means cluster. Cluster-distance detectors (CBLOF, KMeansAD) rank near the top
+    of TSB-AD's multivariate results, next to PCA."""
+
+    name: ClassVar[str] = "cblof"
+
+    def __init__(self, n_clusters: int = 8, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.n_clusters = n_clusters
+
+    def _hyper_parameters(self) -> dict[str, Any]:
+        return {**super()._hyper_parameters(), "n_clusters": self.n_clusters}
+
+    def build_model(self) -> Any:
+        from pyod.models.cblof import CBLOF
+
+        return CBLOF(n_clusters=self.n_clusters, random_state=self.seed, n_jobs=1)

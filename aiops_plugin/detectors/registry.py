@@ -17,10 +17,23 @@ import torch
 from aiops_plugin.calibration import ThresholdScaler
 from aiops_plugin.config import Config
 from aiops_plugin.detectors.base import Detector, FitReport, Scores
-from aiops_plugin.detectors.baselines import RollingMadDetector
+from aiops_plugin.detectors.baselines import (
+    ClusterOutlierDetector,
+    IsolationForestDetector,
+    PcaReconstructionDetector,
+    RollingMadDetector,
+)
 from aiops_plugin.windows import Windows
 
-DETECTORS: dict[str, type[Detector]] = {RollingMadDetector.name: RollingMadDetector}
+DETECTORS: dict[str, type[Detector]] = {
+    detector.name: detector
+    for detector in (
+        RollingMadDetector,
+        IsolationForestDetector,
+        PcaReconstructionDetector,
+        ClusterOutlierDetector,
+    )
+}
 
 
 def build_detector(name: str, config: Config, device: torch.device) -> Detector:

@@ -1,0 +1,1 @@
+"""Offline evaluation on public labelled datasets: loaders, metrics, the benchmark harness."""
