@@ -121,7 +121,7 @@ class Agent:
                 )
                 if version is None:
                     continue
-                model = FittedModel.from_bytes(version.state, self.config, self.device)
+                model = FittedModel.from_bytes(version.state, self.config.detectors, self.device)
                 with self._models_lock:
                     self.models[(detector, group.name)] = model
                 self.exporter.model_last_fit.labels(detector=detector).set(
@@ -178,7 +178,7 @@ class Agent:
                 self.store.upsert_entities(group.name, read.entities, datetime.now(UTC))
                 for detector_name in self.detector_names:
                     self._check_stop()
-                    detector = build_detector(detector_name, self.config, self.device)
+                    detector = build_detector(detector_name, self.config.detectors, self.device)
                     with self._phase("fit"):
                         model = FittedModel.fit(
                             detector, read, self.config.calibration.false_alarm_rate

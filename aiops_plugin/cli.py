@@ -128,6 +128,64 @@ def _cell(value: float) -> str:
 
 
 @app.command()
+def benchmark(
+    dataset: Annotated[list[str], typer.Option(help="smd, asd or nab; repeat for several")],
+    detectors: Annotated[str, typer.Option(help="comma-separated detector names")] = (
+        "mad,iforest,pca,cblof"
+    ),
+    entities: Annotated[
+        str | None, typer.Option(help="comma-separated entities (default: all found)")
+    ] = None,
+    data_root: Annotated[
+        Path | None, typer.Option(help="folder holding smd/, asd/, nab/ (default ../shared/data)")
+    ] = None,
+    report_dir: Annotated[Path, typer.Option(help="where report.md, metrics.csv, PNGs go")] = Path(
+        "reports/benchmark"
+    ),
+    false_alarm_rate: Annotated[float, typer.Option(help="sets the score scale: 1.0")] = 0.001,
+    markdown: Annotated[
+        Path | None, typer.Option(help="also write the markdown report to this file")
+    ] = None,
+    plots: Annotated[int, typer.Option(help="timeline plots per dataset")] = 3,
+    slice_rows: Annotated[
+        int | None,
+        typer.Option(help="quick run: N train rows and N test rows around the first anomaly"),
+    ] = None,
+) -> None:
+    """Benchmark detectors on real labelled data through the agent's own scoring path."""
+    from aiops_plugin.evaluation.benchmark import run_benchmark, write_report
+    from aiops_plugin.evaluation.datasets import DatasetError
+
+    from aiops_plugin.detectors.registry import DETECTORS
+
+    _setup_logging(False)
+    unknown = sorted({name.strip() for name in detectors.split(",")} - set(DETECTORS) - {""})
+    if unknown:
+        typer.echo(f"error: unknown detector(s) {unknown}; known: {sorted(DETECTORS)}", err=True)
+        raise typer.Exit(EXIT_BAD_CONFIG)
+    command = "aiops-plugin " + " ".join(sys.argv[1:])
+    try:
+        run = run_benchmark(
+            dataset,
+            [name.strip() for name in detectors.split(",") if name.strip()],
+            [name.strip() for name in entities.split(",")] if entities else None,
+            data_root,
+            false_alarm_rate,
+            command=command,
+            slice_rows=slice_rows,
+        )
+    except DatasetError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_CONFIG) from exc
+    report = write_report(run, report_dir, plots)
+    if markdown:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(report.read_text())
+    typer.echo(report.read_text())
+    typer.echo(f"report: {report} (csv and plots beside it); wall time {run.wall_seconds:.0f} s")
+
+
+@app.command()
 def demo(
     workdir: Annotated[
         Path, typer.Option(help="where Prometheus, Alertmanager and the store keep their data")

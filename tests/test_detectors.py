@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aiops_plugin.calibration import ThresholdScaler, fuse_scores
-from aiops_plugin.config import Config
+from aiops_plugin.config import DetectorsConfig
 from aiops_plugin.detectors.base import NotFittedError, choose_device
 from aiops_plugin.detectors.baselines import RollingMadDetector
 from aiops_plugin.detectors.registry import FittedModel, build_detector
@@ -82,10 +82,7 @@ def test_contributions_point_at_the_moved_metric(smd, fitted: FittedModel) -> No
 
 
 def test_state_round_trips_through_bytes(smd, fitted: FittedModel) -> None:
-    config = Config.model_validate(
-        {"entities": [{"name": "smd", "labels": ["instance"], "queries": {"v": "x"}}]}
-    )
-    loaded = FittedModel.from_bytes(fitted.to_bytes(), config, torch.device("cpu"))
+    loaded = FittedModel.from_bytes(fitted.to_bytes(), DetectorsConfig(), torch.device("cpu"))
     windows = Windows.from_array(smd.test)
     np.testing.assert_array_equal(loaded.score(windows).score, fitted.score(windows).score)
 
@@ -108,15 +105,12 @@ def test_device_auto_is_cpu_without_cuda() -> None:
 
 @pytest.mark.parametrize("name", ["mad", "iforest", "pca", "cblof"])
 def test_every_baseline_ranks_the_smd_anomaly_above_normal_steps(smd, name: str) -> None:
-    config = Config.model_validate(
-        {"entities": [{"name": "smd", "labels": ["instance"], "queries": {"v": "x"}}]}
-    )
-    detector = build_detector(name, config, torch.device("cpu"))
+    detector = build_detector(name, DetectorsConfig(), torch.device("cpu"))
     model = FittedModel.fit(detector, Windows.from_array(smd.train), 0.01)
     history = Windows.from_array(np.concatenate([smd.train, smd.test]))
     scores = model.score(history).score[0, len(smd.train) :]
     labels = smd.test_labels.astype(bool)
     assert np.nanmean(scores[labels]) > np.nanmean(scores[~labels])
     assert np.nanmax(scores[labels]) > 1.0
-    loaded = FittedModel.from_bytes(model.to_bytes(), config, torch.device("cpu"))
+    loaded = FittedModel.from_bytes(model.to_bytes(), DetectorsConfig(), torch.device("cpu"))
     np.testing.assert_allclose(loaded.score(history).score, model.score(history).score, rtol=1e-5)

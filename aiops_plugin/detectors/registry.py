@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from aiops_plugin.calibration import ThresholdScaler
-from aiops_plugin.config import Config
+from aiops_plugin.config import DetectorsConfig
 from aiops_plugin.detectors.base import Detector, FitReport, Scores
 from aiops_plugin.detectors.baselines import (
     ClusterOutlierDetector,
@@ -36,11 +36,11 @@ DETECTORS: dict[str, type[Detector]] = {
 }
 
 
-def build_detector(name: str, config: Config, device: torch.device) -> Detector:
+def build_detector(name: str, detectors: DetectorsConfig, device: torch.device) -> Detector:
     """A fresh, unfitted detector with the configured hyper-parameters."""
     if name not in DETECTORS:
         raise KeyError(f"unknown detector {name!r}; known: {sorted(DETECTORS)}")
-    settings = getattr(config.detectors, name).model_dump(exclude={"enabled"})
+    settings = getattr(detectors, name).model_dump(exclude={"enabled"})
     return DETECTORS[name](device=device, **settings)
 
 
@@ -102,11 +102,13 @@ class FittedModel:
         return buffer.getvalue()
 
     @classmethod
-    def from_bytes(cls, blob: bytes, config: Config, device: torch.device) -> FittedModel:
+    def from_bytes(
+        cls, blob: bytes, detectors: DetectorsConfig, device: torch.device
+    ) -> FittedModel:
         payload = torch.load(io.BytesIO(blob), map_location=device, weights_only=True)
-        detector = build_detector(payload["detector"], config, device)
+        detector = build_detector(payload["detector"], detectors, device)
         detector.load_state_dict(payload["detector_state"])
-        scaler = ThresholdScaler(config.calibration.false_alarm_rate)
+        scaler = ThresholdScaler(payload["scaler_state"]["false_alarm_rate"])
         scaler.load_state_dict(payload["scaler_state"])
         return cls(detector, scaler)
 
