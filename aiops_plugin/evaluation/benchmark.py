@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import os
 import platform
 import time
 from collections.abc import Sequence
@@ -193,16 +194,28 @@ class BenchmarkRun:
     scored: list[ScoredEntity]
     wall_seconds: float
     machine: str
+    hyper_parameters: dict[str, dict] = field(default_factory=dict)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def machine_description(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
     described = (
-        f"{platform.system()} {platform.machine()} ({cpu}), {torch.get_num_threads()} torch threads"
+        f"{platform.system()} {platform.machine()}, {_cpu_model()}, {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} torch threads"
     )
     if device.type == "cuda":
         described += f", {torch.cuda.get_device_name(device)}"
-    return f"{described}; Python {platform.python_version()}, torch {torch.__version__}, device {device}"
+    versions = f"Python {platform.python_version()}, torch {torch.__version__}"
+    return f"{described}; {versions}, device {device}"
 
 
 def short_slice(series: datasets.LabelledSeries, rows: int) -> datasets.LabelledSeries:
@@ -271,6 +284,10 @@ def run_benchmark(
         scored=scored_all,
         wall_seconds=time.perf_counter() - started,
         machine=machine_description(device),
+        hyper_parameters={
+            name: getattr(detectors, name).model_dump(exclude={"enabled"})
+            for name in detector_names
+        },
     )
 
 
@@ -310,6 +327,13 @@ def markdown_report(run: BenchmarkRun) -> str:
         f"Scores scaled at false_alarm_rate={run.false_alarm_rate}; '@1' = at the product's "
         "threshold, score >= 1.0. PA-F1 is point-adjusted F1, INFLATED: it credits a whole "
         "labelled segment for a single detected point; shown only to compare with older papers.",
+        "",
+        "Detectors (hyper-parameters as run; every seed fixed):",
+        "",
+        *(f"- `{name}`: {params}" for name, params in run.hyper_parameters.items()),
+        "",
+        "Calibration (ECE, Brier) is reported for detectors that output probabilities; none of "
+        "these baselines does.",
         "",
     ]
     for dataset in run.datasets:
