@@ -153,10 +153,9 @@ def benchmark(
     ] = None,
 ) -> None:
     """Benchmark detectors on real labelled data through the agent's own scoring path."""
+    from aiops_plugin.detectors.registry import DETECTORS
     from aiops_plugin.evaluation.benchmark import run_benchmark, write_report
     from aiops_plugin.evaluation.datasets import DatasetError
-
-    from aiops_plugin.detectors.registry import DETECTORS
 
     _setup_logging(False)
     unknown = sorted({name.strip() for name in detectors.split(",")} - set(DETECTORS) - {""})
