@@ -154,7 +154,11 @@ def benchmark(
 ) -> None:
     """Benchmark detectors on real labelled data through the agent's own scoring path."""
     from aiops_plugin.detectors.registry import DETECTORS
-    from aiops_plugin.evaluation.benchmark import run_benchmark, write_report
+    from aiops_plugin.evaluation.benchmark import (
+        run_benchmark,
+        write_markdown_section,
+        write_report,
+    )
     from aiops_plugin.evaluation.datasets import DatasetError
 
     _setup_logging(False)
@@ -178,8 +182,7 @@ def benchmark(
         raise typer.Exit(EXIT_BAD_CONFIG) from exc
     report = write_report(run, report_dir, plots)
     if markdown:
-        markdown.parent.mkdir(parents=True, exist_ok=True)
-        markdown.write_text(report.read_text())
+        write_markdown_section(markdown, "metrics", report.read_text())
     typer.echo(report.read_text())
     typer.echo(f"report: {report} (csv and plots beside it); wall time {run.wall_seconds:.0f} s")
 

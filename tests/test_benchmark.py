@@ -56,7 +56,7 @@ def test_tiny_smd_benchmark_writes_table_csv_and_plots(data_root: Path, tmp_path
     )
     assert done.returncode == 0, done.stderr
     report = (report_dir / "report.md").read_text()
-    assert report.startswith("# Benchmarks\n\nCommand: `aiops-plugin benchmark --dataset smd")
+    assert "\nCommand: `aiops-plugin benchmark --dataset smd" in report
     assert "| mad |" in report and "| pca |" in report and "PA-F1 (inflated)" in report
     with (report_dir / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
@@ -128,3 +128,13 @@ def test_missing_data_root_is_a_clear_error(tmp_path: Path) -> None:
 def test_unknown_detector_is_a_clear_error(data_root: Path) -> None:
     done = run_cli("--dataset", "smd", "--detectors", "mad,lstm", "--data-root", str(data_root))
     assert done.returncode == 2 and "lstm" in done.stderr
+
+
+def test_markdown_sections_are_replaced_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "benchmarks.md"
+    benchmark.write_markdown_section(path, "metrics", "metrics v1")
+    benchmark.write_markdown_section(path, "logs", "logs v1")
+    benchmark.write_markdown_section(path, "metrics", "metrics v2")
+    text = path.read_text()
+    assert "metrics v1" not in text and "metrics v2" in text and "logs v1" in text
+    assert text.index("metrics v2") < text.index("logs v1")

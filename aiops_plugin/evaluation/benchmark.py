@@ -319,7 +319,7 @@ def _mean(values: list[float]) -> tuple[float, int]:
 
 def markdown_report(run: BenchmarkRun) -> str:
     lines = [
-        "# Benchmarks",
+        "## Detectors on labelled metrics",
         "",
         f"Command: `{run.command}`",
         "",
@@ -344,7 +344,7 @@ def markdown_report(run: BenchmarkRun) -> str:
             {row.entity for row in rows},
             key=lambda e: [rows.index(r) for r in rows if r.entity == e][0],
         )
-        lines += [f"## {dataset.upper()} ({len(entities)} entities)", ""]
+        lines += [f"### {dataset.upper()} ({len(entities)} entities)", ""]
         header = ["detector", *(title for _, title in SUMMARY_COLUMNS)]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         undefined_notes = []
@@ -407,6 +407,22 @@ def markdown_report(run: BenchmarkRun) -> str:
                 )
             lines.append("")
     return "\n".join(lines)
+
+
+def write_markdown_section(path: Path, section: str, text: str) -> None:
+    """Replace (or append) one named section of a shared results file, leaving the others, so the
+    metric and the log benchmarks can each regenerate their own part of docs/benchmarks.md."""
+    begin, end = f"<!-- BEGIN {section} -->", f"<!-- END {section} -->"
+    block = f"{begin}\n{text.strip()}\n{end}\n"
+    current = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    if begin in current and end in current:
+        head, rest = current.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        updated = head + block + tail.lstrip("\n")
+    else:
+        updated = current.rstrip("\n") + "\n\n" + block
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(updated)
 
 
 def write_csv(run: BenchmarkRun, path: Path) -> None:
