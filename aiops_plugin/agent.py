@@ -34,13 +34,16 @@ from aiops_plugin.config import Config, EntityGroupConfig
 from aiops_plugin.detectors.base import choose_device
 from aiops_plugin.detectors.registry import FittedModel, build_detector
 from aiops_plugin.exporter import Exporter, GroupSnapshot
+from aiops_plugin.logs.intake import LogIntake
+from aiops_plugin.logs.pipeline import LogPipeline
 from aiops_plugin.sources.prometheus import PrometheusReader, SourceUnavailable, merge_windows
-from aiops_plugin.store import Store
+from aiops_plugin.store import Store, StoreError
 from aiops_plugin.windows import Windows
 
 log = logging.getLogger(__name__)
 
 FUSED = "fused"
+LOG_FIT_RETRY_SECONDS = 600.0
 
 
 class StopRequested(Exception):
@@ -86,6 +89,13 @@ class Agent:
         self._models_lock = threading.Lock()
         self.cycle_succeeded = False
         self.scheduler: BackgroundScheduler | None = None
+        #: the durable log queue behind /v1/logs; opened by ``run`` when logs are enabled
+        self.log_intake: LogIntake | None = None
+        self._log_fit_tried: dict[str, float] = {}
+        #: mining, embedding, fitting and scoring of the accepted logs
+        self.logs: LogPipeline | None = (
+            LogPipeline(config, self.store, self.exporter) if config.logs.enabled else None
+        )
 
     # ----------------------------------------------------------------- state
     @property
@@ -219,6 +229,14 @@ class Agent:
                         len(read.features),
                         version.id,
                     )
+            if self.logs is not None:
+                for group in self.logs.groups:
+                    self._check_stop()
+                    with self._phase("fit"):
+                        model = self.logs.fit(group, start, now)
+                    summary.setdefault(group, {})["logs"] = (
+                        {"entities": len(model.entity_keys)} if model else {"error": "no records"}
+                    )
             detail.update(summary)
         return summary
 
@@ -257,6 +275,8 @@ class Agent:
                     "skipped": len(result.skipped),
                     **({"error": result.error} if result.error else {}),
                 }
+            if self.logs is not None:
+                detail["logs"] = self._infer_logs(now)
             if all(result.error for result in results):
                 raise CycleFailed(
                     "; ".join(f"group {result.group!r}: {result.error}" for result in results)
@@ -363,6 +383,40 @@ class Agent:
         result.timestamp = snapshot.timestamp
         return result
 
+    def _infer_logs(self, now: float) -> dict:
+        """Mine and embed what arrived, then score and export every group with log mappings.
+        A failure here is logged and reported; it does not fail the metric cycle."""
+        assert self.logs is not None
+        try:
+            with self._phase("features"):
+                self.logs.process_pending()
+            scored = {}
+            for group in self.logs.groups:
+                if group not in self.logs.models and self._may_try_log_fit(group, now):
+                    with self._phase("fit"):
+                        self.logs.fit(group, now - self.config.schedule.fit_window, now)
+                with self._phase("infer"):
+                    steps = self.logs.score(group, now)
+                if steps is None:
+                    scored[group] = "no log model yet"
+                    continue
+                with self._phase("export"):
+                    self.logs.export(group, steps)
+                scored[group] = len(steps.entity_keys)
+            return scored
+        except Exception as exc:  # noqa: BLE001 - the log side must not stop metric scoring
+            log.exception("log scoring failed")
+            return {"error": str(exc)}
+
+    def _may_try_log_fit(self, group: str, now: float) -> bool:
+        """A group whose logs only started arriving after the last fit gets its log model
+        without waiting for ``fit_every``; tries are spaced by ``LOG_FIT_RETRY_SECONDS``."""
+        last = self._log_fit_tried.get(group)
+        if last is not None and now - last < LOG_FIT_RETRY_SECONDS:
+            return False
+        self._log_fit_tried[group] = now
+        return True
+
     def _select_scorable(
         self, buffer: Windows, context: int
     ) -> tuple[Windows | None, dict[str, str]]:
@@ -419,6 +473,22 @@ class Agent:
                 "%d job(s) left running by a previous process marked interrupted", interrupted
             )
         self.load_models()
+        if self.logs is not None:
+            self.logs.load_models()
+
+    def open_log_intake(self) -> LogIntake | None:
+        """Start the log intake's writer when logs are enabled (before the HTTP server)."""
+        if self.config.logs.enabled and self.log_intake is None:
+            self.log_intake = LogIntake(self.store, self.config.logs.intake, self.exporter)
+        return self.log_intake
+
+    def _log_retention_job(self) -> None:
+        if self.log_intake is None:
+            return
+        try:
+            self.log_intake.enforce_retention(datetime.now(UTC))
+        except StoreError as exc:
+            log.error("log retention skipped: %s", exc)
 
     def _fit_job(self) -> None:
         try:
@@ -462,6 +532,14 @@ class Agent:
             scheduler.get_job("fit").modify(
                 next_run_time=datetime.fromtimestamp(time.time() + schedule.fit_every, UTC)
             )
+        if self.log_intake is not None:
+            scheduler.add_job(
+                self._log_retention_job,
+                "interval",
+                seconds=self.config.logs.intake.retention_every,
+                id="log_retention",
+                next_run_time=now,
+            )
         scheduler.start()
         self.scheduler = scheduler
         return scheduler
@@ -475,6 +553,7 @@ class Agent:
         from aiops_plugin.api import HttpServer
 
         self.start_up()
+        self.open_log_intake()
         server = (
             HttpServer(self, self.config.server.host, self.config.server.port) if serve else None
         )
@@ -491,6 +570,8 @@ class Agent:
             scheduler.shutdown(wait=True)
             if server:
                 server.stop()
+            if self.log_intake is not None:
+                self.log_intake.close()  # after the server: no new records, queued ones written
             self.store.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

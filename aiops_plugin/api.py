@@ -1,7 +1,8 @@
-"""HTTP: ``/metrics`` (the exporter's registry), ``/healthz`` and ``/readyz``.
+"""HTTP: ``/metrics`` (the exporter's registry), ``/healthz``, ``/readyz`` and, when logs are
+enabled, the OTLP log receiver's ``/v1/logs``.
 
 Served by uvicorn in a background thread so the scheduler and the signal handling stay in the
-main thread; the log receiver's ``/v1/logs`` will join this app.
+main thread.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from aiops_plugin.logs.receiver import register_log_receiver
 
 if TYPE_CHECKING:
     from aiops_plugin.agent import Agent
@@ -35,6 +38,10 @@ def create_app(agent: Agent) -> FastAPI:
         ready, reason = agent.readiness()
         return JSONResponse({"ready": ready, "reason": reason}, status_code=200 if ready else 503)
 
+    if agent.config.logs.enabled:
+        if agent.log_intake is None:
+            raise RuntimeError("logs are enabled: call Agent.open_log_intake() before create_app")
+        register_log_receiver(app, agent.log_intake, agent.config.logs, agent.exporter)
     return app
 
 

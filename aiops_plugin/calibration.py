@@ -6,6 +6,10 @@ quantile of the detector's raw scores on that entity's fit window; dividing by i
 mean "rarer than the configured false-alarm rate on normal history". An entity with too few scored
 fit steps for its own quantile to be estimated (fewer than ``MIN_TAIL_SAMPLES / rate`` steps) uses
 the quantile pooled over its whole group, as do entities first seen after the fit.
+
+Scores with ties (a log score is often the same value for every normal step) would put the normal
+steps exactly on 1.0; when more than ``false_alarm_rate`` of the fit scores sit at or above the
+quantile, the threshold is raised just above it, so normal history scales to just below 1.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import numpy as np
 MIN_TAIL_SAMPLES = 5
 #: A threshold is never below this, so a detector that scored all-zero history still divides.
 MIN_THRESHOLD = 1e-6
+#: Relative margin that lifts a threshold above tied fit scores.
+TIE_MARGIN = 1e-3
 
 
 class ThresholdScaler:
@@ -32,18 +38,23 @@ class ThresholdScaler:
 
     def fit(self, raw: np.ndarray, keys: list[str]) -> ThresholdScaler:
         """``raw``: ``(entities, time)`` raw scores on the fit window, NaN where undefined."""
-        level = 1.0 - self.false_alarm_rate
         finite = raw[np.isfinite(raw)]
         if finite.size == 0:
             raise ValueError("no finite raw scores on the fit window: cannot set a threshold")
-        self.pooled_threshold_ = max(float(np.quantile(finite, level)), MIN_THRESHOLD)
+        self.pooled_threshold_ = self._threshold(finite)
         needed = MIN_TAIL_SAMPLES / self.false_alarm_rate
         self.thresholds_ = {}
         for key, row in zip(keys, raw, strict=True):
             row = row[np.isfinite(row)]
             if row.size >= needed:
-                self.thresholds_[key] = max(float(np.quantile(row, level)), MIN_THRESHOLD)
+                self.thresholds_[key] = self._threshold(row)
         return self
+
+    def _threshold(self, scores: np.ndarray) -> float:
+        threshold = float(np.quantile(scores, 1.0 - self.false_alarm_rate))
+        if np.mean(scores >= threshold) > self.false_alarm_rate:
+            threshold = threshold * (1.0 + TIE_MARGIN) + TIE_MARGIN
+        return max(threshold, MIN_THRESHOLD)
 
     def thresholds_for(self, keys: list[str]) -> np.ndarray:
         if self.pooled_threshold_ is None:

@@ -187,6 +187,36 @@ def benchmark(
     typer.echo(f"report: {report} (csv and plots beside it); wall time {run.wall_seconds:.0f} s")
 
 
+@app.command("benchmark-logs")
+def benchmark_logs(
+    data_root: Annotated[
+        Path | None, typer.Option(help="folder holding loghub/ (default ../shared/data)")
+    ] = None,
+    embedder: Annotated[str, typer.Option(help="embedder model (local path)")] = (
+        "all-MiniLM-L6-v2"
+    ),
+    markdown: Annotated[
+        Path | None, typer.Option(help="write the 'logs' section of this file")
+    ] = None,
+) -> None:
+    """Replay loghub BGL through the OTLP receiver and evaluate the log anomaly score."""
+    from aiops_plugin.evaluation.benchmark import write_markdown_section
+    from aiops_plugin.evaluation.datasets import DatasetError
+    from aiops_plugin.evaluation.logs_benchmark import log_markdown, run_log_benchmark
+
+    _setup_logging(False)
+    command = "aiops-plugin " + " ".join(sys.argv[1:])
+    try:
+        result = run_log_benchmark(data_root, embedder_model=embedder, command=command)
+    except DatasetError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_CONFIG) from exc
+    text = log_markdown(result)
+    if markdown:
+        write_markdown_section(markdown, "logs", text)
+    typer.echo(text)
+
+
 @app.command()
 def demo(
     workdir: Annotated[

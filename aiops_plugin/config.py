@@ -214,6 +214,12 @@ class LogIntakeConfig(_Strict):
     batch_records: int = Field(1000, ge=1, description="records per store transaction")
     retention: Duration = Field(7 * 86400.0, description="records older than this are deleted")
     max_rows: int = Field(5_000_000, ge=1000, description="oldest records beyond this are deleted")
+    commit_timeout: Duration = Field(
+        5.0,
+        description="how long a request waits for its records' commit before answering 503; "
+        "keep it below the senders' timeout (SDK 10s, Collector otlphttp 30s)",
+    )
+    retention_every: Duration = Field(300.0, description="period of the retention sweep")
 
 
 class MaskingRule(_Strict):
@@ -256,6 +262,12 @@ class LogTemplatesConfig(_Strict):
         1000, ge=1, description="beyond this, an entity's new templates count as 'overflow'"
     )
     masking: list[MaskingRule] = Field(default_factory=_default_masking)
+    parametrize_numeric_tokens: bool = Field(
+        True, description="Drain3: a token holding a digit can become <*> (a parameter)"
+    )
+    batch_records: int = Field(
+        2000, ge=1, description="records mined per store transaction (one state snapshot each)"
+    )
 
 
 class EmbedderConfig(_Strict):
@@ -278,6 +290,9 @@ class LogFeaturesConfig(_Strict):
     embedding_dim: int = Field(8, ge=1, description="PCA dimension of the embedding summary")
     rare_template_fraction: float = Field(
         0.001, gt=0, lt=1, description="a template rarer than this in the fit window is rare"
+    )
+    score_window: int = Field(
+        5, ge=1, description="aiops_log_anomaly_score = the largest step score of the last N steps"
     )
 
 

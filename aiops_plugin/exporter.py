@@ -23,6 +23,20 @@ from aiops_plugin.windows import EntityLabels, entity_display_name
 PHASES = ("fetch", "features", "infer", "calibrate", "export")
 FIT_PHASES = ("fit",)
 CYCLE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+#: ``reason`` values of ``aiops_logs_rejected_total``. The first three and the last two count
+#: records; malformed, unsupported_media_type, too_large and unauthorized count requests, whose
+#: records cannot be counted.
+LOG_REJECTION_REASONS = (
+    "no_entity",
+    "record_too_large",
+    "empty_body",
+    "malformed",
+    "unsupported_media_type",
+    "too_large",
+    "unauthorized",
+    "queue_full",
+    "store_unavailable",
+)
 
 
 def entity_series_labels(group: str, labels: EntityLabels) -> dict[str, str]:
@@ -97,6 +111,20 @@ class _SnapshotCollector(Collector):
                                 float(shares[j]),
                             )
         yield score
+        log_score = Metric(
+            "aiops_log_anomaly_score",
+            "Log-side anomaly score per entity (template rarity and semantic novelty, severity); "
+            "1.0 is the threshold for the configured false-alarm rate.",
+            "gauge",
+        )
+        for group, entities, values in self.exporter.log_scores():
+            for labels, value in zip(entities, values, strict=True):
+                if np.isfinite(value):
+                    log_score.add_sample(
+                        "aiops_log_anomaly_score", entity_series_labels(group, labels), float(value)
+                    )
+        if log_score.samples:
+            yield log_score
         if uncertainty.samples:
             yield uncertainty
         if contribution.samples:
@@ -141,7 +169,49 @@ class Exporter:
             ["entity_group", "reason"],
             registry=self.registry,
         )
+        self.logs_received = Counter(
+            "aiops_logs_received_total",
+            "Log records accepted on /v1/logs (committed to the store before the answer).",
+            registry=self.registry,
+        )
+        self.logs_rejected = Counter(
+            "aiops_logs_rejected_total",
+            "Log records refused on /v1/logs by reason; requests where records cannot be counted "
+            "(malformed, unsupported_media_type, too_large, unauthorized).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.log_lines_mined = Counter(
+            "aiops_log_lines_mined_total",
+            "Log records assigned a Drain3 template.",
+            registry=self.registry,
+        )
+        self.log_templates_embedded = Counter(
+            "aiops_log_templates_embedded_total",
+            "Templates embedded by the language model (each new or changed template once); "
+            "1 - rate(this) / rate(aiops_log_lines_mined_total) is the embedding cache hit rate.",
+            registry=self.registry,
+        )
+        self.log_templates_overflow = Counter(
+            "aiops_log_templates_overflow_total",
+            "Records of templates beyond logs.templates.max_templates_per_entity for their "
+            "entity (a template explosion); still mined and stored.",
+            ["entity_group"],
+            registry=self.registry,
+        )
+        self._log_scores: dict[str, tuple[list[EntityLabels], np.ndarray]] = {}
         self.registry.register(_SnapshotCollector(self))
+
+    def publish_log_scores(
+        self, group: str, entities: list[EntityLabels], scores: np.ndarray
+    ) -> None:
+        """Replace a group's ``aiops_log_anomaly_score`` series (``scores``: ``(entities,)``)."""
+        with self._lock:
+            self._log_scores[group] = (entities, scores)
+
+    def log_scores(self) -> list[tuple[str, list[EntityLabels], np.ndarray]]:
+        with self._lock:
+            return [(group, *value) for group, value in self._log_scores.items()]
 
     def publish(self, snapshot: GroupSnapshot) -> None:
         with self._lock:

@@ -39,9 +39,10 @@ def profile() -> LogProfile:
 def test_severity_buckets_follow_otlp_severity_numbers() -> None:
     buckets = severity_bucket(np.array([0, 1, 8, 9, 12, 13, 16, 17, 21, 24]))
     names = [SEVERITY_BUCKETS[i] for i in buckets]
-    assert names == ["unset", "debug", "debug", "info", "info", "warn", "warn", "error"] + [
-        "error"
-    ] * 2
+    assert (
+        names
+        == ["unset", "debug", "debug", "info", "info", "warn", "warn", "error"] + ["error"] * 2
+    )
 
 
 def test_rare_templates_and_errors_score_higher(profile: LogProfile) -> None:
