@@ -131,7 +131,18 @@ class Agent:
                 )
                 if version is None:
                     continue
-                model = FittedModel.from_bytes(version.state, self.config.detectors, self.device)
+                try:
+                    model = FittedModel.from_bytes(
+                        version.state, self.config.detectors, self.device
+                    )
+                except Exception:  # noqa: BLE001 - an unreadable version is refitted, not fatal
+                    log.exception(
+                        "model version %d of %s/%s cannot be loaded; it will be refitted",
+                        version.id,
+                        detector,
+                        group.name,
+                    )
+                    continue
                 with self._models_lock:
                     self.models[(detector, group.name)] = model
                 self.exporter.model_last_fit.labels(detector=detector).set(
@@ -343,7 +354,11 @@ class Agent:
                 return result
 
         with self._phase("infer"):
-            outputs = {name: model.score(scored_windows) for name, model in models.items()}
+            # each detector reads only the history its latest score depends on
+            outputs = {
+                name: model.score(scored_windows.tail(model.detector.context_steps + 1))
+                for name, model in models.items()
+            }
 
         with self._phase("calibrate"):
             latest = {name: output.score[:, -1] for name, output in outputs.items()}

@@ -150,6 +150,25 @@ class CblofConfig(_PointwiseDetectorConfig):
     n_clusters: int = Field(8, ge=2)
 
 
+class _DeepDetectorConfig(_Strict):
+    """Settings every deep detector shares (the training loop and the window)."""
+
+    enabled: bool = False
+    window: int = Field(128, ge=8, description="steps the network reads; it scores the last one")
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    patience: int = Field(4, ge=1, description="epochs without validation improvement")
+    grad_clip: float = Field(1.0, gt=0)
+    time_budget: Duration = Field(600.0, description="wall-clock limit of one fit")
+    seed: int = 0
+    max_train_windows: int = Field(20000, ge=10, description="training windows drawn per fit")
+    validation_fraction: float = Field(
+        0.1, gt=0, lt=0.5, description="held-out tail of the fit window for early stopping"
+    )
+
+
 class DetectorsConfig(_Strict):
     mad: MadDetectorConfig = MadDetectorConfig()
     iforest: IsolationForestConfig = IsolationForestConfig()

@@ -17,6 +17,7 @@ import torch
 from aiops_plugin.calibration import ThresholdScaler
 from aiops_plugin.config import DetectorsConfig
 from aiops_plugin.detectors.base import Detector, FitReport, Scores
+from aiops_plugin.detectors.deep import WindowedDeepDetector
 from aiops_plugin.detectors.baselines import (
     ClusterOutlierDetector,
     IsolationForestDetector,
@@ -41,7 +42,10 @@ def build_detector(name: str, detectors: DetectorsConfig, device: torch.device) 
     if name not in DETECTORS:
         raise KeyError(f"unknown detector {name!r}; known: {sorted(DETECTORS)}")
     settings = getattr(detectors, name).model_dump(exclude={"enabled"})
-    return DETECTORS[name](device=device, **settings)
+    detector_class = DETECTORS[name]
+    if issubclass(detector_class, WindowedDeepDetector):
+        return detector_class.from_settings(settings, device)
+    return detector_class(device=device, **settings)
 
 
 @dataclass

@@ -1,0 +1,324 @@
+"""What every deep detector shares: per-entity robust normalisation, sliding windows over
+``(entities, time, features)``, masked training through :mod:`aiops_plugin.detectors.training`, and
+batched scoring of the last step of each window.
+
+One model serves a whole entity group: every entity's features are standardised with that entity's
+own fit-window median and scale (so a busy and an idle host look alike to the network), windows of
+all entities are pooled for training, and scoring runs all entities' windows through the network
+in large batches, never a Python loop per entity. Missing values enter the network as 0 (the
+entity's median after standardising) together with the mask, and losses ignore them; a step
+whose own values are all missing is not scored.
+
+A subclass provides the network (:meth:`build_model`), its training loss (:meth:`loss`) and how a
+window's last step is scored (:meth:`score_batch`); shapes are ``(batch, window, features)``.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from aiops_plugin.detectors.base import Detector, FitReport, Scores
+from aiops_plugin.detectors.training import TrainingSettings, autocast, train
+from aiops_plugin.windows import Windows
+
+MAD_TO_SIGMA = 1.4826
+#: Standardised values are clipped here so one wild sample cannot blow up a batch.
+MAX_STANDARD = 50.0
+FLAT_FEATURE_SCALE = 1e-3
+
+
+class RobustScaler:
+    """Per-entity, per-feature median and robust scale from the fit window.
+
+    Entities first seen after the fit use the median of the fitted entities' parameters.
+    """
+
+    def __init__(self) -> None:
+        self.centers_: dict[str, np.ndarray] = {}
+        self.scales_: dict[str, np.ndarray] = {}
+        self.default_center_: np.ndarray | None = None
+        self.default_scale_: np.ndarray | None = None
+
+    def fit(self, windows: Windows) -> RobustScaler:
+        values = np.where(windows.observed, windows.values, np.nan)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            center = np.nanmedian(values, axis=1)
+            scale = MAD_TO_SIGMA * np.nanmedian(np.abs(values - center[:, None, :]), axis=1)
+            spread = np.nanstd(values, axis=1)
+        scale = np.where(scale > 0, scale, spread)
+        flat = FLAT_FEATURE_SCALE * np.maximum(np.abs(np.nan_to_num(center)), 1.0)
+        scale = np.where(np.isfinite(scale) & (scale > 0), scale, flat).astype(np.float32)
+        center = np.nan_to_num(center).astype(np.float32)
+        self.centers_ = dict(zip(windows.keys, center, strict=True))
+        self.scales_ = dict(zip(windows.keys, scale, strict=True))
+        self.default_center_ = np.median(center, axis=0)
+        self.default_scale_ = np.median(scale, axis=0)
+        return self
+
+    def transform(self, windows: Windows) -> tuple[np.ndarray, np.ndarray]:
+        """Standardised values with missing = 0, and the float mask; both ``(E, T, F)``."""
+        assert self.default_center_ is not None and self.default_scale_ is not None
+        centers = np.stack([self.centers_.get(k, self.default_center_) for k in windows.keys])
+        scales = np.stack([self.scales_.get(k, self.default_scale_) for k in windows.keys])
+        values = np.where(windows.observed, windows.values, np.nan)
+        standard = (values - centers[:, None, :]) / scales[:, None, :]
+        standard = np.clip(np.nan_to_num(standard, nan=0.0), -MAX_STANDARD, MAX_STANDARD)
+        return standard.astype(np.float32), windows.observed.astype(np.float32)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "keys": list(self.centers_),
+            "centers": np.stack(list(self.centers_.values())),
+            "scales": np.stack(list(self.scales_.values())),
+            "default_center": self.default_center_,
+            "default_scale": self.default_scale_,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        keys = list(state["keys"])
+        self.centers_ = dict(zip(keys, np.asarray(state["centers"], np.float32), strict=True))
+        self.scales_ = dict(zip(keys, np.asarray(state["scales"], np.float32), strict=True))
+        self.default_center_ = np.asarray(state["default_center"], np.float32)
+        self.default_scale_ = np.asarray(state["default_scale"], np.float32)
+
+
+@dataclass
+class WindowScores:
+    """Scores of the last step of each window in a batch.
+
+    Attributes:
+        score: ``(batch,)`` raw anomaly score.
+        uncertainty: ``(batch,)`` predictive standard deviation of the score, or None.
+        contributions: ``(batch, features)`` non-negative, each row summing to 1, or None.
+    """
+
+    score: torch.Tensor
+    uncertainty: torch.Tensor | None = None
+    contributions: torch.Tensor | None = None
+
+
+def sliding_windows(values: torch.Tensor, window: int) -> torch.Tensor:
+    """``(E, T, F)`` -> view ``(E, T - window + 1, window, F)`` of every full window."""
+    return values.unfold(1, window, 1).permute(0, 1, 3, 2)
+
+
+class WindowedDeepDetector(Detector):
+    """Base of deep detectors that read ``window`` steps and score the window's last step."""
+
+    def __init__(
+        self,
+        window: int = 128,
+        training: TrainingSettings | None = None,
+        max_train_windows: int = 20000,
+        validation_fraction: float = 0.1,
+        min_observed_fraction: float = 0.5,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__(device)
+        self.window = window
+        self.training = training or TrainingSettings()
+        self.max_train_windows = max_train_windows
+        self.validation_fraction = validation_fraction
+        self.min_observed_fraction = min_observed_fraction
+        self.scaler_ = RobustScaler()
+        self.model_: nn.Module | None = None
+        self.n_features_: int | None = None
+        self.training_report_: dict[str, Any] = {}
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any], device: torch.device) -> WindowedDeepDetector:
+        """From a detector's configuration section (flat: training fields beside the model's)."""
+        settings = dict(settings)
+        training = TrainingSettings(
+            epochs=settings.pop("epochs"),
+            batch_size=settings.pop("batch_size"),
+            learning_rate=settings.pop("learning_rate"),
+            weight_decay=settings.pop("weight_decay"),
+            patience=settings.pop("patience"),
+            grad_clip=settings.pop("grad_clip"),
+            time_budget_seconds=settings.pop("time_budget"),
+            seed=settings.pop("seed"),
+        )
+        return cls(training=training, device=device, **settings)
+
+    # ---------------------------------------------------------------- subclass hooks
+    def build_model(self, n_features: int) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Training loss of a batch ``x``/``mask`` ``(B, W, F)``; must ignore masked values."""
+        raise NotImplementedError
+
+    def score_batch(self, model: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> WindowScores:
+        raise NotImplementedError
+
+    def hyper_parameters(self) -> dict[str, Any]:
+        """Constructor arguments of the subclass (besides the shared ones), for rebuilding."""
+        return {}
+
+    # ---------------------------------------------------------------------- contract
+    @property
+    def context_steps(self) -> int:
+        return self.window - 1
+
+    def _training_windows(
+        self, standard: np.ndarray, mask: np.ndarray
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Pooled windows of all entities: the last ``validation_fraction`` of each entity's
+        time is held out (not shuffled in), the rest subsampled to ``max_train_windows``."""
+        if standard.shape[1] < self.window + 1:
+            raise ValueError(
+                f"fit window has {standard.shape[1]} steps, fewer than the {self.window}-step "
+                "model window needs"
+            )
+        values = sliding_windows(torch.from_numpy(standard), self.window)
+        masks = sliding_windows(torch.from_numpy(mask), self.window)
+        n_entities, n_windows = values.shape[:2]
+        observed = masks.mean(dim=(2, 3)) >= self.min_observed_fraction
+        boundary = int(n_windows * (1 - self.validation_fraction))
+        # validation windows start after the boundary and so never overlap training windows
+        # ending before it minus a window
+        is_train = torch.arange(n_windows)[None, :] < max(boundary - self.window, 1)
+        is_validation = torch.arange(n_windows)[None, :] >= boundary
+        generator = torch.Generator().manual_seed(self.training.seed)
+
+        def gather(selected: torch.Tensor, limit: int) -> tuple[torch.Tensor, ...]:
+            entity, start = torch.nonzero(selected, as_tuple=True)
+            if len(entity) > limit:
+                pick = torch.randperm(len(entity), generator=generator)[:limit].sort().values
+                entity, start = entity[pick], start[pick]
+            return values[entity, start].contiguous(), masks[entity, start].contiguous()
+
+        train_part = gather(observed & is_train, self.max_train_windows)
+        validation_part = gather(observed & is_validation, max(self.max_train_windows // 5, 1))
+        if train_part[0].shape[0] == 0:
+            raise ValueError("no fit window has enough observed data to train on")
+        return train_part, validation_part
+
+    def fit(self, windows: Windows) -> FitReport:
+        started = time.perf_counter()
+        torch.manual_seed(self.training.seed)
+        self.features_ = list(windows.features)
+        self.n_features_ = len(windows.features)
+        self.scaler_.fit(windows)
+        standard, mask = self.scaler_.transform(windows)
+        train_part, validation_part = self._training_windows(standard, mask)
+        self.model_ = self.build_model(self.n_features_)
+        report = train(
+            self.model_, self.loss, train_part, validation_part, self.training, self.device
+        )
+        self.training_report_ = {
+            "epochs": report.epochs,
+            "best_validation_loss": report.best_validation_loss,
+            "first_train_loss": report.train_losses[0] if report.train_losses else float("nan"),
+            "final_train_loss": report.train_losses[-1] if report.train_losses else float("nan"),
+            "train_windows": int(train_part[0].shape[0]),
+            "validation_windows": int(validation_part[0].shape[0]),
+            "stopped_by": report.stopped_by,
+        }
+        metrics = {k: float(v) for k, v in self.training_report_.items() if k != "stopped_by"}
+        return FitReport(
+            n_entities=len(windows.entities),
+            n_steps=len(windows.timestamps),
+            n_features=self.n_features_,
+            seconds=time.perf_counter() - started,
+            metrics=metrics,
+        )
+
+    @torch.no_grad()
+    def score(self, windows: Windows) -> Scores:
+        features = self._require_fitted()
+        assert self.model_ is not None
+        windows = windows.reindex_features(features)
+        standard, mask = self.scaler_.transform(windows)
+        n_entities, n_time, n_features = standard.shape
+        score = np.full((n_entities, n_time), np.nan, dtype=np.float32)
+        uncertainty = np.full((n_entities, n_time), np.nan, dtype=np.float32)
+        contributions = np.full((n_entities, n_time, n_features), np.nan, dtype=np.float32)
+        has_uncertainty = has_contributions = False
+        if n_time >= self.window:
+            values = sliding_windows(torch.from_numpy(standard), self.window)
+            masks = sliding_windows(torch.from_numpy(mask), self.window)
+            n_windows = values.shape[1]
+            total = n_entities * n_windows
+            parts: list[WindowScores] = []
+            chunk = max(self.training.batch_size * 8, 256)
+            self.model_.eval()
+            for start in range(0, total, chunk):
+                index = torch.arange(start, min(start + chunk, total))
+                entity, offset = index // n_windows, index % n_windows
+                x = values[entity, offset].to(self.device)
+                m = masks[entity, offset].to(self.device)
+                with autocast(self.device):
+                    parts.append(self.score_batch(self.model_, x, m))
+            end = self.window - 1
+            score[:, end:] = _joined([p.score for p in parts], (n_entities, n_windows))
+            if parts[0].uncertainty is not None:
+                has_uncertainty = True
+                uncertainty[:, end:] = _joined(
+                    [p.uncertainty for p in parts], (n_entities, n_windows)
+                )
+            if parts[0].contributions is not None:
+                has_contributions = True
+                contributions[:, end:] = _joined(
+                    [p.contributions for p in parts], (n_entities, n_windows, n_features)
+                )
+        unscored = ~windows.observed.any(axis=2)
+        score[unscored] = np.nan
+        uncertainty[unscored] = np.nan
+        contributions[unscored] = np.nan
+        return Scores(
+            score=score,
+            uncertainty=uncertainty if has_uncertainty else None,
+            contributions=contributions if has_contributions else None,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        features = self._require_fitted()
+        assert self.model_ is not None
+        return {
+            "window": self.window,
+            "training": asdict(self.training),
+            "max_train_windows": self.max_train_windows,
+            "validation_fraction": self.validation_fraction,
+            "min_observed_fraction": self.min_observed_fraction,
+            "hyper_parameters": self.hyper_parameters(),
+            "features": features,
+            "n_features": self.n_features_,
+            "scaler": self.scaler_.state_dict(),
+            "model": {k: v.detach().cpu() for k, v in self.model_.state_dict().items()},
+            "training_report": {k: str(v) for k, v in self.training_report_.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.window = int(state["window"])
+        self.training = TrainingSettings(**state["training"])
+        self.max_train_windows = int(state["max_train_windows"])
+        self.validation_fraction = float(state["validation_fraction"])
+        self.min_observed_fraction = float(state["min_observed_fraction"])
+        for name, value in state["hyper_parameters"].items():
+            setattr(self, name, value)
+        self.features_ = list(state["features"])
+        self.n_features_ = int(state["n_features"])
+        self.scaler_.load_state_dict(state["scaler"])
+        self.model_ = self.build_model(self.n_features_)
+        self.model_.load_state_dict(state["model"])
+        self.model_.to(self.device)
+        self.model_.eval()
+
+
+def _joined(parts: list[torch.Tensor | None], shape: tuple[int, ...]) -> np.ndarray:
+    return torch.cat([p for p in parts if p is not None]).float().cpu().view(*shape).numpy()
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over the entries where ``mask`` is 1 (0 if there are none)."""
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
