@@ -17,13 +17,13 @@ import torch
 from aiops_plugin.calibration import ThresholdScaler
 from aiops_plugin.config import DetectorsConfig
 from aiops_plugin.detectors.base import Detector, FitReport, Scores
-from aiops_plugin.detectors.deep import WindowedDeepDetector
 from aiops_plugin.detectors.baselines import (
     ClusterOutlierDetector,
     IsolationForestDetector,
     PcaReconstructionDetector,
     RollingMadDetector,
 )
+from aiops_plugin.detectors.deep import WindowedDeepDetector
 from aiops_plugin.windows import Windows
 
 DETECTORS: dict[str, type[Detector]] = {
