@@ -32,8 +32,11 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from aiops_plugin.calibration import fuse_scores
 from aiops_plugin.config import Config, EntityGroupConfig
 from aiops_plugin.detectors.base import choose_device
+from aiops_plugin.detectors.multiscale import MultiscaleDetector
 from aiops_plugin.detectors.registry import FittedModel, build_detector
+from aiops_plugin.detectors.training import TrainingInterrupted
 from aiops_plugin.exporter import Exporter, GroupSnapshot
+from aiops_plugin.grafana import AnnotationWriter
 from aiops_plugin.logs.intake import LogIntake
 from aiops_plugin.logs.pipeline import LogPipeline
 from aiops_plugin.sources.prometheus import PrometheusReader, SourceUnavailable, merge_windows
@@ -43,7 +46,7 @@ from aiops_plugin.windows import Windows
 log = logging.getLogger(__name__)
 
 FUSED = "fused"
-LOG_FIT_RETRY_SECONDS = 600.0
+LOG_FIT_RETRY_SECONDS = 60.0
 
 
 class StopRequested(Exception):
@@ -96,6 +99,10 @@ class Agent:
         self.logs: LogPipeline | None = (
             LogPipeline(config, self.store, self.exporter) if config.logs.enabled else None
         )
+        #: anomaly events opened or closed in a cycle, written to Grafana (grafana.annotations)
+        self.annotations: AnnotationWriter | None = (
+            AnnotationWriter.from_config(config.grafana) if config.grafana.annotations else None
+        )
 
     # ----------------------------------------------------------------- state
     @property
@@ -145,12 +152,18 @@ class Agent:
                     continue
                 with self._models_lock:
                     self.models[(detector, group.name)] = model
+                self._export_model_state(group.name, model)
                 self.exporter.model_last_fit.labels(detector=detector).set(
                     version.created_at.timestamp()
                 )
                 loaded += 1
         log.info("loaded %d model version(s) from the store", loaded)
         return loaded
+
+    def _export_model_state(self, group: str, model: FittedModel) -> None:
+        """Learned quantities of a model now in use that a user may inspect on /metrics."""
+        if isinstance(model.detector, MultiscaleDetector):
+            self.exporter.publish_scale_weights(group, model.detector.scale_weights())
 
     def _check_stop(self) -> None:
         if self.stop_event.is_set():
@@ -200,10 +213,14 @@ class Agent:
                 for detector_name in self.detector_names:
                     self._check_stop()
                     detector = build_detector(detector_name, self.config.detectors, self.device)
-                    with self._phase("fit"):
-                        model = FittedModel.fit(
-                            detector, read, self.config.calibration.false_alarm_rate
-                        )
+                    detector.stop_event = self.stop_event
+                    try:
+                        with self._phase("fit"):
+                            model = FittedModel.fit(
+                                detector, read, self.config.calibration.false_alarm_rate
+                            )
+                    except TrainingInterrupted as exc:
+                        raise StopRequested from exc
                     self._check_stop()
                     report = model.report
                     version = self.store.save_model_version(
@@ -222,6 +239,7 @@ class Agent:
                     self.store.prune_model_versions(detector_name, group.name)
                     with self._models_lock:
                         self.models[(detector_name, group.name)] = model
+                    self._export_model_state(group.name, model)
                     self.exporter.model_last_fit.labels(detector=detector_name).set(
                         version.created_at.timestamp()
                     )
@@ -369,6 +387,9 @@ class Agent:
                 if output.uncertainty is not None
             }
             contributions = self._fused_contributions(outputs, models, scored_windows)
+            forecast = next(
+                (o.raw.forecast for o in outputs.values() if o.raw.forecast is not None), None
+            )
 
         with self._phase("export"):
             snapshot = GroupSnapshot(
@@ -379,11 +400,12 @@ class Agent:
                 scores=latest,
                 uncertainty=uncertainty,
                 contributions=contributions,
+                forecast=forecast,
             )
             self.exporter.publish(snapshot)
             fused = latest[FUSED]
             keys = scored_windows.keys
-            self.store.track_anomaly_events(
+            events = self.store.track_anomaly_events(
                 group=group.name,
                 detector=FUSED,
                 timestamp=datetime.fromtimestamp(snapshot.timestamp, UTC),
@@ -393,6 +415,8 @@ class Agent:
                 labels=dict(zip(keys, scored_windows.entities, strict=True)),
                 threshold=self.config.schedule.event_min_score,
             )
+            if self.annotations is not None:
+                self.annotations.write(events)
         result.entities = scored_windows.entities
         result.scores = latest
         result.timestamp = snapshot.timestamp

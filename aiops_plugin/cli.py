@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -217,6 +218,45 @@ def benchmark_logs(
     typer.echo(text)
 
 
+@app.command("benchmark-forecast")
+def benchmark_forecast(
+    dataset: Annotated[list[str], typer.Option(help="smd, asd or nab; repeat for several")],
+    entities: Annotated[
+        str | None, typer.Option(help="comma-separated entities (default: all found)")
+    ] = None,
+    data_root: Annotated[
+        Path | None, typer.Option(help="folder holding smd/, asd/, nab/ (default ../shared/data)")
+    ] = None,
+    stride: Annotated[int, typer.Option(help="forecast from every Nth test step")] = 10,
+    markdown: Annotated[
+        Path | None, typer.Option(help="write the 'forecast' section of this file")
+    ] = None,
+) -> None:
+    """Forecast quality of the forecaster (MSE, MAE, RMSE, MAPE per horizon) against a
+    seasonal-naive and a DLinear-style linear baseline."""
+    from aiops_plugin.evaluation.benchmark import write_markdown_section
+    from aiops_plugin.evaluation.datasets import DatasetError
+    from aiops_plugin.evaluation.forecasting import forecast_markdown, run_forecast_benchmark
+
+    _setup_logging(False)
+    command = "aiops-plugin " + " ".join(sys.argv[1:])
+    try:
+        run = run_forecast_benchmark(
+            dataset,
+            [name.strip() for name in entities.split(",")] if entities else None,
+            data_root,
+            stride=stride,
+            command=command,
+        )
+    except DatasetError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_CONFIG) from exc
+    text = forecast_markdown(run)
+    if markdown:
+        write_markdown_section(markdown, "forecast", text)
+    typer.echo(text)
+
+
 @app.command()
 def demo(
     workdir: Annotated[
@@ -233,6 +273,110 @@ def demo(
 
     _setup_logging(False)
     raise typer.Exit(run_demo(workdir, agent_port=port, keep_running=keep_running))
+
+
+dashboards_app = typer.Typer(
+    no_args_is_help=True,
+    help="Grafana dashboards (dashboards/): export for file provisioning, push over the HTTP API.",
+)
+app.add_typer(dashboards_app, name="dashboards")
+
+DashboardsDirOption = Annotated[
+    Path | None,
+    typer.Option("--dashboards-dir", help="dashboard JSON folder (default: the shipped one)"),
+]
+
+
+@dashboards_app.command("export")
+def dashboards_export(
+    directory: Annotated[Path, typer.Argument(help="folder to write <uid>.json files into")],
+    dashboards_dir: DashboardsDirOption = None,
+) -> None:
+    """Write the dashboards for Grafana's file provisioning (a provider's options.path)."""
+    from aiops_plugin.dashboards import DashboardError, export_dashboards
+
+    try:
+        written = export_dashboards(directory, dashboards_dir)
+    except DashboardError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    for path in written:
+        typer.echo(str(path))
+
+
+def _grafana_token(token_file: Path | None, config: Config | None) -> str | None:
+    """--token-file, else AIOPS_GRAFANA_TOKEN, else grafana.token of the configuration."""
+    from aiops_plugin.config import ENV_GRAFANA_TOKEN
+
+    if token_file is not None:
+        try:
+            return token_file.read_text().strip()
+        except OSError as exc:
+            typer.echo(f"error: --token-file {token_file}: {exc}", err=True)
+            raise typer.Exit(EXIT_BAD_CONFIG) from exc
+    return os.environ.get(ENV_GRAFANA_TOKEN) or (config.grafana.token if config else None)
+
+
+@dashboards_app.command("push")
+def dashboards_push(
+    grafana_url: Annotated[
+        str | None,
+        typer.Option("--grafana-url", envvar="AIOPS_GRAFANA_URL", help="Grafana's base URL"),
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="file holding a service-account token (else AIOPS_GRAFANA_TOKEN)"),
+    ] = None,
+    folder: Annotated[
+        str | None, typer.Option(help="folder title (default: grafana.folder, 'AIOps')")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="take url, token and folder from its grafana section"),
+    ] = None,
+    dashboards_dir: DashboardsDirOption = None,
+    message: Annotated[str, typer.Option(help="version-history message")] = (
+        "aiops-plugin dashboards push"
+    ),
+) -> None:
+    """Upload every dashboard into a Grafana folder, overwriting by uid.
+
+    Grafana keeps the version history; dashboards stored unchanged are left alone."""
+    from urllib.parse import urlparse
+
+    from aiops_plugin.config import GrafanaConfig
+    from aiops_plugin.dashboards import DashboardError, load_dashboards
+    from aiops_plugin.grafana import GrafanaError, connect, push_dashboards
+
+    loaded = _load(config) if config else None
+    settings = loaded.grafana if loaded else GrafanaConfig()
+    url = grafana_url or settings.url
+    if not url:
+        typer.echo("error: give --grafana-url (or AIOPS_GRAFANA_URL, or grafana.url)", err=True)
+        raise typer.Exit(EXIT_BAD_CONFIG)
+    token = _grafana_token(token_file, loaded)
+    if not token and not urlparse(url).password:
+        typer.echo(
+            "error: no Grafana credentials: set AIOPS_GRAFANA_TOKEN, --token-file, grafana.token, "
+            "or user:password in the URL",
+            err=True,
+        )
+        raise typer.Exit(EXIT_BAD_CONFIG)
+    try:
+        dashboards = load_dashboards(dashboards_dir)
+        results = push_dashboards(
+            connect(url, token, settings.timeout),
+            dashboards,
+            folder_title=folder or settings.folder,
+            message=message,
+        )
+    except (DashboardError, GrafanaError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    for result in results:
+        typer.echo(
+            f"{result.status:9} {result.uid:16} version {result.version}  {result.url or ''}"
+        )
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -29,6 +30,7 @@ from pydantic import (
 ENV_PROMETHEUS_TOKEN = "AIOPS_PROMETHEUS_TOKEN"
 ENV_STORE_URL = "AIOPS_STORE_URL"
 ENV_LOGS_TOKEN = "AIOPS_LOGS_TOKEN"
+ENV_GRAFANA_TOKEN = "AIOPS_GRAFANA_TOKEN"
 
 #: Labels the exporter adds itself; an entity may not be identified by one of them.
 RESERVED_LABELS = frozenset(
@@ -36,7 +38,9 @@ RESERVED_LABELS = frozenset(
 )
 
 #: Every detector with a configuration section, in the order they are run.
-DETECTOR_NAMES = ("mad", "iforest", "pca", "cblof")
+DETECTOR_NAMES = ("mad", "iforest", "pca", "cblof", "forecaster", "multiscale")
+#: Bound on ``detectors.forecaster.export_metrics``: each adds entities x horizons x 3 series.
+MAX_FORECAST_METRICS = 16
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
@@ -169,11 +173,83 @@ class _DeepDetectorConfig(_Strict):
     )
 
 
+class ForecasterConfig(_DeepDetectorConfig):
+    """Long/short-term dependency forecaster: one-step residual score + forecasts to export."""
+
+    #: Read at scoring time, so changing them needs no refit (left out of the model hash).
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"export_metrics", "interval"})
+
+    window: int = Field(64, ge=8, description="steps the network reads + the step it scores")
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    patience: int = Field(3, ge=1, description="epochs without validation improvement")
+    max_train_windows: int = Field(12000, ge=10, description="training windows drawn per fit")
+    hidden: int = Field(64, ge=4, description="width of the encoder, GRU, attention and fusion")
+    heads: int = Field(4, ge=1, description="attention heads of the long-term channel")
+    gru_layers: int = Field(1, ge=1, le=4, description="depth of the short-term GRU")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    horizon_steps: list[int] = Field(
+        default_factory=lambda: [5, 15, 30],
+        min_length=1,
+        description="derived from calibration.horizons / prometheus.step (rounded up); the "
+        "network predicts up to the longest. Set it only where no full configuration exists",
+    )
+    export_metrics: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_FORECAST_METRICS,
+        description="features forecast on /metrics (aiops_forecast*); empty = none",
+    )
+    score_steps: int = Field(
+        15, ge=1, description="the score pools the scaled residuals of this many latest steps"
+    )
+    interval: float = Field(0.9, gt=0, lt=1, description="central coverage of lower..upper")
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> ForecasterConfig:
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        if any(step < 1 for step in self.horizon_steps):
+            raise ValueError("horizon_steps must be positive")
+        return self
+
+
+class MultiscaleConfig(_DeepDetectorConfig):
+    """Multi-scale Conv/attention detector with a Gaussian one-step head (score + uncertainty).
+
+    Defaults are sized for 2 CPU cores: a fit on ~24k steps x 38 features (an SMD machine) takes
+    well under a minute and a half, scoring as many steps well under a minute.
+    """
+
+    window: int = Field(64, ge=8, description="steps the network reads; it scores the last one")
+    levels: int = Field(4, ge=1, le=8, description="scales; level k has 2**k steps per point")
+    d_model: int = Field(32, ge=4, description="width of every scale's extractor and of Z")
+    heads: int = Field(4, ge=1, description="attention heads per scale")
+    dropout: float = Field(0.1, gt=0, lt=1, description="also the Monte-Carlo dropout of the head")
+    mc_samples: int = Field(16, ge=2, description="dropout samples of the head for uncertainty")
+    score_steps: int = Field(5, ge=1, description="steps whose surprise is averaged into a score")
+    epochs: int = Field(3, ge=1)
+    max_train_windows: int = Field(3000, ge=10, description="training windows drawn per fit")
+    time_budget: Duration = Field(120.0, description="wall-clock limit of one fit")
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> MultiscaleConfig:
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of heads ({self.heads})")
+        if self.window // 2 ** (self.levels - 1) < 2:
+            raise ValueError(
+                f"window ({self.window}) must give at least 2 points at the coarsest level "
+                f"({2 ** (self.levels - 1)} steps per point)"
+            )
+        return self
+
+
 class DetectorsConfig(_Strict):
     mad: MadDetectorConfig = MadDetectorConfig()
     iforest: IsolationForestConfig = IsolationForestConfig()
     pca: PcaConfig = PcaConfig()
     cblof: CblofConfig = CblofConfig()
+    forecaster: ForecasterConfig = ForecasterConfig()
+    multiscale: MultiscaleConfig = MultiscaleConfig()
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'")
 
     def enabled_names(self) -> list[str]:
@@ -183,6 +259,11 @@ class DetectorsConfig(_Strict):
 class CalibrationConfig(_Strict):
     false_alarm_rate: float = Field(
         0.001, gt=0, lt=0.5, description="fraction of normal steps allowed above score 1.0"
+    )
+    horizons: list[Duration] = Field(
+        default_factory=lambda: [300.0, 900.0, 1800.0],
+        min_length=1,
+        description="early-warning horizons; the forecaster predicts up to the longest",
     )
 
 
@@ -331,6 +412,22 @@ class ServerConfig(_Strict):
     port: int = Field(9108, ge=0, le=65535)
 
 
+class GrafanaConfig(_Strict):
+    """Grafana, for ``aiops-plugin dashboards push`` and anomaly events as annotations."""
+
+    url: str | None = Field(None, description="e.g. https://grafana.example.com")
+    token: str | None = Field(None, description=f"service-account token; or {ENV_GRAFANA_TOKEN}")
+    folder: str = Field("AIOps", min_length=1, description="folder the dashboards are pushed into")
+    annotations: bool = Field(False, description="write anomaly events as Grafana annotations")
+    timeout: Duration = Field(5.0, description="per-request timeout, seconds")
+
+    @model_validator(mode="after")
+    def _annotations_need_url(self) -> GrafanaConfig:
+        if self.annotations and not self.url:
+            raise ValueError("grafana.annotations needs grafana.url")
+        return self
+
+
 class Config(_Strict):
     prometheus: PrometheusConfig = PrometheusConfig()
     entities: list[EntityGroupConfig] = Field(min_length=1)
@@ -340,6 +437,7 @@ class Config(_Strict):
     store: StoreConfig = StoreConfig()
     server: ServerConfig = ServerConfig()
     logs: LogsConfig = LogsConfig()
+    grafana: GrafanaConfig = GrafanaConfig()
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Config:
@@ -364,12 +462,37 @@ class Config(_Strict):
             raise ValueError("schedule.fit_window must cover at least 10 prometheus steps")
         return self
 
+    @model_validator(mode="after")
+    def _derive_forecast_horizons(self) -> Config:
+        """The forecaster's horizons in steps, from ``calibration.horizons`` and the step."""
+        forecaster = self.detectors.forecaster
+        derived = sorted(
+            {max(1, math.ceil(h / self.prometheus.step - 1e-9)) for h in self.calibration.horizons}
+        )
+        if "horizon_steps" in forecaster.model_fields_set and forecaster.horizon_steps != derived:
+            raise ValueError(
+                "detectors.forecaster.horizon_steps is derived from calibration.horizons and "
+                f"prometheus.step ({derived}); set those instead"
+            )
+        forecaster.horizon_steps = derived
+        queries = {name for group in self.entities for name in group.queries}
+        for i, name in enumerate(forecaster.export_metrics):
+            if name.split("{", 1)[0] not in queries:
+                raise ValueError(
+                    f"detectors.forecaster.export_metrics.{i}: {name!r} is no feature of any "
+                    f"entity group (queries: {sorted(queries)})"
+                )
+        return self
+
     def model_hash(self, detector: str) -> str:
         """Hash of what shapes a detector's model, so a model fitted under other settings is
         recognised and refitted instead of being loaded."""
+        settings = getattr(self.detectors, detector)
         payload = {
             "detector": detector,
-            "settings": getattr(self.detectors, detector).model_dump(mode="json"),
+            "settings": settings.model_dump(
+                mode="json", exclude=set(getattr(settings, "runtime_fields", ()))
+            ),
             "entities": [group.model_dump(mode="json") for group in self.entities],
             "step": self.prometheus.step,
             "false_alarm_rate": self.calibration.false_alarm_rate,
@@ -384,6 +507,8 @@ def _apply_environment(config: Config) -> Config:
         config.store.url = url
     if token := os.environ.get(ENV_LOGS_TOKEN):
         config.logs.intake.token = token
+    if token := os.environ.get(ENV_GRAFANA_TOKEN):
+        config.grafana.token = token
     return config
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -19,6 +20,9 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from aiops_plugin.windows import EntityLabels, entity_display_name
+
+if TYPE_CHECKING:
+    from aiops_plugin.detectors.base import Forecast
 
 PHASES = ("fetch", "features", "infer", "calibrate", "export")
 FIT_PHASES = ("fit",)
@@ -43,6 +47,15 @@ def entity_series_labels(group: str, labels: EntityLabels) -> dict[str, str]:
     return {**labels, "entity": entity_display_name(labels), "entity_group": group}
 
 
+def horizon_label(seconds: float) -> str:
+    """Prometheus-style duration of a horizon in its largest whole unit: 300 -> ``5m``."""
+    whole = round(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if whole >= size and whole % size == 0:
+            return f"{whole // size}{unit}"
+    return f"{whole}s"
+
+
 @dataclass
 class GroupSnapshot:
     """The latest exported state of one entity group (only entities that were scored).
@@ -51,6 +64,8 @@ class GroupSnapshot:
         scores: detector name (including ``fused``) -> ``(entities,)`` scaled scores.
         uncertainty: detector name -> ``(entities,)`` predictive std on the same scale.
         contributions: ``(entities, features)`` shares of the fused score, or None.
+        forecast: forecasts made at ``timestamp`` for the configured metrics (original units),
+            entities in the order of ``entities``, or None.
     """
 
     group: str
@@ -60,6 +75,7 @@ class GroupSnapshot:
     scores: dict[str, np.ndarray]
     uncertainty: dict[str, np.ndarray] = field(default_factory=dict)
     contributions: np.ndarray | None = None
+    forecast: Forecast | None = None
 
 
 class _SnapshotCollector(Collector):
@@ -84,10 +100,25 @@ class _SnapshotCollector(Collector):
             "Share of the current anomaly score explained by each input metric (top k).",
             "gauge",
         )
+        forecasts = {
+            part: Metric(
+                f"aiops_forecast{suffix}",
+                f"{meaning} of the metric at the horizon after the last scored step, in the "
+                "metric's own units.",
+                "gauge",
+            )
+            for part, suffix, meaning in (
+                ("mean", "", "Forecast"),
+                ("lower", "_lower", "Lower bound of the central forecast interval"),
+                ("upper", "_upper", "Upper bound of the central forecast interval"),
+            )
+        }
         top_k = self.exporter.top_k_contributions
         for snapshot in snapshots:
             for i, labels in enumerate(snapshot.entities):
                 base = entity_series_labels(snapshot.group, labels)
+                if snapshot.forecast is not None:
+                    _add_forecast_samples(forecasts, snapshot.forecast, i, base)
                 for detector, values in snapshot.scores.items():
                     if np.isfinite(values[i]):
                         score.add_sample(
@@ -129,6 +160,24 @@ class _SnapshotCollector(Collector):
             yield uncertainty
         if contribution.samples:
             yield contribution
+        for metric in forecasts.values():
+            if metric.samples:
+                yield metric
+
+
+def _add_forecast_samples(
+    metrics: dict[str, Metric], forecast: Forecast, entity: int, base: dict[str, str]
+) -> None:
+    """One sample per metric, horizon and part (mean, lower, upper) of one entity."""
+    for k, seconds in enumerate(forecast.horizons_seconds):
+        horizon = horizon_label(float(seconds))
+        for j, feature in enumerate(forecast.features):
+            for part, metric in metrics.items():
+                value = getattr(forecast, part)[entity, k, j]
+                if np.isfinite(value):
+                    metric.add_sample(
+                        metric.name, {**base, "metric": feature, "horizon": horizon}, float(value)
+                    )
 
 
 class Exporter:
@@ -161,6 +210,13 @@ class Exporter:
             "aiops_model_last_fit_timestamp_seconds",
             "Unix time at which the detector's model in use was fitted.",
             ["detector"],
+            registry=self.registry,
+        )
+        self.multiscale_scale_weight = Gauge(
+            "aiops_multiscale_scale_weight",
+            "Learned fusion weight of each time scale of the multiscale detector's model (scale = "
+            "steps per point); the weights of a group sum to 1.",
+            ["entity_group", "scale"],
             registry=self.registry,
         )
         self.entities_skipped = Counter(
@@ -201,6 +257,11 @@ class Exporter:
         )
         self._log_scores: dict[str, tuple[list[EntityLabels], np.ndarray]] = {}
         self.registry.register(_SnapshotCollector(self))
+
+    def publish_scale_weights(self, group: str, weights: dict[str, float]) -> None:
+        """Set ``aiops_multiscale_scale_weight`` of a group's model in use (scale -> weight)."""
+        for scale, weight in weights.items():
+            self.multiscale_scale_weight.labels(entity_group=group, scale=scale).set(weight)
 
     def publish_log_scores(
         self, group: str, entities: list[EntityLabels], scores: np.ndarray

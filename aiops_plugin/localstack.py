@@ -20,8 +20,9 @@ Public API:
   ``honor_labels``).
 - ``PrometheusServer``: ``start() / stop() / restart() / close()``, context manager, ``url``,
   ``wait_ready``, ``reload``, ``query``, ``query_range``, ``wait_for``.
-- ``AlertmanagerServer``: one route to a webhook, ``start() / stop() / close()``, ``url``,
-  ``post_alerts``.
+- ``AlertmanagerServer``: one route to a webhook, or a shipped configuration file (e.g.
+  ``examples/alertmanager.yml``) with its webhook URLs and timings replaced;
+  ``start() / stop() / close()``, ``url``, ``post_alerts``, ``alerts``.
 - ``WebhookReceiver``: in-process HTTP server collecting Alertmanager webhook payloads;
   ``wait_for_alert(alertname, timeout, status="firing", **labels) -> (payload, received_at)``.
 - ``ReplayExporter``: in-process exporter serving one row of an array per ``seconds_per_row``;
@@ -564,7 +565,14 @@ class PrometheusServer(_ServerProcess):
 
 
 class AlertmanagerServer(_ServerProcess):
-    """A single real Alertmanager routing every alert to one webhook URL.
+    """A single real Alertmanager delivering to one webhook URL.
+
+    Without ``config_file``, one route sends every alert to the webhook, grouped by ``group_by``.
+    With ``config_file`` (e.g. ``examples/alertmanager.yml``), that file's routing tree, grouping,
+    inhibit rules and receivers are used as written, with two substitutions a test needs: every
+    receiver's webhook URL becomes ``webhook_url`` (the payload's ``receiver`` still names the
+    receiver), and ``group_wait`` / ``group_interval`` / ``repeat_interval`` replace the file's on
+    the root route and on every route that sets its own (``group_by`` is then ignored).
 
     Group wait and interval default to 1 s so a notification follows an alert within seconds.
     """
@@ -580,6 +588,7 @@ class AlertmanagerServer(_ServerProcess):
         repeat_interval: float = 3600.0,
         port: int | None = None,
         workdir: str | Path | None = None,
+        config_file: str | Path | None = None,
     ) -> None:
         self._binary = find_binary("prometheus-alertmanager", "alertmanager")
         super().__init__(workdir, port)
@@ -590,9 +599,35 @@ class AlertmanagerServer(_ServerProcess):
         self.group_wait = group_wait
         self.group_interval = group_interval
         self.repeat_interval = repeat_interval
+        self.config_file = None if config_file is None else Path(config_file)
+
+    def _timings(self) -> dict[str, str]:
+        return {
+            "group_wait": _duration(self.group_wait),
+            "group_interval": _duration(self.group_interval),
+            "repeat_interval": _duration(self.repeat_interval),
+        }
+
+    def _config_from_file(self, path: Path) -> dict[str, Any]:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict) or not isinstance(config.get("route"), dict):
+            raise LocalStackError(f"{path}: not an Alertmanager configuration (no 'route')")
+        for receiver in config.get("receivers", []):
+            for webhook in receiver.get("webhook_configs", []):
+                webhook["url"] = self.webhook_url
+        timings = self._timings()
+        config["route"].update(timings)
+        routes = list(config["route"].get("routes", []))
+        while routes:
+            route = routes.pop()
+            route.update({key: value for key, value in timings.items() if key in route})
+            routes.extend(route.get("routes", []))
+        return config
 
     def config(self) -> dict[str, Any]:
         """The ``alertmanager.yml`` content."""
+        if self.config_file is not None:
+            return self._config_from_file(self.config_file)
         return {
             "route": {
                 "receiver": "webhook",
@@ -627,6 +662,19 @@ class AlertmanagerServer(_ServerProcess):
         response = requests.post(f"{self.url}/api/v2/alerts", json=list(alerts), timeout=10)
         if response.status_code != 200:
             raise LocalStackError(f"alertmanager rejected alerts: {response.text.strip()}")
+
+    def alerts(self, **shown: bool) -> list[dict[str, Any]]:
+        """Alerts Alertmanager holds (``GET /api/v2/alerts``), e.g. ``alerts(inhibited=False)``.
+
+        Each has ``labels`` and ``status``: ``state`` (``active`` / ``suppressed``),
+        ``inhibitedBy`` and ``silencedBy`` (fingerprints). ``shown`` are the API's flags, each
+        true by default: ``active``, ``silenced``, ``inhibited``, ``unprocessed`` (false leaves
+        those alerts out).
+        """
+        params = {name: str(value).lower() for name, value in shown.items()}
+        response = requests.get(f"{self.url}/api/v2/alerts", params=params, timeout=10)
+        response.raise_for_status()
+        return list(response.json())
 
 
 # --------------------------------------------------------------------------------------------
@@ -710,7 +758,7 @@ class WebhookReceiver:
                 alert_labels = alert.get("labels", {})
                 if (
                     alert.get("status") == status
-                    and alert_labels.get("alertname") == alertname
+                    and re.fullmatch(alertname, alert_labels.get("alertname", "")) is not None
                     and all(alert_labels.get(k) == v for k, v in labels.items())
                 ):
                     return index
@@ -719,7 +767,8 @@ class WebhookReceiver:
     def wait_for_alert(
         self, alertname: str, timeout: float = 30.0, status: str = "firing", **labels: str
     ) -> tuple[dict[str, Any], float]:
-        """First payload holding an alert with this name, status and labels, and its arrival time.
+        """First payload holding an alert with this name (a regular expression matched against
+        the whole name), status and labels, and its arrival time.
 
         Returns ``(payload, received_at)``, ``received_at`` in Unix seconds.
         """

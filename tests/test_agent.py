@@ -233,3 +233,46 @@ def test_store_is_shared_with_postgresql(history: History, postgresql_url: str, 
     agent.infer(now=history.end)
     version = agent.store.latest_model_version("mad", "smd", config.model_hash("mad"))
     assert version is not None and version.n_entities == 4
+
+
+def test_forecaster_exports_forecasts_in_the_metrics_own_units(
+    history: History, tmp_path: Path
+) -> None:
+    queries = {name: f'sum by (instance) ({METRIC}{{dim="{name}"}})' for name in ("m00", "m05")}
+    forecaster = {
+        "enabled": True,
+        "window": 16,
+        "hidden": 8,
+        "heads": 2,
+        "epochs": 2,
+        "max_train_windows": 500,
+        "score_steps": 2,
+        "export_metrics": ["m05"],
+    }
+    config = make_config(
+        history.prometheus.url,
+        tmp_path,
+        entities=[{"name": "smd", "labels": ["instance"], "queries": queries}],
+        detectors={"device": "cpu", "mad": {"enabled": False}, "forecaster": forecaster},
+        calibration={"horizons": ["5m"]},
+    )
+    assert config.detectors.forecaster.horizon_steps == [300]  # 5m at a 1 s step
+    agent = Agent(config)
+    agent.start_up()
+    agent.fit(now=history.end)
+    agent.infer(now=history.end)
+    metrics = exported(agent)
+    parts = {}
+    for name in ("aiops_forecast", "aiops_forecast_lower", "aiops_forecast_upper"):
+        parts[name] = {s.labels["instance"]: s for s in metrics[name]}
+        assert {s.labels["metric"] for s in metrics[name]} == {"m05"}
+        assert {s.labels["horizon"] for s in metrics[name]} == {"5m"}
+    forecast = parts["aiops_forecast"]["machine-1-2"]
+    assert {"instance", "entity", "entity_group", "metric", "horizon"} <= set(forecast.labels)
+    lower = parts["aiops_forecast_lower"]["machine-1-2"].value
+    upper = parts["aiops_forecast_upper"]["machine-1-2"].value
+    assert lower <= forecast.value <= upper
+    assert -0.5 < forecast.value < 1.5  # SMD values are scaled to [0, 1] by their publishers
+    uncertainty = {s.labels["detector"] for s in metrics["aiops_anomaly_uncertainty"]}
+    assert "forecaster" in uncertainty
+    agent.store.close()

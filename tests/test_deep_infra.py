@@ -87,3 +87,15 @@ def test_checkpoint_round_trip_gives_identical_scores(smd) -> None:
 def test_a_window_longer_than_the_fit_data_is_a_clear_error(smd) -> None:
     with pytest.raises(ValueError, match="fewer than the 16-step model window"):
         detector().fit(Windows.from_array(smd.train[:10]))
+
+
+def test_a_stop_request_interrupts_training_at_once(smd) -> None:
+    import threading
+
+    from aiops_plugin.detectors.training import TrainingInterrupted
+
+    model = detector()
+    model.stop_event = threading.Event()
+    model.stop_event.set()
+    with pytest.raises(TrainingInterrupted):
+        model.fit(Windows.from_array(smd.train[:800]))

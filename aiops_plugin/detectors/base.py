@@ -11,6 +11,7 @@ from their caller, which chooses it once.
 from __future__ import annotations
 
 import abc
+import threading
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -25,6 +26,27 @@ class NotFittedError(RuntimeError):
 
 
 @dataclass
+class Forecast:
+    """Forecasts made at the last step of the scored windows, in the metrics' original units.
+
+    Attributes:
+        features: names of the forecast features (axis 2), a subset of the detector's.
+        horizons_seconds: ``(horizons,)`` lead time of each forecast after that step, seconds.
+        mean: ``(entities, horizons, features)`` point forecast; NaN where none was made.
+        lower: the same shape, lower bound of the central ``interval``.
+        upper: the same shape, upper bound of the central ``interval``.
+        interval: probability the forecast distribution puts between ``lower`` and ``upper``.
+    """
+
+    features: list[str]
+    horizons_seconds: np.ndarray
+    mean: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    interval: float
+
+
+@dataclass
 class Scores:
     """Raw detector output for one group.
 
@@ -34,11 +56,14 @@ class Scores:
             or None for detectors that do not model it (nothing is exported for them).
         contributions: ``(entities, time, features)`` non-negative share of each feature in the
             score (rows sum to 1 where defined), or None.
+        forecast: forecasts of the next steps made at the last step, or None for detectors that
+            do not forecast (or have nothing configured to forecast).
     """
 
     score: np.ndarray
     uncertainty: np.ndarray | None = None
     contributions: np.ndarray | None = None
+    forecast: Forecast | None = None
 
 
 @dataclass
@@ -60,6 +85,8 @@ class Detector(abc.ABC):
     def __init__(self, device: torch.device | None = None) -> None:
         self.device = device or torch.device("cpu")
         self.features_: list[str] | None = None
+        #: set by the agent; long fits poll it so a shutdown does not wait for them
+        self.stop_event: threading.Event | None = None
 
     @abc.abstractmethod
     def fit(self, windows: Windows) -> FitReport:

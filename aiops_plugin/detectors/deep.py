@@ -169,24 +169,31 @@ class WindowedDeepDetector(Detector):
     def context_steps(self) -> int:
         return self.window - 1
 
+    @property
+    def training_window(self) -> int:
+        """Steps of each training sample: ``window`` here; a subclass whose loss needs steps
+        after the scored window (a forecaster's future targets) lengthens it."""
+        return self.window
+
     def _training_windows(
         self, standard: np.ndarray, mask: np.ndarray
     ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """Pooled windows of all entities: the last ``validation_fraction`` of each entity's
         time is held out (not shuffled in), the rest subsampled to ``max_train_windows``."""
-        if standard.shape[1] < self.window + 1:
+        window = self.training_window
+        if standard.shape[1] < window + 1:
             raise ValueError(
-                f"fit window has {standard.shape[1]} steps, fewer than the {self.window}-step "
+                f"fit window has {standard.shape[1]} steps, fewer than the {window}-step "
                 "model window needs"
             )
-        values = sliding_windows(torch.from_numpy(standard), self.window)
-        masks = sliding_windows(torch.from_numpy(mask), self.window)
+        values = sliding_windows(torch.from_numpy(standard), window)
+        masks = sliding_windows(torch.from_numpy(mask), window)
         n_entities, n_windows = values.shape[:2]
         observed = masks.mean(dim=(2, 3)) >= self.min_observed_fraction
         boundary = int(n_windows * (1 - self.validation_fraction))
         # validation windows start after the boundary and so never overlap training windows
         # ending before it minus a window
-        is_train = torch.arange(n_windows)[None, :] < max(boundary - self.window, 1)
+        is_train = torch.arange(n_windows)[None, :] < max(boundary - window, 1)
         is_validation = torch.arange(n_windows)[None, :] >= boundary
         generator = torch.Generator().manual_seed(self.training.seed)
 
@@ -212,8 +219,15 @@ class WindowedDeepDetector(Detector):
         standard, mask = self.scaler_.transform(windows)
         train_part, validation_part = self._training_windows(standard, mask)
         self.model_ = self.build_model(self.n_features_)
+        stop = self.stop_event
         report = train(
-            self.model_, self.loss, train_part, validation_part, self.training, self.device
+            self.model_,
+            self.loss,
+            train_part,
+            validation_part,
+            self.training,
+            self.device,
+            should_stop=stop.is_set if stop is not None else None,
         )
         self.training_report_ = {
             "epochs": report.epochs,

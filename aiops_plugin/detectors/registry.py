@@ -24,6 +24,8 @@ from aiops_plugin.detectors.baselines import (
     RollingMadDetector,
 )
 from aiops_plugin.detectors.deep import WindowedDeepDetector
+from aiops_plugin.detectors.forecaster import ForecasterDetector
+from aiops_plugin.detectors.multiscale import MultiscaleDetector
 from aiops_plugin.windows import Windows
 
 DETECTORS: dict[str, type[Detector]] = {
@@ -33,6 +35,8 @@ DETECTORS: dict[str, type[Detector]] = {
         IsolationForestDetector,
         PcaReconstructionDetector,
         ClusterOutlierDetector,
+        ForecasterDetector,
+        MultiscaleDetector,
     )
 }
 

@@ -22,6 +22,10 @@ from torch import nn
 LossFunction = Callable[..., torch.Tensor]
 
 
+class TrainingInterrupted(Exception):
+    """The caller asked training to stop (the agent is shutting down)."""
+
+
 @dataclass
 class TrainingSettings:
     epochs: int = 30
@@ -71,8 +75,12 @@ def train(
     validation_tensors: tuple[torch.Tensor, ...],
     settings: TrainingSettings,
     device: torch.device,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainingReport:
     """Train ``model`` in place; it ends with the weights of the best validation epoch.
+
+    ``should_stop`` is polled before every batch; when it returns True training raises
+    :class:`TrainingInterrupted` at once, so a SIGTERM does not wait for a long fit.
 
     ``*_tensors`` are CPU tensors with the sample axis first; batches are moved to ``device``.
     """
@@ -95,6 +103,10 @@ def train(
         model.train()
         total, count = 0.0, 0
         for batch in _batches(train_tensors, settings.batch_size, generator):
+            if should_stop is not None and should_stop():
+                if progress is not None:
+                    progress.close()
+                raise TrainingInterrupted(f"stopped in epoch {epoch + 1}")
             batch = tuple(tensor.to(device, non_blocking=True) for tensor in batch)
             with autocast(device):
                 loss = loss_fn(model, *batch)

@@ -303,6 +303,7 @@ SUMMARY_COLUMNS = (
     ("false_alarms_per_day_at_1", "false alarms/day @1"),
     ("mean_delay_seconds_at_1", "mean delay s @1"),
     ("fit_seconds", "fit s"),
+    ("score_seconds", "score s"),
 )
 
 
@@ -356,7 +357,12 @@ def markdown_report(run: BenchmarkRun) -> str:
                 digits = (
                     1
                     if column
-                    in ("false_alarms_per_day_at_1", "mean_delay_seconds_at_1", "fit_seconds")
+                    in (
+                        "false_alarms_per_day_at_1",
+                        "mean_delay_seconds_at_1",
+                        "fit_seconds",
+                        "score_seconds",
+                    )
                     else 3
                 )
                 cells.append(_fmt(mean, digits))

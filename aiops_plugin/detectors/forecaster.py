@@ -1,0 +1,372 @@
+"""``forecaster``: a long/short-term dependency forecaster whose one-step residual is the score.
+
+After Wang, "Towards Intelligent Backend Operations via Unified Temporal Representation and
+Prediction Modeling" (seed ``long-short-temporal-forecaster.txt``). The network
+(:class:`LongShortForecaster`) reads ``L = window - 1`` context steps of an entity's standardised
+features (per-entity robust scaling, :class:`~aiops_plugin.detectors.deep.RobustScaler`):
+
+1. encoder ``h_t = Enc(x_t)`` (eq. 1): an MLP of each step's values and observed-mask (missing
+   values enter as 0 with mask 0, so the network can tell "at the median" from "not measured");
+2. short-term channel ``s_t = GRU(h_t, s_{t-1})`` (eq. 2) over the context; ``s_L`` is used;
+3. long-term channel ``c_L = sum_i alpha_{L,i} h_i W_v`` (eqs. 3-4): multi-head self-attention
+   with the last context step as the query over every context step, plus a learned position
+   embedding (attention alone is blind to order). The decoder reads only ``c_L``, so only that
+   query is computed;
+4. gated fusion (eq. 5): ``g = sigmoid(W_s s_L + W_c c_L + b)`` and
+   ``z = g * s_L + (1 - g) * c_L``. The paper calls eq. 5's output the fused vector itself; we
+   use it as a gate between the two channels, so ``z`` keeps the channels' scale and ``g`` (in
+   (0, 1), returned for inspection) says per dimension how much each channel is trusted;
+5. decoder (eq. 6), extended from ``x_{t+1}`` to the next ``H`` steps with a Gaussian predictive
+   head: an MLP of ``z`` gives, for each horizon ``h = 1..H`` and feature, a mean and a
+   log-variance (standard deviation floored at ``MIN_SIGMA``, in robust-scale units).
+   ``H = max(horizon_steps)``, the longest early-warning horizon (``calibration.horizons``) in
+   steps, rounded up. A linear autoregressive "highway" (one ``L -> H`` map shared by every
+   feature, as in LSTNet) is added to the mean: the paper's "residual calibration" is not spelled
+   out, and this skip lets the deep channels model what a linear extrapolation of each feature
+   misses.
+
+Where the paper is silent:
+
+- Training: each sample is ``L + H`` steps (the ``training_window`` hook of
+  :class:`~aiops_plugin.detectors.deep.WindowedDeepDetector`): the network reads the first ``L``
+  and is trained with the Gaussian negative log-likelihood
+  ``0.5 * (log sigma^2 + (y - mu)^2 / sigma^2)`` averaged over every observed target of all ``H``
+  horizons; missing targets do not count.
+- Anomaly score of step ``t``: the network reads steps ``t - L .. t - 1`` (never the value it
+  scores) and its one-step-ahead forecast ``mu, sigma`` gives ``z_f = (x_{t,f} - mu_f) / sigma_f``
+  for every feature observed at ``t``: the residual scaled by the predicted spread. The step's
+  value is ``mean_f z_f^2``, and the raw score is the root of its mean over ``t`` and the
+  ``score_steps - 1`` steps before (``context_steps`` grows by as much). Pooling, as Telemanom
+  (Hundman et al., KDD 2018) smooths its forecast errors, keeps a lasting anomaly visible: a
+  one-step forecast follows a level shift after a step or two, so its raw residual is high only
+  at the onset. Contributions are each feature's share of the ``z^2`` summed over the same steps
+  (each step weighted by its ``mean_f z_f^2``). No score where ``t`` has no observed value, or
+  where its context has none (it would come from imputed values alone).
+- Uncertainty: the root mean square of ``sigma_f`` over the same features and steps, in
+  robust-scale units (1.0 = the feature's typical spread on the fit window): how wide the model
+  expected those steps to be, i.e. the spread the residuals were divided by. On export it is
+  divided by the same per-entity threshold as the score, like every detector's uncertainty.
+- Forecast: at the last step ``t`` the network reads ``t - L + 1 .. t`` and forecasts
+  ``t + 1 .. t + H``; the horizons in ``horizon_steps`` are kept, ``mu +- q * sigma`` with ``q``
+  the normal quantile of the central ``interval``, mapped back to the metric's original units with
+  the entity's own robust center and scale. Only the features in ``export_metrics`` are forecast
+  (nothing when it is empty), which bounds the exported series.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from aiops_plugin.detectors.base import Forecast, Scores
+from aiops_plugin.detectors.deep import RobustScaler, WindowedDeepDetector, WindowScores
+from aiops_plugin.detectors.training import TrainingSettings, autocast
+from aiops_plugin.windows import Windows
+
+#: Floor of the predicted standard deviation, robust-scale units: a feature that never moved in
+#: the fit window would otherwise get sigma -> 0 and turn any wiggle into an infinite score.
+MIN_SIGMA = 0.05
+
+
+class ForecastOutput(NamedTuple):
+    """What :class:`LongShortForecaster` returns.
+
+    Attributes:
+        mean: ``(batch, horizon, features)`` predicted standardised values of steps 1..H ahead.
+        log_var: the same shape, log of the predictive variance.
+        gate: ``(batch, hidden)`` fusion gate ``g`` in (0, 1): weight of the short-term channel.
+    """
+
+    mean: torch.Tensor
+    log_var: torch.Tensor
+    gate: torch.Tensor
+
+
+class LongShortForecaster(nn.Module):
+    """Encoder -> GRU short-term channel || self-attention long-term channel -> gated fusion ->
+    Gaussian decoder of the next ``horizon`` steps.
+
+    Input ``values`` and ``mask`` are ``(batch, context, features)``; missing values are 0 with
+    mask 0.
+    """
+
+    def __init__(
+        self,
+        n_features: int,
+        context: int,
+        horizon: int,
+        hidden: int = 64,
+        heads: int = 4,
+        gru_layers: int = 1,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.n_features = n_features
+        self.context = context
+        self.horizon = horizon
+        self.encoder = nn.Sequential(
+            nn.Linear(2 * n_features, hidden), nn.GELU(), nn.Linear(hidden, hidden)
+        )
+        self.short_term = nn.GRU(
+            hidden,
+            hidden,
+            num_layers=gru_layers,
+            batch_first=True,
+            dropout=dropout if gru_layers > 1 else 0.0,
+        )
+        self.position = nn.Parameter(torch.randn(context, hidden) * 0.02)
+        self.long_term = nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True)
+        self.gate_short = nn.Linear(hidden, hidden, bias=False)
+        self.gate_long = nn.Linear(hidden, hidden)
+        self.decoder = nn.Sequential(
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, horizon * n_features * 2),
+        )
+        self.highway = nn.Linear(context, horizon)
+        self.min_log_var = 2.0 * math.log(MIN_SIGMA)
+
+    def forward(self, values: torch.Tensor, mask: torch.Tensor) -> ForecastOutput:
+        batch = values.shape[0]
+        h = self.encoder(torch.cat([values, mask], dim=-1))
+        short, _ = self.short_term(h)
+        s = short[:, -1]
+        keyed = h + self.position
+        c, _ = self.long_term(keyed[:, -1:], keyed, keyed, need_weights=False)
+        c = c[:, 0]
+        gate = torch.sigmoid(self.gate_short(s) + self.gate_long(c))
+        z = gate * s + (1.0 - gate) * c
+        out = self.decoder(z).view(batch, self.horizon, self.n_features, 2)
+        linear = self.highway(values.transpose(1, 2)).transpose(1, 2)
+        mean = out[..., 0] + linear
+        log_var = self.min_log_var + nn.functional.softplus(out[..., 1] - self.min_log_var)
+        return ForecastOutput(mean=mean, log_var=log_var, gate=gate)
+
+
+def gaussian_nll(output: ForecastOutput, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Gaussian negative log-likelihood (without the constant) averaged over observed targets.
+
+    ``target`` and ``mask`` are ``(batch, horizon, features)``; masked targets do not count.
+    """
+    nll = 0.5 * (output.log_var + (target - output.mean) ** 2 * torch.exp(-output.log_var))
+    return (nll * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+class ForecasterDetector(WindowedDeepDetector):
+    """Scores each step by its one-step-ahead forecast residual; forecasts the next steps."""
+
+    name: ClassVar[str] = "forecaster"
+
+    def __init__(
+        self,
+        window: int = 64,
+        hidden: int = 64,
+        heads: int = 4,
+        gru_layers: int = 1,
+        dropout: float = 0.1,
+        horizon_steps: list[int] | None = None,
+        score_steps: int = 15,
+        export_metrics: list[str] | None = None,
+        interval: float = 0.9,
+        training: TrainingSettings | None = None,
+        max_train_windows: int = 20000,
+        validation_fraction: float = 0.1,
+        min_observed_fraction: float = 0.5,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__(
+            window=window,
+            training=training,
+            max_train_windows=max_train_windows,
+            validation_fraction=validation_fraction,
+            min_observed_fraction=min_observed_fraction,
+            device=device,
+        )
+        self.hidden = hidden
+        self.heads = heads
+        self.gru_layers = gru_layers
+        self.dropout = dropout
+        self.horizon_steps = sorted(set(horizon_steps or [1]))
+        self.score_steps = score_steps
+        self.export_metrics = list(export_metrics or [])
+        self.interval = interval
+
+    @property
+    def context(self) -> int:
+        """Steps the network reads: the window less the step it scores."""
+        return self.window - 1
+
+    @property
+    def horizon(self) -> int:
+        """Steps the decoder predicts, 1..H."""
+        return max(self.horizon_steps)
+
+    @property
+    def training_window(self) -> int:
+        return self.context + self.horizon
+
+    @property
+    def context_steps(self) -> int:
+        """The network's context, plus the earlier steps whose residuals the score pools."""
+        return self.context + self.score_steps - 1
+
+    def hyper_parameters(self) -> dict[str, Any]:
+        """What shapes the network; ``export_metrics`` and ``interval`` are read at scoring
+        time from the configuration instead, so changing them needs no refit."""
+        return {
+            "hidden": self.hidden,
+            "heads": self.heads,
+            "gru_layers": self.gru_layers,
+            "dropout": self.dropout,
+            "horizon_steps": list(self.horizon_steps),
+            "score_steps": self.score_steps,
+        }
+
+    def build_model(self, n_features: int) -> LongShortForecaster:
+        return LongShortForecaster(
+            n_features,
+            self.context,
+            self.horizon,
+            hidden=self.hidden,
+            heads=self.heads,
+            gru_layers=self.gru_layers,
+            dropout=self.dropout,
+        )
+
+    def loss(self, model: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``x``, ``mask``: ``(batch, context + horizon, features)``."""
+        output = model(x[:, : self.context], mask[:, : self.context])
+        return gaussian_nll(output, x[:, self.context :], mask[:, self.context :])
+
+    def score_batch(self, model: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> WindowScores:
+        """Scaled one-step residual of each window's last step, from the steps before it.
+
+        ``x``, ``mask``: ``(batch, window, features)``. Returns the step's root-mean-square
+        scaled residual over its observed features, the RMS predictive spread behind it
+        (robust-scale units) and each feature's share of the squared scaled residuals.
+        """
+        output = model(x[:, :-1], mask[:, :-1])
+        spread = torch.exp(0.5 * output.log_var[:, 0].float())
+        observed = mask[:, -1]
+        count = observed.sum(dim=1)
+        squared = ((x[:, -1] - output.mean[:, 0].float()) / spread) ** 2 * observed
+        score = torch.sqrt(squared.sum(dim=1) / count.clamp(min=1.0))
+        uncertainty = torch.sqrt((spread**2 * observed).sum(dim=1) / count.clamp(min=1.0))
+        unscorable = (count == 0) | (mask[:, :-1].sum(dim=(1, 2)) == 0)
+        nan = torch.full_like(score, math.nan)
+        return WindowScores(
+            score=torch.where(unscorable, nan, score),
+            uncertainty=torch.where(unscorable, nan, uncertainty),
+            contributions=squared / squared.sum(dim=1, keepdim=True).clamp(min=1e-12),
+        )
+
+    def score(self, windows: Windows) -> Scores:
+        """Per-step scores pooled over the last ``score_steps`` steps (root mean square), and
+        the forecast made at the last step."""
+        steps = super().score(windows)
+        contributions = None
+        if steps.contributions is not None:
+            weights = np.nan_to_num(steps.score**2)[..., None] * np.nan_to_num(steps.contributions)
+            pooled = _trailing_sum(weights, self.score_steps)
+            total = pooled.sum(axis=2, keepdims=True)
+            contributions = np.where(
+                np.isfinite(steps.score)[..., None], pooled / np.maximum(total, 1e-12), np.nan
+            ).astype(np.float32)
+        return Scores(
+            score=_trailing_rms(steps.score, self.score_steps),
+            uncertainty=None
+            if steps.uncertainty is None
+            else _trailing_rms(steps.uncertainty, self.score_steps),
+            contributions=contributions,
+            forecast=self.forecast(windows),
+        )
+
+    # ----------------------------------------------------------------------- forecasts
+    @torch.no_grad()
+    def predict(self, values: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Forecasts of the steps after each context, in robust-scale units.
+
+        Args:
+            values: ``(batch, context, features)`` standardised values, missing = 0.
+            mask: the same shape, 1 where observed.
+
+        Returns:
+            mean and standard deviation, ``(batch, horizon, features)`` each, for steps 1..H.
+        """
+        assert self.model_ is not None
+        self.model_.eval()
+        means, sigmas = [], []
+        chunk = max(self.training.batch_size * 8, 256)
+        for start in range(0, len(values), chunk):
+            x = torch.from_numpy(values[start : start + chunk]).to(self.device)
+            m = torch.from_numpy(mask[start : start + chunk]).to(self.device)
+            with autocast(self.device):
+                output = self.model_(x, m)
+            means.append(output.mean.float().cpu())
+            sigmas.append(torch.exp(0.5 * output.log_var.float()).cpu())
+        return torch.cat(means).numpy(), torch.cat(sigmas).numpy()
+
+    def forecast(self, windows: Windows) -> Forecast | None:
+        """Forecasts made at the last step of ``windows`` for ``export_metrics``, in original
+        units; None when nothing is to be forecast or the windows are shorter than the context."""
+        features = self._require_fitted()
+        exported = [name for name in self.export_metrics if name in features]
+        if not exported or len(windows.timestamps) < self.context:
+            return None
+        windows = windows.reindex_features(features).tail(self.context)
+        standard, mask = self.scaler_.transform(windows)
+        mean, sigma = self.predict(standard, mask)
+        rows = np.array(self.horizon_steps) - 1
+        columns = np.array([features.index(name) for name in exported])
+        mean, sigma = mean[:, rows][:, :, columns], sigma[:, rows][:, :, columns]
+        quantile = NormalDist().inv_cdf(0.5 + self.interval / 2.0)
+        centers, scales = _entity_parameters(self.scaler_, windows.keys)
+        center = centers[:, None, columns]
+        scale = scales[:, None, columns]
+        unforecastable = ~windows.observed[:, -1].any(axis=1) | ~windows.observed.any(axis=(1, 2))
+        result = [
+            np.where(unforecastable[:, None, None], np.nan, center + scale * part)
+            for part in (mean, mean - quantile * sigma, mean + quantile * sigma)
+        ]
+        return Forecast(
+            features=exported,
+            horizons_seconds=np.array(self.horizon_steps, dtype=np.float64) * windows.step,
+            mean=result[0].astype(np.float32),
+            lower=result[1].astype(np.float32),
+            upper=result[2].astype(np.float32),
+            interval=self.interval,
+        )
+
+
+def _trailing_sum(values: np.ndarray, span: int) -> np.ndarray:
+    """Sum over each step and the ``span - 1`` steps before it along axis 1 (fewer at the
+    start); ``values`` ``(entities, time, ...)`` without NaN."""
+    cumulative = np.cumsum(values, axis=1, dtype=np.float64)
+    shifted = np.zeros_like(cumulative)
+    shifted[:, span:] = cumulative[:, :-span] if span < values.shape[1] else 0.0
+    return cumulative - shifted
+
+
+def _trailing_rms(values: np.ndarray, span: int) -> np.ndarray:
+    """Root mean square of the finite values among each step and the ``span - 1`` before it;
+    NaN where the step itself is NaN. ``values``: ``(entities, time)``."""
+    finite = np.isfinite(values)
+    total = _trailing_sum(np.where(finite, values, 0.0) ** 2, span)
+    count = _trailing_sum(finite.astype(np.float64), span)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pooled = np.sqrt(total / count)
+    return np.where(finite, pooled, np.nan).astype(np.float32)
+
+
+def _entity_parameters(scaler: RobustScaler, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Robust centers and scales ``(entities, features)`` of ``keys`` (defaults for new ones)."""
+    assert scaler.default_center_ is not None and scaler.default_scale_ is not None
+    centers = np.stack([scaler.centers_.get(key, scaler.default_center_) for key in keys])
+    scales = np.stack([scaler.scales_.get(key, scaler.default_scale_) for key in keys])
+    return centers, scales

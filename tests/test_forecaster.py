@@ -1,0 +1,306 @@
+"""The ``forecaster`` detector on the shipped real SMD slice (machine-1-2): the network, the
+one-step-ahead score, masking, checkpoints through a real store, forecasts in original units and
+the configuration that shapes it. The /metrics path through the agent is in test_agent.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aiops_plugin.config import Config, DetectorsConfig
+from aiops_plugin.detectors.forecaster import (
+    ForecasterDetector,
+    LongShortForecaster,
+    gaussian_nll,
+)
+from aiops_plugin.detectors.registry import FittedModel, build_detector
+from aiops_plugin.detectors.training import TrainingSettings
+from aiops_plugin.evaluation.datasets import LabelledSeries
+from aiops_plugin.evaluation.forecasting import METHODS, evaluate_series
+from aiops_plugin.exporter import horizon_label
+from aiops_plugin.localstack import DemoSample, load_demo_sample
+from aiops_plugin.store import Store
+from aiops_plugin.windows import Windows
+
+STEP = 60.0
+EXPORTED = ["m05", "m20"]
+
+
+@pytest.fixture(scope="module")
+def smd() -> DemoSample:
+    return load_demo_sample()
+
+
+def windows(smd: DemoSample, values: np.ndarray, entity: str = "machine-1-2") -> Windows:
+    return Windows.from_array(
+        values, step=STEP, features=smd.feature_names, entities=[{"instance": entity}]
+    )
+
+
+def small_detector(**overrides) -> ForecasterDetector:
+    settings = {
+        "window": 24,
+        "hidden": 16,
+        "heads": 2,
+        "horizon_steps": [1, 5, 15],
+        "score_steps": 3,
+        "export_metrics": EXPORTED,
+        "max_train_windows": 2000,
+        "training": TrainingSettings(epochs=4, batch_size=64, patience=10),
+        **overrides,
+    }
+    return ForecasterDetector(**settings)
+
+
+@pytest.fixture(scope="module")
+def fitted(smd: DemoSample) -> FittedModel:
+    return FittedModel.fit(small_detector(), windows(smd, smd.train), false_alarm_rate=0.01)
+
+
+def test_network_shapes_and_gate_between_zero_and_one() -> None:
+    torch.manual_seed(0)
+    network = LongShortForecaster(n_features=38, context=23, horizon=15, hidden=16, heads=2)
+    values, mask = torch.randn(7, 23, 38), torch.ones(7, 23, 38)
+    output = network(values, mask)
+    assert output.mean.shape == output.log_var.shape == (7, 15, 38)
+    assert output.gate.shape == (7, 16)
+    assert ((output.gate > 0) & (output.gate < 1)).all()
+
+
+def test_training_lowers_the_loss_on_a_real_slice(fitted: FittedModel) -> None:
+    report = fitted.detector.training_report_
+    assert report["epochs"] == 4
+    assert report["final_train_loss"] < report["first_train_loss"] - 0.2
+    assert np.isfinite(report["best_validation_loss"])
+
+
+def test_loss_ignores_masked_targets() -> None:
+    torch.manual_seed(0)
+    network = LongShortForecaster(n_features=4, context=8, horizon=3, hidden=8, heads=2)
+    output = network(torch.randn(5, 8, 4), torch.ones(5, 8, 4))
+    target, mask = torch.randn(5, 3, 4), torch.ones(5, 3, 4)
+    mask[:, :, 0] = 0
+    changed = target.clone()
+    changed[:, :, 0] = 1e6
+    assert torch.equal(gaussian_nll(output, target, mask), gaussian_nll(output, changed, mask))
+
+
+def test_score_is_the_one_step_residual_scaled_by_the_predicted_spread(
+    fitted: FittedModel, smd: DemoSample
+) -> None:
+    """The network reads the steps before the scored one, never the value it scores."""
+    detector = fitted.detector
+    assert isinstance(detector, ForecasterDetector)
+    one_step = small_detector()
+    one_step.load_state_dict(detector.state_dict())
+    one_step.score_steps = 1
+    values = smd.test[:100].copy()
+    raw = one_step.score(windows(smd, values)).score[0]
+    standard, mask = one_step.scaler_.transform(windows(smd, values))
+    context = detector.context
+    mean, sigma = one_step.predict(standard[:, -1 - context : -1], mask[:, -1 - context : -1])
+    spread = sigma[0, 0]
+    expected = np.sqrt(np.mean(((standard[0, -1] - mean[0, 0]) / spread) ** 2))
+    assert raw[-1] == pytest.approx(expected, rel=1e-4)
+    values[-1, 3] += 5.0
+    moved = one_step.score(windows(smd, values)).score[0]
+    np.testing.assert_allclose(moved[:-1], raw[:-1], rtol=1e-6, equal_nan=True)
+    assert moved[-1] > raw[-1]
+
+
+def test_agent_context_gives_the_same_latest_score(fitted: FittedModel, smd: DemoSample) -> None:
+    history = windows(smd, np.concatenate([smd.train[-200:], smd.test[:200]]))
+    whole = fitted.score(history)
+    latest = fitted.score(history.tail(fitted.detector.context_steps + 1))
+    assert latest.score[0, -1] == pytest.approx(whole.score[0, -1], rel=1e-5)
+    np.testing.assert_allclose(latest.raw.forecast.mean, whole.raw.forecast.mean, rtol=1e-5)
+
+
+def test_missing_values_are_masked_not_scored(fitted: FittedModel, smd: DemoSample) -> None:
+    values = smd.test[:160].copy()
+    values[:40] = np.nan  # nothing observed: no context for steps up to 40
+    values[100:104] = np.nan  # whole steps missing
+    values[120:130, :10] = np.nan  # some features missing
+    scores = fitted.score(windows(smd, values))
+    assert np.isnan(scores.score[0, :41]).all()  # step 40's context is all imputed
+    assert np.isfinite(scores.score[0, 41:100]).all()
+    assert np.isnan(scores.score[0, 100:104]).all()
+    assert np.isfinite(scores.score[0, 104:]).all()
+    assert np.isfinite(scores.uncertainty[0, 120:130]).all()
+    assert np.allclose(scores.contributions[0, 125].sum(), 1.0, atol=1e-4)
+    # a missing feature contributes nothing to a step scored on its own
+    detector = fitted.detector
+    assert isinstance(detector, ForecasterDetector)
+    detector.score_steps = 1
+    try:
+        alone = fitted.score(windows(smd, values[:130]))
+    finally:
+        detector.score_steps = 3
+    assert (alone.raw.contributions[0, -1, :10] == 0).all()
+
+
+def test_planted_level_shift_and_spike_score_above_normal_data(
+    fitted: FittedModel, smd: DemoSample
+) -> None:
+    """Deviations planted in units of each metric's own spread on the fit window; each scores
+    above everything the unplanted data scored in the hour before it."""
+    normal = smd.test[:300]  # the labelled anomaly starts at test row 375
+    spread = smd.train.std(axis=0)
+    values = normal.copy()
+    values[150] += 10.0 * spread  # a one-minute spike on every metric that moves
+    values[240:] += 6.0 * spread  # a level shift from minute 240 on
+    before = np.concatenate([smd.train[-60:], normal])
+    baseline = fitted.score(windows(smd, before)).score[0, 60:]
+    scores = fitted.score(windows(smd, np.concatenate([smd.train[-60:], values]))).score[0, 60:]
+    assert scores[150] > max(np.nanmax(baseline[90:150]), 1.0)
+    assert scores[240] > max(np.nanmax(baseline[180:240]), 1.0)
+    np.testing.assert_array_equal(scores[:150], baseline[:150])
+
+
+def test_forecast_interval_holds_the_mean_in_original_units(
+    fitted: FittedModel, smd: DemoSample
+) -> None:
+    history = np.concatenate([smd.train[-100:], smd.test[:100]])
+    forecast = fitted.score(windows(smd, history)).raw.forecast
+    assert forecast is not None
+    assert forecast.features == EXPORTED
+    np.testing.assert_array_equal(forecast.horizons_seconds, [60.0, 300.0, 900.0])
+    assert forecast.mean.shape == (1, 3, 2)
+    assert (forecast.lower <= forecast.mean).all() and (forecast.mean <= forecast.upper).all()
+    assert (forecast.lower < forecast.upper).all()
+    columns = [smd.feature_names.index(name) for name in EXPORTED]
+    future = smd.test[100:115, columns]
+    low, high = smd.train[:, columns].min(axis=0), smd.train[:, columns].max(axis=0)
+    span = high - low
+    assert ((forecast.mean > low - 0.5 * span) & (forecast.mean < high + 0.5 * span)).all()
+    # one step ahead the forecast is close to what came next, in the metric's own units
+    assert np.all(np.abs(forecast.mean[0, 0] - future[0]) < 0.25 * span)
+
+
+def test_no_forecast_without_exported_metrics(fitted: FittedModel, smd: DemoSample) -> None:
+    detector = fitted.detector
+    assert isinstance(detector, ForecasterDetector)
+    detector.export_metrics = []
+    try:
+        assert fitted.score(windows(smd, smd.test[:60])).raw.forecast is None
+    finally:
+        detector.export_metrics = EXPORTED
+
+
+def test_checkpoint_round_trip_through_the_store(
+    fitted: FittedModel, smd: DemoSample, tmp_path: Path
+) -> None:
+    config = DetectorsConfig.model_validate(
+        {"forecaster": {"window": 24, "hidden": 16, "heads": 2, "export_metrics": EXPORTED}}
+    )
+    with Store.open(f"sqlite:///{tmp_path / 'store.db'}") as store:
+        store.save_model_version(
+            detector="forecaster",
+            group="smd",
+            config_hash="test",
+            state=fitted.to_bytes(),
+            training_metrics={},
+            n_entities=1,
+            n_features=38,
+        )
+        version = store.latest_model_version("forecaster", "smd", "test")
+        assert version is not None
+        restored = FittedModel.from_bytes(version.state, config, torch.device("cpu"))
+    history = windows(smd, np.concatenate([smd.train[-50:], smd.test[:150]]))
+    before, after = fitted.score(history), restored.score(history)
+    np.testing.assert_array_equal(after.score, before.score)
+    np.testing.assert_array_equal(after.uncertainty, before.uncertainty)
+    for part in ("mean", "lower", "upper"):
+        np.testing.assert_array_equal(
+            getattr(after.raw.forecast, part), getattr(before.raw.forecast, part)
+        )
+
+
+def test_unknown_entity_uses_the_group_scaling(fitted: FittedModel, smd: DemoSample) -> None:
+    scores = fitted.score(windows(smd, smd.test[:80], entity="new-host"))
+    assert np.isfinite(scores.score[0, -1]) and scores.raw.forecast is not None
+
+
+def _config(**forecaster) -> dict:
+    return {
+        "prometheus": {"step": "1m"},
+        "entities": [{"name": "smd", "labels": ["instance"], "queries": {"m05": "x", "m20": "y"}}],
+        "detectors": {"forecaster": {"enabled": True, **forecaster}},
+    }
+
+
+def test_horizons_become_steps_and_a_horizon_change_refits() -> None:
+    config = Config.model_validate(_config())
+    assert config.detectors.forecaster.horizon_steps == [5, 15, 30]
+    longer = Config.model_validate({**_config(), "calibration": {"horizons": ["5m", "1h"]}})
+    assert longer.detectors.forecaster.horizon_steps == [5, 60]
+    assert longer.model_hash("forecaster") != config.model_hash("forecaster")
+    odd = Config.model_validate({**_config(), "calibration": {"horizons": ["90s"]}})
+    assert odd.detectors.forecaster.horizon_steps == [2]
+    detector = build_detector("forecaster", longer.detectors, torch.device("cpu"))
+    assert isinstance(detector, ForecasterDetector) and detector.horizon == 60
+
+
+def test_exported_metrics_and_interval_need_no_refit() -> None:
+    plain = Config.model_validate(_config())
+    exporting = Config.model_validate(_config(export_metrics=["m05"], interval=0.5))
+    wider = Config.model_validate(_config(hidden=32))
+    assert exporting.model_hash("forecaster") == plain.model_hash("forecaster")
+    assert wider.model_hash("forecaster") != plain.model_hash("forecaster")
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"export_metrics": ["nope"]}, "detectors.forecaster.export_metrics.0"),
+        ({"horizon_steps": [3]}, "derived from calibration.horizons"),
+        ({"hidden": 30, "heads": 4}, "multiple of heads"),
+        ({"export_metrics": [f"m{i}" for i in range(17)]}, "at most 16"),
+    ],
+)
+def test_bad_forecaster_settings_name_the_field(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Config.model_validate(_config(**settings))
+
+
+def test_horizon_labels_are_prometheus_durations() -> None:
+    assert [horizon_label(s) for s in (300, 900, 3600, 5400, 90, 86400)] == [
+        "5m",
+        "15m",
+        "1h",
+        "90m",
+        "90s",
+        "1d",
+    ]
+
+
+def test_forecast_benchmark_compares_every_method_at_every_horizon(smd: DemoSample) -> None:
+    series = LabelledSeries(
+        dataset="smd",
+        entity=smd.machine,
+        train=smd.train,
+        test=smd.test,
+        test_labels=smd.test_labels.astype(np.int8),
+        step_seconds=STEP,
+        test_timestamps=None,
+        feature_names=smd.feature_names,
+        segments=[],
+        notes=[],
+    )
+    detectors = DetectorsConfig.model_validate(
+        {"forecaster": {"window": 24, "hidden": 16, "heads": 2, "epochs": 2}}
+    )
+    rows, _, origins = evaluate_series(series, detectors, 20, torch.device("cpu"))
+    assert origins == len(range(len(smd.train) - 1, len(smd.train) + len(smd.test) - 30, 20))
+    assert {(row.method, row.horizon_steps) for row in rows} == {
+        (method, steps) for method in METHODS for steps in (5, 15, 30)
+    }
+    for row in rows:
+        assert row.rmse == pytest.approx(np.sqrt(row.mse)) and row.mae <= row.rmse
+        assert 0 < row.mape_coverage <= 1 and np.isfinite(row.mape)
+    # one day of history is there (3000 one-minute rows): seasonal-naive is not persistence
+    by_method = {(row.method, row.horizon_steps): row.mse for row in rows}
+    assert by_method[("seasonal-naive", 5)] != by_method[("last value", 5)]

@@ -1,0 +1,232 @@
+"""Dashboard provisioning and anomaly annotations through grafana-client.
+
+No Grafana server can be installed here, so these run against ``tests/grafana_standin.py``: an
+in-process HTTP server that checks every request against Grafana's documented HTTP API (paths,
+methods, body fields and their types, the bearer token) and keeps what a Grafana would store.
+Everything else is real: the CLI, grafana-client and its HTTP stack, the store.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner, Result
+
+from aiops_plugin.cli import app
+from aiops_plugin.config import ConfigError, load_config
+from aiops_plugin.dashboards import DASHBOARDS_DIR, load_dashboards
+from aiops_plugin.grafana import AnnotationWriter, connect
+from aiops_plugin.localstack import free_port
+from aiops_plugin.store import Store
+from aiops_plugin.windows import entity_key
+from tests.grafana_standin import GrafanaStandIn
+
+TOKEN = "glsa_test_token"
+ENTITY = {"instance": "machine-1-2"}
+KEY = entity_key(ENTITY)
+
+
+@pytest.fixture
+def grafana() -> Iterator[GrafanaStandIn]:
+    with GrafanaStandIn(token=TOKEN) as standin:
+        yield standin
+
+
+def push(*args: str, token: str | None = TOKEN) -> Result:
+    env = {"AIOPS_GRAFANA_TOKEN": token} if token else {"AIOPS_GRAFANA_TOKEN": ""}
+    return CliRunner().invoke(app, ["dashboards", "push", *args], env=env)
+
+
+def assert_api_used_as_documented(grafana: GrafanaStandIn) -> None:
+    assert not grafana.rejected, grafana.rejected
+    assert not grafana.unexpected, grafana.unexpected
+
+
+def test_push_creates_the_folder_and_every_dashboard(grafana: GrafanaStandIn) -> None:
+    result = push("--grafana-url", grafana.url)
+    assert result.exit_code == 0, result.output
+    assert [(f["uid"], f["title"]) for f in grafana.folders.values()] == [("aiops", "AIOps")]
+    shipped = load_dashboards()
+    assert set(grafana.dashboard_versions) == {d.uid for d in shipped}
+    for dashboard in shipped:
+        (saved,) = grafana.dashboard_versions[dashboard.uid]
+        assert saved["folderUid"] == "aiops"
+        assert saved["message"] == "aiops-plugin dashboards push"
+        stored = {k: v for k, v in saved["dashboard"].items() if k not in ("id", "version")}
+        assert stored == {k: v for k, v in dashboard.model.items() if k != "id"}
+        assert f"created   {dashboard.uid}" in result.output
+    saves = [r.body for r in grafana.requests if r.path == "/api/dashboards/db"]
+    assert all(body["overwrite"] is True and body["dashboard"]["id"] is None for body in saves)
+    assert_api_used_as_documented(grafana)
+
+
+def test_pushing_again_adds_no_version_and_a_change_adds_one(
+    grafana: GrafanaStandIn, tmp_path: Path
+) -> None:
+    assert push("--grafana-url", grafana.url).exit_code == 0
+    again = push("--grafana-url", grafana.url)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("unchanged") == 4
+    assert all(len(versions) == 1 for versions in grafana.dashboard_versions.values())
+
+    changed = tmp_path / "dashboards"
+    shutil.copytree(DASHBOARDS_DIR, changed)
+    overview = json.loads((changed / "aiops-overview.json").read_text())
+    overview["title"] = "AIOps / Overview (edited)"
+    (changed / "aiops-overview.json").write_text(json.dumps(overview))
+    result = push("--grafana-url", grafana.url, "--dashboards-dir", str(changed))
+    assert result.exit_code == 0, result.output
+    assert "updated   aiops-overview   version 2" in result.output
+    history = grafana.dashboard_versions["aiops-overview"]
+    assert [v["dashboard"]["title"] for v in history] == [
+        "AIOps / Overview",
+        "AIOps / Overview (edited)",
+    ]
+    assert len(grafana.folders) == 1
+    assert sum(r.method == "POST" and r.path == "/api/folders" for r in grafana.requests) == 1
+    assert_api_used_as_documented(grafana)
+
+
+def test_push_reuses_an_existing_folder_with_the_same_title(grafana: GrafanaStandIn) -> None:
+    connect(grafana.url, TOKEN).folder.create_folder("AIOps", uid="made-by-hand")
+    assert push("--grafana-url", grafana.url).exit_code == 0
+    assert list(grafana.folders) == ["made-by-hand"]
+    assert {v[-1]["folderUid"] for v in grafana.dashboard_versions.values()} == {"made-by-hand"}
+
+
+def test_push_takes_the_token_from_a_file_and_url_and_folder_from_the_config(
+    grafana: GrafanaStandIn, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "entities": [{"name": "node", "labels": ["instance"], "queries": {"up": "up"}}],
+                "grafana": {"url": grafana.url, "folder": "Platform AIOps"},
+            }
+        )
+    )
+    result = push("--config", str(config), "--token-file", str(token_file), token=None)
+    assert result.exit_code == 0, result.output
+    assert [(f["uid"], f["title"]) for f in grafana.folders.values()] == [
+        ("platform-aiops", "Platform AIOps")
+    ]
+    assert all(r.headers["authorization"] == f"Bearer {TOKEN}" for r in grafana.requests)
+
+
+def test_push_with_a_wrong_token_fails_naming_the_call(grafana: GrafanaStandIn) -> None:
+    result = push("--grafana-url", grafana.url, token="wrong")
+    assert result.exit_code == 1
+    assert "listing folders (GET /api/folders)" in result.output
+    assert "Unauthorized" in result.output
+    assert not grafana.dashboard_versions
+
+
+def test_push_without_credentials_or_url_is_a_usage_error(grafana: GrafanaStandIn) -> None:
+    assert push("--grafana-url", grafana.url, token=None).exit_code == 2
+    assert push(token=None).exit_code == 2
+    assert not grafana.requests
+
+
+def test_export_writes_every_dashboard_for_file_provisioning(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["dashboards", "export", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    for dashboard in load_dashboards():
+        written = tmp_path / "out" / f"{dashboard.uid}.json"
+        assert json.loads(written.read_text()) == dashboard.model
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    store = Store.open(f"sqlite:///{tmp_path / 'aiops.db'}")
+    yield store
+    store.close()
+
+
+def track(store: Store, at: datetime, score: float) -> list:
+    return store.track_anomaly_events(
+        group="node",
+        detector="fused",
+        timestamp=at,
+        scores={KEY: score},
+        labels={KEY: ENTITY},
+    )
+
+
+def test_an_anomaly_event_is_a_point_annotation_then_a_region(
+    grafana: GrafanaStandIn, store: Store
+) -> None:
+    writer = AnnotationWriter(connect(grafana.url, TOKEN))
+    start = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    end = datetime(2026, 3, 1, 12, 7, tzinfo=UTC)
+    (opened,) = track(store, start, 2.5)
+    assert writer.write([opened]) == 1
+    (annotation,) = grafana.annotations.values()
+    assert annotation["time"] == int(start.timestamp() * 1000)
+    assert "timeEnd" not in annotation
+    assert set(annotation["tags"]) == {
+        "aiops",
+        "aiops-anomaly",
+        "entity:machine-1-2",
+        "entity_group:node",
+        "detector:fused",
+        f"aiops-event:{opened.id}",
+    }
+
+    (closed,) = track(store, end, 0.2)
+    assert writer.write([closed]) == 1
+    (region,) = grafana.annotations.values()
+    assert region["id"] == annotation["id"]
+    assert region["time"] == int(start.timestamp() * 1000)
+    assert region["timeEnd"] == int(end.timestamp() * 1000)
+    assert region["tags"] == annotation["tags"]
+    assert "peaked at 2.50" in region["text"] and "back below the threshold" in region["text"]
+    assert [(r.method, r.path) for r in grafana.requests] == [
+        ("POST", "/api/annotations"),
+        ("GET", "/api/annotations"),
+        ("PATCH", f"/api/annotations/{annotation['id']}"),
+    ]
+    assert grafana.requests[1].query["tags"] == [f"aiops-event:{opened.id}"]
+    assert_api_used_as_documented(grafana)
+
+
+def test_an_event_closed_by_a_restarted_agent_is_written_as_a_region(
+    grafana: GrafanaStandIn, store: Store
+) -> None:
+    start = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    track(store, start, 2.5)  # opened while Grafana annotations were off
+    (closed,) = track(store, datetime(2026, 3, 1, 12, 3, tzinfo=UTC), 0.1)
+    assert AnnotationWriter(connect(grafana.url, TOKEN)).write([closed]) == 1
+    (region,) = grafana.annotations.values()
+    assert region["timeEnd"] - region["time"] == 180_000
+    assert_api_used_as_documented(grafana)
+
+
+def test_grafana_down_does_not_stop_the_writer(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    (opened,) = track(store, datetime(2026, 3, 1, 12, 0, tzinfo=UTC), 2.5)
+    writer = AnnotationWriter(connect(f"http://127.0.0.1:{free_port()}", TOKEN, timeout=2))
+    assert writer.write([opened]) == 0
+    assert "not written" in caplog.text
+
+
+def test_annotations_need_a_grafana_url_and_the_token_comes_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = {"entities": [{"name": "node", "labels": ["instance"], "queries": {"up": "up"}}]}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**base, "grafana": {"annotations": True}}))
+    with pytest.raises(ConfigError, match="grafana"):
+        load_config(path)
+    path.write_text(yaml.safe_dump({**base, "grafana": {"url": "http://grafana:3000"}}))
+    monkeypatch.setenv("AIOPS_GRAFANA_TOKEN", "from-env")
+    assert load_config(path).grafana.token == "from-env"
