@@ -84,6 +84,7 @@ class Agent:
         self.store = store or Store.open(config.store.resolved_url())
         self.reader = reader or PrometheusReader(config.prometheus)
         self.exporter = exporter or Exporter()
+        self.exporter.declare_groups([group.name for group in config.entities])
         self.models: dict[tuple[str, str], FittedModel] = {}
         self.buffers: dict[str, Windows] = {}
         #: entity keys seen at the last fit, so an entity whose series vanished is reported

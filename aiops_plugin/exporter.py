@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from aiops_plugin.detectors.base import Forecast
 
 PHASES = ("fetch", "features", "infer", "calibrate", "export")
+#: ``reason`` values of ``aiops_entities_skipped_total``.
+SKIP_REASONS = ("no_model", "no_recent_data", "too_little_data")
 FIT_PHASES = ("fit",)
 CYCLE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 #: ``reason`` values of ``aiops_logs_rejected_total``. The first three and the last two count
@@ -262,6 +264,13 @@ class Exporter:
         """Set ``aiops_multiscale_scale_weight`` of a group's model in use (scale -> weight)."""
         for scale, weight in weights.items():
             self.multiscale_scale_weight.labels(entity_group=group, scale=scale).set(weight)
+
+    def declare_groups(self, groups: list[str]) -> None:
+        """Create every (group, reason) series of the skip counter at 0, so rates and dashboards
+        see the counter before the first skip instead of no series at all."""
+        for group in groups:
+            for reason in SKIP_REASONS:
+                self.entities_skipped.labels(entity_group=group, reason=reason)
 
     def publish_log_scores(
         self, group: str, entities: list[EntityLabels], scores: np.ndarray
