@@ -32,13 +32,11 @@ import numpy as np
 import torch
 
 from aiops_plugin.detectors.base import Detector, FitReport, Scores
+from aiops_plugin.detectors.scaling import FLAT_FEATURE_SCALE, MAD_TO_SIGMA, RobustScaler
 from aiops_plugin.windows import Windows
 
-MAD_TO_SIGMA = 1.4826
 #: z-scores are clipped here: beyond it "very anomalous" is all an operator needs to know.
 MAX_Z = 1000.0
-#: Scale floor for a feature that never moved during the fit, relative to its magnitude.
-FLAT_FEATURE_SCALE = 1e-3
 
 
 class RollingMadDetector(Detector):
@@ -183,9 +181,9 @@ class RollingMadDetector(Detector):
 class PointwiseDetector(Detector):
     """A PyOD model over each step's feature vector, one model for the whole entity group.
 
-    Every entity's features are robustly standardised with that entity's own fit-window median
-    and scale (1.4826 x MAD, falling back to the standard deviation), so entities of different
-    size share one model and one ``decision_function`` call over all ``entities x steps`` rows.
+    Every entity's features are robustly standardised (:class:`RobustScaler`), so entities of
+    different size share one model and one ``decision_function`` call over all
+    ``entities x steps`` rows.
     Missing features are set to the entity's median (0 after standardising) only where at least
     half of the step's features were observed; a step with less is not scored (NaN).
     The fit uses at most ``max_train_samples`` rows, drawn with a fixed seed.
@@ -198,10 +196,7 @@ class PointwiseDetector(Detector):
         self.max_train_samples = max_train_samples
         self.seed = seed
         self.model_: Any = None
-        self.entity_centers_: dict[str, np.ndarray] = {}
-        self.entity_scales_: dict[str, np.ndarray] = {}
-        self.default_center_: np.ndarray | None = None
-        self.default_scale_: np.ndarray | None = None
+        self.scaler_ = RobustScaler()
 
     def build_model(self) -> Any:
         raise NotImplementedError
@@ -211,35 +206,14 @@ class PointwiseDetector(Detector):
 
     def _rows(self, windows: Windows) -> tuple[np.ndarray, np.ndarray]:
         """``(entities*time, features)`` standardised rows and ``(entities*time,)`` validity."""
-        centers = np.stack(
-            [self.entity_centers_.get(key, self.default_center_) for key in windows.keys]
-        )
-        scales = np.stack(
-            [self.entity_scales_.get(key, self.default_scale_) for key in windows.keys]
-        )
-        values = np.where(windows.observed, windows.values, np.nan)
-        standard = (values - centers[:, None, :]) / scales[:, None, :]
+        standard, _ = self.scaler_.transform(windows, clip=MAX_Z)
         valid = windows.observed.mean(axis=2) >= 0.5
-        standard = np.clip(np.nan_to_num(standard, nan=0.0), -MAX_Z, MAX_Z)
         return standard.reshape(-1, standard.shape[2]), valid.reshape(-1)
 
     def fit(self, windows: Windows) -> FitReport:
         started = time.perf_counter()
-        values = np.where(windows.observed, windows.values, np.nan)
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            center = np.nanmedian(values, axis=1)
-            scale = MAD_TO_SIGMA * np.nanmedian(np.abs(values - center[:, None, :]), axis=1)
-            spread = np.nanstd(values, axis=1)
-        scale = np.where(scale > 0, scale, spread)
-        flat = FLAT_FEATURE_SCALE * np.maximum(np.abs(np.nan_to_num(center)), 1.0)
-        scale = np.where(np.isfinite(scale) & (scale > 0), scale, flat).astype(np.float32)
-        center = np.nan_to_num(center).astype(np.float32)
         self.features_ = list(windows.features)
-        self.entity_centers_ = dict(zip(windows.keys, center, strict=True))
-        self.entity_scales_ = dict(zip(windows.keys, scale, strict=True))
-        self.default_center_ = np.median(center, axis=0)
-        self.default_scale_ = np.median(scale, axis=0)
+        self.scaler_.fit(windows)
         rows, valid = self._rows(windows)
         rows = rows[valid]
         if len(rows) > self.max_train_samples:
@@ -278,11 +252,7 @@ class PointwiseDetector(Detector):
         return {
             "hyper_parameters": self._hyper_parameters(),
             "features": features,
-            "entity_keys": list(self.entity_centers_),
-            "entity_centers": np.stack(list(self.entity_centers_.values())),
-            "entity_scales": np.stack(list(self.entity_scales_.values())),
-            "default_center": self.default_center_,
-            "default_scale": self.default_scale_,
+            "scaler": self.scaler_.state_dict(),
             # a fitted scikit-learn / PyOD estimator; written and read only by this store
             "model_pickle": pickle.dumps(self.model_),
         }
@@ -291,15 +261,7 @@ class PointwiseDetector(Detector):
         for name, value in state["hyper_parameters"].items():
             setattr(self, name, value)
         self.features_ = list(state["features"])
-        keys = state["entity_keys"]
-        self.entity_centers_ = dict(
-            zip(keys, np.asarray(state["entity_centers"], np.float32), strict=True)
-        )
-        self.entity_scales_ = dict(
-            zip(keys, np.asarray(state["entity_scales"], np.float32), strict=True)
-        )
-        self.default_center_ = np.asarray(state["default_center"], np.float32)
-        self.default_scale_ = np.asarray(state["default_scale"], np.float32)
+        self.scaler_.load_state_dict(state["scaler"])
         self.model_ = pickle.loads(state["model_pickle"])  # noqa: S301 - our own store
 
 

@@ -16,7 +16,6 @@ window's last step is scored (:meth:`score_batch`); shapes are ``(batch, window,
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,69 +24,9 @@ import torch
 from torch import nn
 
 from aiops_plugin.detectors.base import Detector, FitReport, Scores
+from aiops_plugin.detectors.scaling import MAX_STANDARD, RobustScaler
 from aiops_plugin.detectors.training import TrainingSettings, autocast, train
 from aiops_plugin.windows import Windows
-
-MAD_TO_SIGMA = 1.4826
-#: Standardised values are clipped here so one wild sample cannot blow up a batch.
-MAX_STANDARD = 50.0
-FLAT_FEATURE_SCALE = 1e-3
-
-
-class RobustScaler:
-    """Per-entity, per-feature median and robust scale from the fit window.
-
-    Entities first seen after the fit use the median of the fitted entities' parameters.
-    """
-
-    def __init__(self) -> None:
-        self.centers_: dict[str, np.ndarray] = {}
-        self.scales_: dict[str, np.ndarray] = {}
-        self.default_center_: np.ndarray | None = None
-        self.default_scale_: np.ndarray | None = None
-
-    def fit(self, windows: Windows) -> RobustScaler:
-        values = np.where(windows.observed, windows.values, np.nan)
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            center = np.nanmedian(values, axis=1)
-            scale = MAD_TO_SIGMA * np.nanmedian(np.abs(values - center[:, None, :]), axis=1)
-            spread = np.nanstd(values, axis=1)
-        scale = np.where(scale > 0, scale, spread)
-        flat = FLAT_FEATURE_SCALE * np.maximum(np.abs(np.nan_to_num(center)), 1.0)
-        scale = np.where(np.isfinite(scale) & (scale > 0), scale, flat).astype(np.float32)
-        center = np.nan_to_num(center).astype(np.float32)
-        self.centers_ = dict(zip(windows.keys, center, strict=True))
-        self.scales_ = dict(zip(windows.keys, scale, strict=True))
-        self.default_center_ = np.median(center, axis=0)
-        self.default_scale_ = np.median(scale, axis=0)
-        return self
-
-    def transform(self, windows: Windows) -> tuple[np.ndarray, np.ndarray]:
-        """Standardised values with missing = 0, and the float mask; both ``(E, T, F)``."""
-        assert self.default_center_ is not None and self.default_scale_ is not None
-        centers = np.stack([self.centers_.get(k, self.default_center_) for k in windows.keys])
-        scales = np.stack([self.scales_.get(k, self.default_scale_) for k in windows.keys])
-        values = np.where(windows.observed, windows.values, np.nan)
-        standard = (values - centers[:, None, :]) / scales[:, None, :]
-        standard = np.clip(np.nan_to_num(standard, nan=0.0), -MAX_STANDARD, MAX_STANDARD)
-        return standard.astype(np.float32), windows.observed.astype(np.float32)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "keys": list(self.centers_),
-            "centers": np.stack(list(self.centers_.values())),
-            "scales": np.stack(list(self.scales_.values())),
-            "default_center": self.default_center_,
-            "default_scale": self.default_scale_,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        keys = list(state["keys"])
-        self.centers_ = dict(zip(keys, np.asarray(state["centers"], np.float32), strict=True))
-        self.scales_ = dict(zip(keys, np.asarray(state["scales"], np.float32), strict=True))
-        self.default_center_ = np.asarray(state["default_center"], np.float32)
-        self.default_scale_ = np.asarray(state["default_scale"], np.float32)
 
 
 @dataclass
@@ -216,7 +155,7 @@ class WindowedDeepDetector(Detector):
         self.features_ = list(windows.features)
         self.n_features_ = len(windows.features)
         self.scaler_.fit(windows)
-        standard, mask = self.scaler_.transform(windows)
+        standard, mask = self.scaler_.transform(windows, clip=MAX_STANDARD)
         train_part, validation_part = self._training_windows(standard, mask)
         self.model_ = self.build_model(self.n_features_)
         stop = self.stop_event
@@ -252,7 +191,7 @@ class WindowedDeepDetector(Detector):
         features = self._require_fitted()
         assert self.model_ is not None
         windows = windows.reindex_features(features)
-        standard, mask = self.scaler_.transform(windows)
+        standard, mask = self.scaler_.transform(windows, clip=MAX_STANDARD)
         n_entities, n_time, n_features = standard.shape
         score = np.full((n_entities, n_time), np.nan, dtype=np.float32)
         uncertainty = np.full((n_entities, n_time), np.nan, dtype=np.float32)

@@ -3,7 +3,7 @@
 After Wang, "Towards Intelligent Backend Operations via Unified Temporal Representation and
 Prediction Modeling" (seed ``long-short-temporal-forecaster.txt``). The network
 (:class:`LongShortForecaster`) reads ``L = window - 1`` context steps of an entity's standardised
-features (per-entity robust scaling, :class:`~aiops_plugin.detectors.deep.RobustScaler`):
+features (per-entity robust scaling, :class:`~aiops_plugin.detectors.scaling.RobustScaler`):
 
 1. encoder ``h_t = Enc(x_t)`` (eq. 1): an MLP of each step's values and observed-mask (missing
    values enter as 0 with mask 0, so the network can tell "at the median" from "not measured");
@@ -64,7 +64,8 @@ import torch
 from torch import nn
 
 from aiops_plugin.detectors.base import Forecast, Scores
-from aiops_plugin.detectors.deep import RobustScaler, WindowedDeepDetector, WindowScores
+from aiops_plugin.detectors.deep import MAX_STANDARD, WindowedDeepDetector, WindowScores
+from aiops_plugin.detectors.scaling import RobustScaler
 from aiops_plugin.detectors.training import TrainingSettings, autocast
 from aiops_plugin.windows import Windows
 
@@ -320,7 +321,7 @@ class ForecasterDetector(WindowedDeepDetector):
         if not exported or len(windows.timestamps) < self.context:
             return None
         windows = windows.reindex_features(features).tail(self.context)
-        standard, mask = self.scaler_.transform(windows)
+        standard, mask = self.scaler_.transform(windows, clip=MAX_STANDARD)
         mean, sigma = self.predict(standard, mask)
         rows = np.array(self.horizon_steps) - 1
         columns = np.array([features.index(name) for name in exported])
