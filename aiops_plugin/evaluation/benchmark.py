@@ -258,11 +258,7 @@ def run_benchmark(
     torch.manual_seed(0)
     detectors = detectors or DetectorsConfig()
     device = device or torch.device("cpu")
-    all_series = [
-        series
-        for name in dataset_names
-        for series in datasets.load_all(name, list(entities) if entities else None, data_root)
-    ]
+    all_series = datasets.load_datasets(dataset_names, entities, data_root)
     if slice_rows:
         all_series = [short_slice(series, slice_rows) for series in all_series]
     jobs = [(series, detector) for series in all_series for detector in detector_names]

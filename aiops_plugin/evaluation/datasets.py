@@ -53,6 +53,7 @@ import math
 import os
 import pickle
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -218,6 +219,16 @@ def load_all(
                 f"{folder}: no {dataset} entity found: expected {_EXPECTED_LAYOUT[dataset]}"
             )
     return [load(dataset, entity, data_root) for entity in entities]
+
+
+def load_datasets(
+    datasets: Sequence[str],
+    entities: Sequence[str] | None = None,
+    data_root: Path | str | None = None,
+) -> list[LabelledSeries]:
+    """:func:`load_all` of each dataset in turn, as every benchmark reads its input."""
+    chosen = list(entities) if entities else None
+    return [series for name in datasets for series in load_all(name, chosen, data_root)]
 
 
 def nab_full(entity: str, data_root: Path | str | None = None) -> NabSeries:

@@ -231,11 +231,7 @@ def run_forecast_benchmark(
     torch.manual_seed(0)
     detectors = detectors or DetectorsConfig()
     device = device or torch.device("cpu")
-    all_series = [
-        series
-        for name in dataset_names
-        for series in datasets.load_all(name, list(entities) if entities else None, data_root)
-    ]
+    all_series = datasets.load_datasets(dataset_names, entities, data_root)
     rows: list[HorizonErrors] = []
     fit_seconds: dict[str, list[float]] = {}
     origins: dict[str, int] = {}
