@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from aiops_plugin.detectors.base import Detector, FitReport, Scores
-from aiops_plugin.detectors.scaling import FLAT_FEATURE_SCALE, MAD_TO_SIGMA, RobustScaler
+from aiops_plugin.detectors.scaling import MAD_TO_SIGMA, RobustScaler
 from aiops_plugin.windows import Windows
 
 #: z-scores are clipped here: beyond it "very anomalous" is all an operator needs to know.
@@ -68,17 +68,11 @@ class RollingMadDetector(Detector):
 
     def fit(self, windows: Windows) -> FitReport:
         started = time.perf_counter()
-        values = np.where(windows.observed, windows.values, np.nan)
-        with np.errstate(all="ignore"):
-            median = np.nanmedian(values, axis=1)
-            scale = MAD_TO_SIGMA * np.nanmedian(np.abs(values - median[:, None, :]), axis=1)
-            spread = np.nanstd(values, axis=1)
-        scale = np.where(scale > 0, scale, spread)
-        flat = FLAT_FEATURE_SCALE * np.maximum(np.abs(np.nan_to_num(median)), 1.0)
-        scale = np.where(np.isfinite(scale) & (scale > 0), scale, flat).astype(np.float32)
+        fit_scales = RobustScaler().fit(windows)
         self.features_ = list(windows.features)
-        self.entity_scales_ = dict(zip(windows.keys, scale, strict=True))
-        self.default_scale_ = np.median(scale, axis=0).astype(np.float32)
+        self.entity_scales_ = fit_scales.scales_
+        assert fit_scales.default_scale_ is not None
+        self.default_scale_ = fit_scales.default_scale_.astype(np.float32)
         n_entities, _, n_features = windows.values.shape
         self.entity_references_ = {key: np.ones(n_features, np.float32) for key in windows.keys}
         self.default_reference_ = np.ones(n_features, np.float32)
@@ -95,7 +89,9 @@ class RollingMadDetector(Detector):
             n_steps=len(windows.timestamps),
             n_features=len(windows.features),
             seconds=time.perf_counter() - started,
-            metrics={"median_fit_scale": float(np.median(scale))},
+            metrics={
+                "median_fit_scale": float(np.median(np.stack(list(self.entity_scales_.values()))))
+            },
         )
 
     def _per_entity(
