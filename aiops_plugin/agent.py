@@ -1,6 +1,7 @@
 """The scheduled agent: a ``fit`` job and an ``infer`` job over every entity group.
 
-The inference cycle reads top to bottom as its phases, each timed into
+The inference cycle reads top to bottom as its phases; each phase's time, summed over the
+cycle's groups and the log side, is observed once per cycle in
 ``aiops_cycle_duration_seconds{phase}``::
 
     fetch      incremental PromQL reads into a bounded per-group buffer
@@ -12,7 +13,13 @@ The inference cycle reads top to bottom as its phases, each timed into
 Fitting writes a model version in one transaction only once it is complete; a stop request
 (SIGTERM/SIGINT) between groups or detectors abandons the fit without writing anything, so the
 store never holds a half-written version. On start-up, models fitted under the same configuration
-are loaded from the store instead of being refitted.
+are loaded from the store instead of being refitted. While any (group, detector) has no model
+(Prometheus was down at start-up, a group had no data yet), the fit is retried with exponential
+backoff from ``schedule.fit_retry_backoff`` up to ``schedule.fit_retry_max_backoff`` instead of
+waiting for ``fit_every``.
+
+A failure in one group (a detector raising, the store refusing a write) is reported for that
+group; the other groups are still scored and exported.
 """
 
 from __future__ import annotations
@@ -22,9 +29,11 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Protocol
 
 import numpy as np
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -32,9 +41,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from aiops_plugin.calibration import fuse_scores
 from aiops_plugin.config import Config, EntityGroupConfig
 from aiops_plugin.detectors.base import choose_device
-from aiops_plugin.detectors.multiscale import MultiscaleDetector
 from aiops_plugin.detectors.registry import FittedModel, build_detector
-from aiops_plugin.detectors.training import TrainingInterrupted
+from aiops_plugin.detectors.training import TrainingFailed, TrainingInterrupted
 from aiops_plugin.exporter import Exporter, GroupSnapshot
 from aiops_plugin.grafana import AnnotationWriter
 from aiops_plugin.logs.intake import LogIntake
@@ -47,6 +55,8 @@ log = logging.getLogger(__name__)
 
 FUSED = "fused"
 LOG_FIT_RETRY_SECONDS = 60.0
+#: A cycle failing for the same reason is logged at ERROR again only after this many seconds.
+REPEATED_FAILURE_LOG_SECONDS = 300.0
 
 
 class StopRequested(Exception):
@@ -55,6 +65,30 @@ class StopRequested(Exception):
 
 class CycleFailed(Exception):
     """No group could be scored in an inference cycle."""
+
+
+class Service(Protocol):
+    """Something the agent starts after start-up and stops before closing the store (HTTP)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class PhaseTimer:
+    """Seconds per phase summed over one cycle (all groups and the log side), so that
+    ``aiops_cycle_duration_seconds{phase}`` gets one observation per phase per cycle."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - started
 
 
 @dataclass
@@ -85,10 +119,23 @@ class Agent:
         self.reader = reader or PrometheusReader(config.prometheus)
         self.exporter = exporter or Exporter()
         self.exporter.declare_groups([group.name for group in config.entities])
+        self.exporter.declare_models(
+            [
+                (group.name, detector)
+                for group in config.entities
+                for detector in config.detectors.enabled_names()
+            ]
+        )
         self.models: dict[tuple[str, str], FittedModel] = {}
         self.buffers: dict[str, Windows] = {}
         #: entity keys seen at the last fit, so an entity whose series vanished is reported
         self.fitted_entities: dict[str, dict[str, dict[str, str]]] = {}
+        #: per group, entities already reported as vanished (reported once, not every cycle)
+        self.vanished: dict[str, set[str]] = {}
+        #: why the last fit left models missing, and the delay before the next try (backoff)
+        self.last_fit_error: str | None = None
+        self._fit_retry_delay: float | None = None
+        self._last_failure_logged: tuple[str, float] | None = None
         self.stop_event = threading.Event()
         self._models_lock = threading.Lock()
         self.cycle_succeeded = False
@@ -124,7 +171,10 @@ class Agent:
 
     def readiness(self) -> tuple[bool, str]:
         if not self.models:
-            return False, "no model fitted yet"
+            reason = "no model fitted yet"
+            if self.last_fit_error:
+                reason += f" (last fit: {self.last_fit_error})"
+            return False, reason
         if not self.cycle_succeeded:
             return False, "no inference cycle has succeeded yet"
         return True, "ready"
@@ -153,46 +203,53 @@ class Agent:
                     continue
                 with self._models_lock:
                     self.models[(detector, group.name)] = model
-                self._export_model_state(group.name, model)
-                self.exporter.model_last_fit.labels(detector=detector).set(
+                self.exporter.publish_model_state(group.name, detector, model.detector)
+                self.exporter.model_last_fit.labels(entity_group=group.name, detector=detector).set(
                     version.created_at.timestamp()
                 )
                 loaded += 1
         log.info("loaded %d model version(s) from the store", loaded)
         return loaded
 
-    def _export_model_state(self, group: str, model: FittedModel) -> None:
-        """Learned quantities of a model now in use that a user may inspect on /metrics."""
-        if isinstance(model.detector, MultiscaleDetector):
-            self.exporter.publish_scale_weights(group, model.detector.scale_weights())
-
     def _check_stop(self) -> None:
         if self.stop_event.is_set():
             raise StopRequested
 
     @contextlib.contextmanager
-    def _phase(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.exporter.observe_phase(name, time.perf_counter() - started)
-
-    @contextlib.contextmanager
     def _job(self, kind: str) -> Iterator[dict]:
+        """A job run recorded in the store. A store that cannot record it does not stop the job
+        (scoring goes on without its bookkeeping); the failure is logged and counted as the
+        store being down."""
         detail: dict = {}
-        job_id = self.store.start_job(kind)
+        job_id = self._record_job_start(kind)
         try:
             yield detail
         except StopRequested:
-            self.store.finish_job(job_id, "interrupted", detail=detail)
+            self._record_job_end(job_id, "interrupted", detail=detail)
             log.warning("%s job interrupted by shutdown; nothing half-written was kept", kind)
             raise
         except Exception as exc:
-            self.store.finish_job(job_id, "failed", error=str(exc), detail=detail)
+            self._record_job_end(job_id, "failed", error=str(exc), detail=detail)
             raise
         else:
-            self.store.finish_job(job_id, "succeeded", detail=detail)
+            self._record_job_end(job_id, "succeeded", detail=detail)
+
+    def _record_job_start(self, kind: str) -> int | None:
+        try:
+            return self.store.start_job(kind)
+        except StoreError as exc:
+            self.exporter.source_up.labels(source="store").set(0)
+            log.error("%s job not recorded: %s", kind, exc)
+            return None
+
+    def _record_job_end(self, job_id: int | None, status: str, **fields: object) -> None:
+        if job_id is None:
+            return
+        try:
+            self.store.finish_job(job_id, status, **fields)
+        except StoreError as exc:
+            self.exporter.source_up.labels(source="store").set(0)
+            log.error("end of job %d (%s) not recorded: %s", job_id, status, exc)
 
     # ------------------------------------------------------------------- fit
     def fit(self, now: float | None = None) -> dict[str, dict]:
@@ -203,8 +260,7 @@ class Agent:
         with self._job("fit") as detail:
             for group in self.groups:
                 self._check_stop()
-                with self._phase("fetch"):
-                    read = self._read(group, start, now)
+                read = self._read(group, start, now)
                 if read is None:
                     summary[group.name] = {"error": "no data in the fit window"}
                     log.warning("group %r: no data in the fit window, not fitted", group.name)
@@ -216,12 +272,21 @@ class Agent:
                     detector = build_detector(detector_name, self.config.detectors, self.device)
                     detector.stop_event = self.stop_event
                     try:
-                        with self._phase("fit"):
-                            model = FittedModel.fit(
-                                detector, read, self.config.calibration.false_alarm_rate
-                            )
+                        model = FittedModel.fit(
+                            detector, read, self.config.calibration.false_alarm_rate
+                        )
                     except TrainingInterrupted as exc:
                         raise StopRequested from exc
+                    except TrainingFailed as exc:
+                        log.error(
+                            "fitting %s on group %r failed: %s", detector_name, group.name, exc
+                        )
+                        summary.setdefault(group.name, {})[detector_name] = {"error": str(exc)}
+                        continue
+                    except Exception as exc:  # noqa: BLE001 - one detector's failure is its own
+                        log.exception("fitting %s on group %r failed", detector_name, group.name)
+                        summary.setdefault(group.name, {})[detector_name] = {"error": str(exc)}
+                        continue
                     self._check_stop()
                     report = model.report
                     version = self.store.save_model_version(
@@ -240,10 +305,13 @@ class Agent:
                     self.store.prune_model_versions(detector_name, group.name)
                     with self._models_lock:
                         self.models[(detector_name, group.name)] = model
-                    self._export_model_state(group.name, model)
-                    self.exporter.model_last_fit.labels(detector=detector_name).set(
-                        version.created_at.timestamp()
+                    self.exporter.observe_fit(
+                        group.name, detector_name, report.seconds if report else 0.0
                     )
+                    self.exporter.publish_model_state(group.name, detector_name, model.detector)
+                    self.exporter.model_last_fit.labels(
+                        entity_group=group.name, detector=detector_name
+                    ).set(version.created_at.timestamp())
                     summary.setdefault(group.name, {})[detector_name] = {
                         "version": version.id,
                         "entities": len(read.entities),
@@ -262,8 +330,7 @@ class Agent:
             if self.logs is not None:
                 for group in self.logs.groups:
                     self._check_stop()
-                    with self._phase("fit"):
-                        model = self.logs.fit(group, start, now)
+                    model = self.logs.fit(group, start, now)
                     summary.setdefault(group, {})["logs"] = (
                         {"entities": len(model.entity_keys)} if model else {"error": "no records"}
                     )
@@ -290,32 +357,64 @@ class Agent:
         return max(contexts, default=1)
 
     def infer(self, now: float | None = None) -> list[GroupResult]:
-        """One inference cycle over every group; a failing group does not stop the others."""
+        """One inference cycle over every group; a failing group does not stop the others.
+
+        Prometheus found unreachable stops the reads: the groups not read yet fail with the same
+        error at once instead of each waiting out the same retries. When no group is scored,
+        :class:`CycleFailed` is raised from that :class:`SourceUnavailable`."""
         now = now if now is not None else time.time()
         results: list[GroupResult] = []
+        unavailable: SourceUnavailable | None = None
         store_up = self.store.ping()
         self.exporter.source_up.labels(source="store").set(1 if store_up else 0)
-        with self._job("infer") as detail:
-            for group in self.groups:
-                self._check_stop()
-                result = self._infer_group(group, now)
-                results.append(result)
-                detail[group.name] = {
-                    "scored": len(result.entities),
-                    "skipped": len(result.skipped),
-                    **({"error": result.error} if result.error else {}),
-                }
-            if self.logs is not None:
-                detail["logs"] = self._infer_logs(now)
-            if all(result.error for result in results):
-                raise CycleFailed(
-                    "; ".join(f"group {result.group!r}: {result.error}" for result in results)
-                )
+        timer = PhaseTimer()
+        try:
+            with self._job("infer") as detail:
+                for group in self.groups:
+                    self._check_stop()
+                    if unavailable is None:
+                        try:
+                            result = self._infer_group_safely(group, now, timer)
+                        except SourceUnavailable as exc:
+                            unavailable = exc
+                    if unavailable is not None:
+                        self.exporter.withdraw(group.name)
+                        result = GroupResult(
+                            group.name, error=f"prometheus unavailable: {unavailable}"
+                        )
+                    results.append(result)
+                    detail[group.name] = {
+                        "scored": len(result.entities),
+                        "skipped": len(result.skipped),
+                        **({"error": result.error} if result.error else {}),
+                    }
+                if self.logs is not None:
+                    detail["logs"] = self._infer_logs(now, timer)
+                if all(result.error for result in results):
+                    raise CycleFailed(
+                        "; ".join(f"group {result.group!r}: {result.error}" for result in results)
+                    ) from unavailable
+        finally:
+            for phase, seconds in timer.seconds.items():
+                self.exporter.observe_phase(phase, seconds)
         self.exporter.last_success.set(time.time())
         self.cycle_succeeded = True
         return results
 
-    def _infer_group(self, group: EntityGroupConfig, now: float) -> GroupResult:
+    def _infer_group_safely(
+        self, group: EntityGroupConfig, now: float, timer: PhaseTimer
+    ) -> GroupResult:
+        """:meth:`_infer_group`, with any failure of its own reported as the group's error."""
+        try:
+            return self._infer_group(group, now, timer)
+        except (StopRequested, SourceUnavailable):
+            raise
+        except Exception as exc:  # noqa: BLE001 - one group's failure must not stop the others
+            log.exception("group %r: inference failed", group.name)
+            self.exporter.withdraw(group.name)
+            return GroupResult(group.name, error=f"{type(exc).__name__}: {exc}")
+
+    def _infer_group(self, group: EntityGroupConfig, now: float, timer: PhaseTimer) -> GroupResult:
         result = GroupResult(group.name)
         with self._models_lock:
             models = {
@@ -323,15 +422,11 @@ class Agent:
                 for (detector, group_name), model in self.models.items()
                 if group_name == group.name
             }
-        if not models:
-            result.error = "no fitted model yet"
-            self.exporter.entities_skipped.labels(entity_group=group.name, reason="no_model").inc()
-            return result
         context = self._context_steps(group.name)
         keep_steps = 2 * context + 10
         step = self.config.prometheus.step
 
-        with self._phase("fetch"):
+        with timer.phase("fetch"):
             buffer = self.buffers.get(group.name)
             overlap = 2 * step
             start = (
@@ -339,13 +434,7 @@ class Agent:
                 if buffer is not None
                 else now - (keep_steps - 1) * step
             )
-            try:
-                window = self._read(group, start, now)
-            except SourceUnavailable as exc:
-                self.exporter.withdraw(group.name)
-                result.error = f"prometheus unavailable: {exc}"
-                log.error("group %r: %s", group.name, result.error)
-                return result
+            window = self._read(group, start, now)
             if window is None:
                 self.exporter.withdraw(group.name)
                 result.error = "no series returned"
@@ -353,15 +442,21 @@ class Agent:
             buffer = merge_windows(buffer, window, keep_steps)
             self.buffers[group.name] = buffer
 
-        with self._phase("features"):
-            scored_windows, result.skipped = self._select_scorable(buffer, context)
-            for key in self.fitted_entities.get(group.name, {}).keys() - set(buffer.keys):
+        with timer.phase("features"):
+            if not models:
+                # the entities are known from the read: each one counts as skipped for no_model
+                result.error = "no fitted model yet"
+                result.skipped = {key: "no_model: no fitted model yet" for key in buffer.keys}
+                scored_windows = None
+            else:
+                scored_windows, result.skipped = self._select_scorable(buffer, context)
+            for key in self._newly_vanished(group.name, set(buffer.keys)):
                 result.skipped[key] = "no_recent_data: the entity's series returned nothing"
             for reason in result.skipped.values():
                 self.exporter.entities_skipped.labels(
                     entity_group=group.name, reason=reason.split(":")[0]
                 ).inc()
-            if result.skipped:
+            if result.skipped and models:
                 log.info(
                     "group %r: %d entities skipped this cycle: %s",
                     group.name,
@@ -372,14 +467,14 @@ class Agent:
                 self.exporter.withdraw(group.name)
                 return result
 
-        with self._phase("infer"):
+        with timer.phase("infer"):
             # each detector reads only the history its latest score depends on
             outputs = {
                 name: model.score(scored_windows.tail(model.detector.context_steps + 1))
                 for name, model in models.items()
             }
 
-        with self._phase("calibrate"):
+        with timer.phase("calibrate"):
             latest = {name: output.score[:, -1] for name, output in outputs.items()}
             latest[FUSED] = fuse_scores([latest[name] for name in models])
             uncertainty = {
@@ -392,7 +487,7 @@ class Agent:
                 (o.raw.forecast for o in outputs.values() if o.raw.forecast is not None), None
             )
 
-        with self._phase("export"):
+        with timer.phase("export"):
             snapshot = GroupSnapshot(
                 group=group.name,
                 entities=scored_windows.entities,
@@ -404,43 +499,64 @@ class Agent:
                 forecast=forecast,
             )
             self.exporter.publish(snapshot)
-            fused = latest[FUSED]
-            keys = scored_windows.keys
-            events = self.store.track_anomaly_events(
-                group=group.name,
-                detector=FUSED,
-                timestamp=datetime.fromtimestamp(snapshot.timestamp, UTC),
-                scores={
-                    key: float(v) for key, v in zip(keys, fused, strict=True) if np.isfinite(v)
-                },
-                labels=dict(zip(keys, scored_windows.entities, strict=True)),
-                threshold=self.config.schedule.event_min_score,
-            )
-            if self.annotations is not None:
-                self.annotations.write(events)
+            self._track_events(group.name, scored_windows, snapshot.timestamp, latest[FUSED])
         result.entities = scored_windows.entities
         result.scores = latest
         result.timestamp = snapshot.timestamp
         return result
 
-    def _infer_logs(self, now: float) -> dict:
+    def _track_events(
+        self, group: str, windows: Windows, timestamp: float, fused: np.ndarray
+    ) -> None:
+        """Open/close anomaly events in the store (and Grafana). The scores are already
+        exported; a store that refuses the write costs the events of this cycle, not them."""
+        keys = windows.keys
+        try:
+            events = self.store.track_anomaly_events(
+                group=group,
+                detector=FUSED,
+                timestamp=datetime.fromtimestamp(timestamp, UTC),
+                scores={
+                    key: float(v) for key, v in zip(keys, fused, strict=True) if np.isfinite(v)
+                },
+                labels=dict(zip(keys, windows.entities, strict=True)),
+                threshold=self.config.schedule.event_min_score,
+            )
+        except StoreError as exc:
+            self.exporter.source_up.labels(source="store").set(0)
+            log.error("group %r: anomaly events not recorded this cycle: %s", group, exc)
+            return
+        if self.annotations is not None:
+            self.annotations.write(events)
+
+    def _newly_vanished(self, group: str, present: set[str]) -> list[str]:
+        """Entities of the last fit whose series are gone from the buffer (no data left in the
+        kept span) and were not reported yet: each is reported (and counted as skipped) once;
+        one that comes back is reported again if it goes again."""
+        gone = self.fitted_entities.get(group, {}).keys() - present
+        new = sorted(gone - self.vanished.get(group, set()))
+        self.vanished[group] = gone
+        for key in new:
+            log.info("group %r: entity %s has no data any more; no longer scored", group, key)
+        return new
+
+    def _infer_logs(self, now: float, timer: PhaseTimer) -> dict:
         """Mine and embed what arrived, then score and export every group with log mappings.
         A failure here is logged and reported; it does not fail the metric cycle."""
         assert self.logs is not None
         try:
-            with self._phase("features"):
+            with timer.phase("features"):
                 self.logs.process_pending()
             scored = {}
             for group in self.logs.groups:
                 if group not in self.logs.models and self._may_try_log_fit(group, now):
-                    with self._phase("fit"):
-                        self.logs.fit(group, now - self.config.schedule.fit_window, now)
-                with self._phase("infer"):
+                    self.logs.fit(group, now - self.config.schedule.fit_window, now)
+                with timer.phase("infer"):
                     steps = self.logs.score(group, now)
                 if steps is None:
                     scored[group] = "no log model yet"
                     continue
-                with self._phase("export"):
+                with timer.phase("export"):
                     self.logs.export(group, steps)
                 scored[group] = len(steps.entity_keys)
             return scored
@@ -531,14 +647,41 @@ class Agent:
             log.error("log retention skipped: %s", exc)
 
     def _fit_job(self) -> None:
+        error: str | None = None
         try:
-            self.fit()
+            summary = self.fit()
+            error = _first_fit_error(summary)
         except StopRequested:
-            pass
+            return
         except SourceUnavailable as exc:
+            error = f"prometheus unavailable: {exc}"
             log.error("fit skipped, Prometheus unavailable: %s", exc)
-        except Exception:
+        except Exception as exc:  # noqa: BLE001 - the job logs and retries, the agent keeps going
+            error = f"{type(exc).__name__}: {exc}"
             log.exception("fit failed")
+        self._schedule_fit_retry(error)
+
+    def _schedule_fit_retry(self, error: str | None) -> None:
+        """While a (group, detector) has no model, try again soon, backing off exponentially,
+        rather than at the next ``fit_every`` (a day by default)."""
+        missing = self.missing_models()
+        if not missing:
+            self.last_fit_error = None
+            self._fit_retry_delay = None
+            return
+        schedule = self.config.schedule
+        ceiling = min(schedule.fit_retry_max_backoff, schedule.fit_every)
+        delay = (
+            schedule.fit_retry_backoff
+            if self._fit_retry_delay is None
+            else min(2 * self._fit_retry_delay, ceiling)
+        )
+        self._fit_retry_delay = delay
+        self.last_fit_error = f"{error or 'no data in the fit window'}; next try in {delay:g}s"
+        log.warning("no model yet for %s; fitting again in %g s", _pairs(missing), delay)
+        job = self.scheduler.get_job("fit") if self.scheduler is not None else None
+        if job is not None:
+            job.modify(next_run_time=datetime.fromtimestamp(time.time() + delay, UTC))
 
     def _infer_job(self) -> None:
         try:
@@ -546,9 +689,20 @@ class Agent:
         except StopRequested:
             pass
         except CycleFailed as exc:
-            log.error("inference cycle failed: %s", exc)
+            self._log_cycle_failure(str(exc))
         except Exception:
             log.exception("inference cycle failed")
+
+    def _log_cycle_failure(self, message: str) -> None:
+        """A cycle failing for the same reason every ``infer_every`` is logged at ERROR when the
+        reason changes and every ``REPEATED_FAILURE_LOG_SECONDS``, at DEBUG in between."""
+        now = time.monotonic()
+        last = self._last_failure_logged
+        if last is None or last[0] != message or now - last[1] >= REPEATED_FAILURE_LOG_SECONDS:
+            log.error("inference cycle failed: %s", message)
+            self._last_failure_logged = (message, now)
+        else:
+            log.debug("inference cycle failed: %s", message)
 
     def start_scheduler(self) -> BackgroundScheduler:
         """Schedule ``fit`` and ``infer``; each never overlaps itself and missed runs coalesce."""
@@ -588,16 +742,17 @@ class Agent:
         log.info("stop requested; finishing the running job")
         self.stop_event.set()
 
-    def run(self, serve: bool = True) -> None:
-        """Start-up, schedule, serve HTTP, and block until SIGTERM/SIGINT."""
-        from aiops_plugin.api import HttpServer
+    def run(self, http: Callable[[Agent], Service] | None = None) -> None:
+        """Start-up, schedule, serve, and block until SIGTERM/SIGINT.
 
+        ``http`` builds the HTTP service once the agent is started up and its log intake is
+        open (``aiops_plugin.api.HttpServer.for_agent``); the HTTP layer depends on the agent,
+        never the other way round.
+        """
         self.start_up()
         self.open_log_intake()
-        server = (
-            HttpServer(self, self.config.server.host, self.config.server.port) if serve else None
-        )
-        if server:
+        server = http(self) if http is not None else None
+        if server is not None:
             server.start()
         previous = {
             sig: signal.signal(sig, self.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)
@@ -608,7 +763,7 @@ class Agent:
                 pass
         finally:
             scheduler.shutdown(wait=True)
-            if server:
+            if server is not None:
                 server.stop()
             if self.log_intake is not None:
                 self.log_intake.close()  # after the server: no new records, queued ones written
@@ -616,3 +771,18 @@ class Agent:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             log.info("agent stopped cleanly")
+
+
+def _first_fit_error(summary: dict[str, dict]) -> str | None:
+    """The first error a fit summary reports (a group without data, a detector that failed)."""
+    for group, entry in summary.items():
+        if "error" in entry:
+            return f"group {group!r}: {entry['error']}"
+        for detector, result in entry.items():
+            if isinstance(result, dict) and "error" in result:
+                return f"{detector} on group {group!r}: {result['error']}"
+    return None
+
+
+def _pairs(missing: list[tuple[str, str]]) -> str:
+    return ", ".join(f"{detector}/{group}" for detector, group in missing)

@@ -48,6 +48,11 @@ def create_app(agent: Agent) -> FastAPI:
 class HttpServer:
     """uvicorn in a thread (which leaves signal handling to the main thread), stoppable."""
 
+    @classmethod
+    def for_agent(cls, agent: Agent) -> HttpServer:
+        """The agent's server on its configured address (``Agent.run(http=...)``)."""
+        return cls(agent, agent.config.server.host, agent.config.server.port)
+
     def __init__(self, agent: Agent, host: str, port: int) -> None:
         config = uvicorn.Config(
             create_app(agent), host=host, port=port, log_level="warning", access_log=False

@@ -1,14 +1,18 @@
 """``aiops-plugin`` command line: thin: parse, call, print.
 
-A bad configuration exits with code 2 and a message naming the file and the field.
+A bad configuration exits with code 2 and a message naming the file and the field; a failure the
+user can act on (Prometheus unreachable) exits with code 1 and one line, never a traceback.
+The user-facing ``--help`` text is :data:`HELP`, not this note.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -16,9 +20,23 @@ import typer
 
 from aiops_plugin.config import Config, ConfigError, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+HELP = (
+    "AIOps for Prometheus: an agent that reads your metrics with PromQL on a schedule, scores "
+    "anomalies per entity (host, pod, service) and exports the scores, anomaly probabilities and "
+    "forecasts on its own /metrics, for Prometheus to scrape and alert on.\n\n"
+    "Start with `aiops-plugin check-config FILE`, then `aiops-plugin run --config FILE`; `fit` "
+    "and `score --once` run one fit or one scoring cycle by hand, `demo` shows the whole path on "
+    "this machine.\n\n"
+    "Exit codes: 0 done, 1 failed (e.g. Prometheus unreachable), 2 bad configuration or usage."
+)
 
-ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="YAML configuration file")]
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP)
+
+#: ``readable=False``: an unreadable file is reported by ``load_config``, in one line
+ConfigOption = Annotated[
+    Path, typer.Option("--config", "-c", help="YAML configuration file", readable=False)
+]
+EXIT_FAILED = 1
 EXIT_BAD_CONFIG = 2
 
 
@@ -42,8 +60,28 @@ def _load(path: Path) -> Config:
         raise typer.Exit(EXIT_BAD_CONFIG) from exc
 
 
+@contextlib.contextmanager
+def _cycle_errors_reported() -> Iterator[None]:
+    """Prometheus unreachable, or a cycle that scored no group: one line, exit code 1."""
+    from aiops_plugin.agent import CycleFailed
+    from aiops_plugin.sources.prometheus import SourceUnavailable
+
+    try:
+        yield
+    except SourceUnavailable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_FAILED) from exc
+    except CycleFailed as exc:
+        cause = exc.__cause__
+        message = cause if isinstance(cause, SourceUnavailable) else f"no group scored: {exc}"
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(EXIT_FAILED) from exc
+
+
 @app.command("check-config")
-def check_config(path: Annotated[Path, typer.Argument(help="YAML configuration file")]) -> None:
+def check_config(
+    path: Annotated[Path, typer.Argument(help="YAML configuration file", readable=False)],
+) -> None:
     """Validate a configuration file; exit 2 with the file and field named when it is invalid."""
     config = _load(path)
     groups = ", ".join(f"{g.name} ({len(g.queries)} queries)" for g in config.entities)
@@ -56,9 +94,10 @@ def check_config(path: Annotated[Path, typer.Argument(help="YAML configuration f
 def run(config: ConfigOption, verbose: bool = False) -> None:
     """Run the agent: scheduled fit and inference, /metrics, /healthz, /readyz."""
     from aiops_plugin.agent import Agent
+    from aiops_plugin.api import HttpServer
 
     _setup_logging(verbose)
-    Agent(_load(config)).run()
+    Agent(_load(config)).run(http=HttpServer.for_agent)
 
 
 @app.command()
@@ -69,7 +108,8 @@ def fit(config: ConfigOption, verbose: bool = False) -> None:
     _setup_logging(verbose)
     agent = Agent(_load(config))
     agent.start_up()
-    summary = agent.fit()
+    with _cycle_errors_reported():
+        summary = agent.fit()
     for group, detectors in summary.items():
         typer.echo(f"{group}: {detectors}")
 
@@ -91,10 +131,12 @@ def score(
     _setup_logging(verbose)
     agent = Agent(_load(config))
     agent.start_up()
-    if agent.missing_models():
-        typer.echo(f"fitting first, no stored model for {agent.missing_models()}", err=True)
-        agent.fit()
-    for result in agent.infer():
+    with _cycle_errors_reported():
+        if agent.missing_models():
+            typer.echo(f"fitting first, no stored model for {agent.missing_models()}", err=True)
+            agent.fit()
+        results = agent.infer()
+    for result in results:
         typer.echo(_format_group(result))
 
 
@@ -269,7 +311,7 @@ def demo(
 ) -> None:
     """Local demo: real Prometheus + Alertmanager on 127.0.0.1, a real SMD sample as history,
     the agent scoring it, and an alert delivered through Alertmanager."""
-    from aiops_plugin.demo import run_demo
+    from aiops_plugin.demo.runner import run_demo
 
     _setup_logging(False)
     raise typer.Exit(run_demo(workdir, agent_port=port, keep_running=keep_running))

@@ -15,9 +15,11 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -69,6 +71,26 @@ def parse_duration(value: Any) -> float:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
+def check_http_url(value: str) -> str:
+    """``value`` without a trailing slash when it is an http(s) URL with a host
+    (``http://prometheus:9090``); a typo here would otherwise only show up as a connection error
+    at the first read. The slash goes because clients append ``/api/v1/...`` to the base."""
+    problem = f"expected an http(s) URL with a host, like http://prometheus:9090, got {value!r}"
+    if any(character.isspace() for character in value):
+        raise ValueError(problem)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is no number
+    except ValueError as exc:
+        raise ValueError(f"{problem} ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(problem)
+    return value.rstrip("/")
+
+
+HttpUrl = Annotated[str, AfterValidator(check_http_url)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -76,7 +98,7 @@ class _Strict(BaseModel):
 class PrometheusConfig(_Strict):
     """Where metrics are read from; any PromQL API (Thanos, Mimir, VictoriaMetrics) works."""
 
-    url: str = "http://127.0.0.1:9090"
+    url: HttpUrl = "http://127.0.0.1:9090"
     step: Duration = Field(60.0, description="resolution of the step grid, seconds")
     timeout: Duration = Field(10.0, description="per-request timeout, seconds")
     retries: int = Field(3, ge=0, le=10, description="retries per request after the first try")
@@ -159,17 +181,27 @@ class _DeepDetectorConfig(_Strict):
 
     enabled: bool = False
     window: int = Field(128, ge=8, description="steps the network reads; it scores the last one")
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(30, ge=1, description="training budget: passes over the windows")
+    max_steps: int | None = Field(
+        None, ge=1, description="training budget: optimiser steps at most (none: epochs only)"
+    )
     batch_size: int = Field(64, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     patience: int = Field(4, ge=1, description="epochs without validation improvement")
     grad_clip: float = Field(1.0, gt=0)
-    time_budget: Duration = Field(600.0, description="wall-clock limit of one fit")
+    max_fit_seconds: Duration = Field(
+        3600.0,
+        description="wall-clock safety limit of one fit, not a budget: a fit that hits it is "
+        "logged and recorded as stopped_by=time_limit",
+    )
     seed: int = 0
     max_train_windows: int = Field(20000, ge=10, description="training windows drawn per fit")
     validation_fraction: float = Field(
-        0.1, gt=0, lt=0.5, description="held-out tail of the fit window for early stopping"
+        0.1,
+        gt=0,
+        lt=0.5,
+        description="held-out share of each entity's last observed windows, for early stopping",
     )
 
 
@@ -229,7 +261,6 @@ class MultiscaleConfig(_DeepDetectorConfig):
     score_steps: int = Field(5, ge=1, description="steps whose surprise is averaged into a score")
     epochs: int = Field(3, ge=1)
     max_train_windows: int = Field(3000, ge=10, description="training windows drawn per fit")
-    time_budget: Duration = Field(120.0, description="wall-clock limit of one fit")
 
     @model_validator(mode="after")
     def _check_shape(self) -> MultiscaleConfig:
@@ -271,6 +302,14 @@ class ScheduleConfig(_Strict):
     infer_every: Duration = 60.0
     fit_every: Duration = 86400.0
     fit_window: Duration = Field(7 * 86400.0, description="history used by each fit")
+    fit_retry_backoff: Duration = Field(
+        10.0,
+        description="while a group or detector has no model, the fit is retried after this "
+        "delay, doubling on each failure",
+    )
+    fit_retry_max_backoff: Duration = Field(
+        600.0, description="ceiling of the retry delay (and never more than fit_every)"
+    )
     min_observed_fraction: float = Field(
         0.5, gt=0, le=1, description="an entity with less observed data in a cycle is skipped"
     )
@@ -415,7 +454,7 @@ class ServerConfig(_Strict):
 class GrafanaConfig(_Strict):
     """Grafana, for ``aiops-plugin dashboards push`` and anomaly events as annotations."""
 
-    url: str | None = Field(None, description="e.g. https://grafana.example.com")
+    url: HttpUrl | None = Field(None, description="e.g. https://grafana.example.com")
     token: str | None = Field(None, description=f"service-account token; or {ENV_GRAFANA_TOKEN}")
     folder: str = Field("AIOps", min_length=1, description="folder the dashboards are pushed into")
     annotations: bool = Field(False, description="write anomaly events as Grafana annotations")
@@ -520,15 +559,56 @@ def _format_errors(path: Path, error: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: configuration file not found") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"{path}: is a directory, not a configuration file") from exc
+    except PermissionError as exc:
+        raise ConfigError(f"{path}: permission denied") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        line = exc.object.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x})"
+        ) from exc
+
+
+def _format_yaml_error(path: Path, text: str, error: yaml.YAMLError) -> str:
+    """``file:line:column: problem``, the place an editor can jump to (1-based)."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        problem = error.problem or "syntax error"
+        if error.context and error.context_mark is not None:
+            start = error.context_mark
+            problem += f" ({error.context} at {start.line + 1}:{start.column + 1})"
+        return f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {problem}"
+    if isinstance(error, yaml.reader.ReaderError):
+        line = text.count("\n", 0, error.position) + 1
+        column = error.position - text.rfind("\n", 0, error.position)
+        return (
+            f"{path}:{line}:{column}: not valid YAML: unacceptable character "
+            f"#x{error.character:04x}: {error.reason}"
+        )
+    return f"{path}: not valid YAML: {error}"
+
+
 def load_config(path: str | Path) -> Config:
     """Read, validate and complete (environment overrides) the YAML configuration at ``path``."""
     path = Path(path)
+    text = _read_text(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: configuration file not found") from exc
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(_format_yaml_error(path, text, exc)) from exc
+    if raw is None:
+        raise ConfigError(
+            f"{path}: the file is empty (or only comments); a configuration needs at least "
+            "`entities` (see the README's configuration reference)"
+        )
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     try:

@@ -22,12 +22,11 @@ from prometheus_client.registry import Collector
 from aiops_plugin.windows import EntityLabels, entity_display_name
 
 if TYPE_CHECKING:
-    from aiops_plugin.detectors.base import Forecast
+    from aiops_plugin.detectors.base import Detector, Forecast, ModelGauge
 
 PHASES = ("fetch", "features", "infer", "calibrate", "export")
 #: ``reason`` values of ``aiops_entities_skipped_total``.
 SKIP_REASONS = ("no_model", "no_recent_data", "too_little_data")
-FIT_PHASES = ("fit",)
 CYCLE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 #: ``reason`` values of ``aiops_logs_rejected_total``. The first three and the last two count
 #: records; malformed, unsupported_media_type, too_large and unauthorized count requests, whose
@@ -158,6 +157,7 @@ class _SnapshotCollector(Collector):
                     )
         if log_score.samples:
             yield log_score
+        yield from self.exporter.model_gauge_metrics()
         if uncertainty.samples:
             yield uncertainty
         if contribution.samples:
@@ -190,10 +190,20 @@ class Exporter:
         self.top_k_contributions = top_k_contributions
         self._lock = threading.Lock()
         self._snapshots: dict[str, GroupSnapshot] = {}
+        #: (group, detector) -> the model gauges of the model in use
+        self._model_gauges: dict[tuple[str, str], list[ModelGauge]] = {}
         self.cycle_duration = Histogram(
             "aiops_cycle_duration_seconds",
-            "Duration of each phase of the fit and inference cycles.",
+            "Seconds each phase of an inference cycle took, summed over the cycle's entity "
+            "groups and the log side: one observation per phase per cycle.",
             ["phase"],
+            buckets=CYCLE_BUCKETS,
+            registry=self.registry,
+        )
+        self.fit_duration = Histogram(
+            "aiops_fit_duration_seconds",
+            "Seconds one model fit took (training and threshold), per entity group and detector.",
+            ["entity_group", "detector"],
             buckets=CYCLE_BUCKETS,
             registry=self.registry,
         )
@@ -210,20 +220,15 @@ class Exporter:
         )
         self.model_last_fit = Gauge(
             "aiops_model_last_fit_timestamp_seconds",
-            "Unix time at which the detector's model in use was fitted.",
-            ["detector"],
-            registry=self.registry,
-        )
-        self.multiscale_scale_weight = Gauge(
-            "aiops_multiscale_scale_weight",
-            "Learned fusion weight of each time scale of the multiscale detector's model (scale = "
-            "steps per point); the weights of a group sum to 1.",
-            ["entity_group", "scale"],
+            "Unix time at which the model in use of a detector for an entity group was fitted; "
+            "0 while that group and detector have no model.",
+            ["entity_group", "detector"],
             registry=self.registry,
         )
         self.entities_skipped = Counter(
             "aiops_entities_skipped_total",
-            "Entities not scored in a cycle, by reason (too little data, no model yet).",
+            "Entities not scored, counted once per entity per cycle, by reason (no model yet, "
+            "no recent data, too little data); an entity whose series vanished counts once.",
             ["entity_group", "reason"],
             registry=self.registry,
         )
@@ -260,10 +265,36 @@ class Exporter:
         self._log_scores: dict[str, tuple[list[EntityLabels], np.ndarray]] = {}
         self.registry.register(_SnapshotCollector(self))
 
-    def publish_scale_weights(self, group: str, weights: dict[str, float]) -> None:
-        """Set ``aiops_multiscale_scale_weight`` of a group's model in use (scale -> weight)."""
-        for scale, weight in weights.items():
-            self.multiscale_scale_weight.labels(entity_group=group, scale=scale).set(weight)
+    def publish_model_state(self, group: str, detector_name: str, detector: Detector) -> None:
+        """Export the learned state a detector offers (:meth:`Detector.model_gauges`) for the
+        model now in use for ``group``, replacing that of the model before it."""
+        gauges = detector.model_gauges()
+        with self._lock:
+            self._model_gauges[(group, detector_name)] = gauges
+
+    def model_gauge_metrics(self) -> Iterator[Metric]:
+        with self._lock:
+            items = sorted(self._model_gauges.items())
+        families: dict[str, Metric] = {}
+        for (group, _), gauges in items:
+            for gauge in gauges:
+                family = families.setdefault(
+                    gauge.name, Metric(gauge.name, gauge.documentation, "gauge")
+                )
+                for key, value in gauge.values.items():
+                    family.add_sample(
+                        gauge.name, {"entity_group": group, gauge.label: key}, float(value)
+                    )
+        yield from families.values()
+
+    def declare_models(self, pairs: list[tuple[str, str]]) -> None:
+        """``aiops_model_last_fit_timestamp_seconds`` = 0 for every configured (group, detector)
+        until its model exists, so AiopsModelNotFitted can see a model that never came."""
+        for group, detector in pairs:
+            self.model_last_fit.labels(entity_group=group, detector=detector).set(0)
+
+    def observe_fit(self, group: str, detector: str, seconds: float) -> None:
+        self.fit_duration.labels(entity_group=group, detector=detector).observe(seconds)
 
     def declare_groups(self, groups: list[str]) -> None:
         """Create every (group, reason) series of the skip counter at 0, so rates and dashboards

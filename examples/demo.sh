@@ -18,6 +18,9 @@ if [ "${#packages[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${packages[@]}"
 fi
 
-[ -x .venv/bin/python ] || python3 -m venv .venv
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || { echo "error: the plugin needs Python 3.11+, python3 is $(python3 -V 2>&1)" >&2; exit 1; }
+# a .venv left without pip (made before python3-venv was installed) is made again
+.venv/bin/python -m pip --version >/dev/null 2>&1 || python3 -m venv --clear .venv
 .venv/bin/python -m pip install -q -e .
 exec .venv/bin/aiops-plugin demo "$@"

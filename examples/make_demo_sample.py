@@ -1,4 +1,4 @@
-"""Build the small SMD sample that ships with the package as ``aiops_plugin/demo_data``.
+"""Build the small SMD sample that ships with the package as ``aiops_plugin/demo/data``.
 
 The end-to-end test and the local demo need real server metrics with a labelled anomaly, but the
 full Server Machine Dataset (OmniAnomaly, KDD 2019) is ~50 MB. This script cuts a < 1 MB slice of
@@ -9,7 +9,7 @@ machine-1-2 out of the publishers' pickles:
   ``processed/machine-1-2_test_label.pkl``; they hold the labelled segment 5875-5951 (end
   exclusive) of ``ServerMachineDataset/interpretation_label/machine-1-2.txt`` and no other one.
 
-Output: ``aiops_plugin/demo_data/smd-machine-1-2-sample.csv.gz`` with header
+Output: ``aiops_plugin/demo/data/smd-machine-1-2-sample.csv.gz`` with header
 ``part,row,label,m00,...,m37`` (``row`` is the original row index within its part; values are
 min-max scaled by the publishers and written with 6 significant digits), plus ``LICENSE-SMD``.
 
@@ -34,7 +34,7 @@ MACHINE = "machine-1-2"
 TRAIN_TAIL_ROWS = 3000
 TEST_START, TEST_STOP = 5500, 6100
 EXPECTED_SEGMENT = (5875, 5951)
-OUT_DIR = Path(__file__).resolve().parent.parent / "aiops_plugin" / "demo_data"
+OUT_DIR = Path(__file__).resolve().parent.parent / "aiops_plugin" / "demo" / "data"
 SAMPLE_NAME = f"smd-{MACHINE}-sample.csv.gz"
 MAX_SAMPLE_BYTES = 1_000_000
 

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aiops_plugin.agent import Agent, CycleFailed, StopRequested
 from aiops_plugin.config import Config
-from aiops_plugin.localstack import (
+from aiops_plugin.demo import (
     PrometheusServer,
     backfill,
     backfill_timestamps,

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from aiops_plugin.localstack import AlertmanagerServer, WebhookReceiver, poll_until
+from aiops_plugin.demo import AlertmanagerServer, WebhookReceiver, poll_until
 
 REPO_ROOT = Path(__file__).parents[1]
 CONFIG = REPO_ROOT / "examples" / "alertmanager.yml"

@@ -69,6 +69,53 @@ def test_missing_file_and_bad_yaml_are_config_errors(tmp_path: Path) -> None:
         load_config(write(tmp_path, "entities: [\n"))
 
 
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL.replace("step: 30s}", "step: 30s"))
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}:3:9: not valid YAML: expected ',' or '}}'"), message
+    assert message.endswith("(while parsing a flow mapping at 2:13)"), message
+    assert "<unicode string>" not in message and "\n" not in message
+
+
+def test_empty_file_says_it_is_empty(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"aiops\.yaml: the file is empty") as error:
+        load_config(write(tmp_path, "\n# to be written\n"))
+    assert "NoneType" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "not a url",
+        "prometheus:9090",
+        "127.0.0.1:9090",
+        "ftp://prometheus",
+        "http://",
+        "http://h:port",
+    ],
+)
+@pytest.mark.parametrize("field", ["prometheus", "grafana"])
+def test_urls_must_be_http_with_a_host(field: str, url: str, tmp_path: Path) -> None:
+    text = (
+        MINIMAL.replace('"http://127.0.0.1:9090"', f'"{url}"')
+        if field == "prometheus"
+        else MINIMAL + f'grafana: {{url: "{url}"}}\n'
+    )
+    with pytest.raises(ConfigError, match=rf"{field}\.url: .*http\(s\) URL with a host"):
+        load_config(write(tmp_path, text))
+
+
+def test_http_and_https_urls_with_a_path_are_accepted(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        '"http://127.0.0.1:9090"', '"https://thanos.example.com:10902/prometheus"'
+    )
+    config = load_config(write(tmp_path, text + "grafana: {url: http://grafana:3000}\n"))
+    assert config.prometheus.url == "https://thanos.example.com:10902/prometheus"
+    assert config.grafana.url == "http://grafana:3000"
+
+
 def test_secrets_come_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AIOPS_PROMETHEUS_TOKEN", "s3cret")
     monkeypatch.setenv("AIOPS_STORE_URL", "postgresql://aiops@db/aiops")

@@ -46,12 +46,13 @@ ASD_TABLE = {
     "omi-5": (1.71, 6),
     "omi-6": (4.58, 10),
 }
-# nab/PROVENANCE.md: rows per file, 4032 unless listed.
+# nab/PROVENANCE.md: the one category in shared/data; rows per file, 4032 unless listed.
+AWS = "realAWSCloudwatch"
 NAB_ROWS = {
-    "ec2_disk_write_bytes_1ef3de": 4730,
-    "ec2_network_in_5abac7": 4730,
-    "grok_asg_anomaly": 4621,
-    "iio_us-east-1_i-a2eb1cd9_NetworkIn": 1243,
+    f"{AWS}/ec2_disk_write_bytes_1ef3de": 4730,
+    f"{AWS}/ec2_network_in_5abac7": 4730,
+    f"{AWS}/grok_asg_anomaly": 4621,
+    f"{AWS}/iio_us-east-1_i-a2eb1cd9_NetworkIn": 1243,
 }
 
 
@@ -234,12 +235,12 @@ def test_nab_windows_cover_9_32_percent_of_rows(
 def test_nab_train_is_the_probationary_15_percent(
     nab: dict[str, LabelledSeries], data_root: Path
 ) -> None:
-    series = nab["ec2_cpu_utilization_24ae8d"]
+    series = nab[f"{AWS}/ec2_cpu_utilization_24ae8d"]
     assert nab_probation_rows(4032) == 604 and nab_probation_rows(10_000) == 750
     assert series.train.shape == (604, 1) and series.test.shape == (3428, 1)
     assert series.train.dtype == np.float32 and series.feature_names == ["value"]
     assert series.step_seconds == 300.0
-    full = nab_full("ec2_cpu_utilization_24ae8d", data_root)
+    full = nab_full(f"{AWS}/ec2_cpu_utilization_24ae8d", data_root)
     assert full.timestamps[0] == datetime(2014, 2, 14, 14, 30, tzinfo=UTC).timestamp()
     assert series.test_timestamps is not None
     np.testing.assert_array_equal(series.test_timestamps, full.timestamps[604:])
@@ -252,20 +253,20 @@ def test_nab_segments_are_the_windows_in_test_rows(nab: dict[str, LabelledSeries
         np.testing.assert_array_equal(segment_mask(series), series.test_labels == 1, entity)
         assert all(culprits == [] for _, _, culprits in series.segments)
     # Window ["2014-02-26 13:45", "2014-02-27 06:25"] = file rows 3447..3647 (bounds inclusive).
-    assert nab["ec2_cpu_utilization_24ae8d"].segments[0] == (3447 - 604, 3648 - 604, [])
+    assert nab[f"{AWS}/ec2_cpu_utilization_24ae8d"].segments[0] == (3447 - 604, 3648 - 604, [])
 
 
 def test_nab_file_without_window_is_all_normal_and_noted(
     nab: dict[str, LabelledSeries], data_root: Path
 ) -> None:
-    series = nab["ec2_cpu_utilization_c6585a"]
+    series = nab[f"{AWS}/ec2_cpu_utilization_c6585a"]
     assert series.segments == [] and not series.test_labels.any()
-    assert nab_full("ec2_cpu_utilization_c6585a", data_root).windows == []
+    assert nab_full(f"{AWS}/ec2_cpu_utilization_c6585a", data_root).windows == []
     assert any("all normal" in note for note in series.notes)
 
 
 def test_nab_duplicate_timestamps_are_noted(nab: dict[str, LabelledSeries]) -> None:
-    assert "11 duplicate timestamp(s); rows kept" in nab["ec2_disk_write_bytes_1ef3de"].notes
+    assert "11 duplicate timestamp(s); rows kept" in nab[f"{AWS}/ec2_disk_write_bytes_1ef3de"].notes
 
 
 def test_nab_profiles_hold_the_three_cost_matrices(data_root: Path) -> None:
@@ -346,8 +347,9 @@ def test_nab_missing_value_is_kept_as_nan_and_noted(data_root: Path, tmp_path: P
     lines = lines.splitlines()
     lines[1001] = lines[1001].split(",")[0] + ","  # file row 1000 (0-based), a test row
     (csv_dir / f"{entity}.csv").write_text("\n".join(lines) + "\n")
-    assert list_entities("nab", tmp_path) == [entity]
+    assert list_entities("nab", tmp_path) == [f"{AWS}/{entity}"]
     series = load("nab", entity, data_root=tmp_path)
+    assert series.entity == f"{AWS}/{entity}", "a bare file name is resolved to its category"
     assert np.isnan(series.test[1000 - 604, 0]) and np.isnan(series.test).sum() == 1
     assert "test: 1 NaN values in features [0]; kept as NaN" in series.notes
 
@@ -361,3 +363,41 @@ def test_nab_file_missing_from_the_windows_is_an_error(data_root: Path, tmp_path
     (tmp_path / "nab" / "labels" / "combined_windows.json").write_text(json.dumps({}))
     with pytest.raises(DatasetError, match=f"no entry 'realAWSCloudwatch/{entity}.csv'"):
         load("nab", entity, data_root=tmp_path)
+
+
+def test_every_labelled_nab_category_is_read_and_selectable(
+    data_root: Path, tmp_path: Path
+) -> None:
+    """A NAB copy with a second category (NAB's own layout: data/<category>/<name>.csv, label
+    keys "<category>/<name>.csv"); here a real file with its real windows, filed under both."""
+    nab = tmp_path / "nab"
+    shutil.copytree(data_root / "nab" / "config", nab / "config")
+    real = json.loads((data_root / "nab" / "labels" / "combined_windows.json").read_text())
+    kept, other = "ec2_cpu_utilization_24ae8d", "realKnownCause"
+    windows = {}
+    for category, names in ((AWS, [kept, "grok_asg_anomaly"]), (other, [kept])):
+        (nab / "data" / category).mkdir(parents=True)
+        for name in names:
+            shutil.copy(data_root / "nab" / "data" / AWS / f"{name}.csv", nab / "data" / category)
+            windows[f"{category}/{name}.csv"] = real[f"{AWS}/{name}.csv"]
+    (nab / "data" / "unlabelled").mkdir()
+    shutil.copy(data_root / "nab" / "data" / AWS / f"{kept}.csv", nab / "data" / "unlabelled")
+    (nab / "labels").mkdir()
+    (nab / "labels" / "combined_windows.json").write_text(json.dumps(windows))
+
+    everything = [f"{AWS}/{kept}", f"{AWS}/grok_asg_anomaly", f"{other}/{kept}"]
+    assert list_entities("nab", tmp_path) == everything
+    assert [series.entity for series in load_all("nab", data_root=tmp_path)] == everything
+    chosen = load_all("nab", [f"{other}/{kept}"], data_root=tmp_path)
+    assert [series.entity for series in chosen] == [f"{other}/{kept}"]
+    np.testing.assert_array_equal(chosen[0].test, load("nab", f"{AWS}/{kept}", tmp_path).test)
+    assert chosen[0].segments == load("nab", f"{AWS}/{kept}", tmp_path).segments != []
+    assert [s.entity for s in load_all("nab", [other], data_root=tmp_path)] == [f"{other}/{kept}"]
+    assert (
+        nab_full(f"{other}/{kept}", tmp_path).windows == nab_full(f"{AWS}/{kept}", tmp_path).windows
+    )
+    assert load("nab", "grok_asg_anomaly", tmp_path).entity == f"{AWS}/grok_asg_anomaly"
+    with pytest.raises(DatasetError, match=f"{kept}.csv is in several categories"):
+        load("nab", kept, data_root=tmp_path)
+    with pytest.raises(DatasetError, match="no file of category 'unlabelled' has label windows"):
+        load_all("nab", ["unlabelled"], data_root=tmp_path)

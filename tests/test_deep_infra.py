@@ -3,14 +3,21 @@ checkpoints. Exercised with a deliberately small reconstruction network on a rea
 
 from __future__ import annotations
 
+import copy
+import math
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from aiops_plugin.config import DetectorsConfig
+from aiops_plugin.demo import load_demo_sample
 from aiops_plugin.detectors.deep import WindowedDeepDetector, WindowScores, masked_mean
-from aiops_plugin.detectors.training import TrainingSettings
-from aiops_plugin.localstack import load_demo_sample
+from aiops_plugin.detectors.registry import FittedModel, build_detector
+from aiops_plugin.detectors.training import TrainingFailed, TrainingSettings
+from aiops_plugin.store import Store
 from aiops_plugin.windows import Windows
 
 
@@ -99,3 +106,85 @@ def test_a_stop_request_interrupts_training_at_once(smd) -> None:
     model.stop_event.set()
     with pytest.raises(TrainingInterrupted):
         model.fit(Windows.from_array(smd.train[:800]))
+
+
+def tiny_multiscale() -> DetectorsConfig:
+    return DetectorsConfig(
+        multiscale={
+            "enabled": True,
+            "window": 16,
+            "levels": 3,
+            "d_model": 8,
+            "heads": 2,
+            "epochs": 2,
+            "max_train_windows": 600,
+            "score_steps": 1,
+        }
+    )
+
+
+def test_a_fit_window_ending_in_a_gap_trains_and_is_saved(smd, tmp_path: Path) -> None:
+    """The last 12 % of the fit window unobserved (a scrape outage): validation falls back to
+    the last observed windows, the network trains, and the version is stored."""
+    values = smd.train[:1500].copy()
+    values[-180:] = np.nan
+    windows = Windows.from_array(values, features=smd.feature_names)
+    detector = build_detector("multiscale", tiny_multiscale(), torch.device("cpu"))
+    initial = copy.deepcopy(detector.build_model(len(smd.feature_names)).state_dict())
+    model = FittedModel.fit(detector, windows, false_alarm_rate=0.01)
+    report = model.report
+    assert report is not None
+    assert report.metrics["validation_windows"] > 0
+    assert math.isfinite(report.metrics["best_loss"])
+    assert report.metrics["selected_on"] == "validation"
+    assert report.metrics["epochs"] == 2
+    trained = model.detector.model_.state_dict()
+    assert any(not torch.equal(trained[name], initial[name]) for name in initial)
+    store = Store.open(f"sqlite:///{tmp_path / 'aiops.db'}")
+    try:
+        version = store.save_model_version(
+            detector="multiscale",
+            group="hosts",
+            config_hash="gap",
+            state=model.to_bytes(),
+            training_metrics={**report.metrics, "seconds": report.seconds},
+            n_entities=1,
+            n_features=len(smd.feature_names),
+        )
+        stored = store.latest_model_version("multiscale", "hosts", "gap")
+    finally:
+        store.close()
+    assert stored is not None and stored.id == version.id
+    assert stored.training_metrics["validation_windows"] == report.metrics["validation_windows"]
+
+
+class NaNLoss(TinyReconstruction):
+    """A network whose loss is never a number: nothing can be learned."""
+
+    name = "nan-loss"
+
+    def loss(self, model: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return super().loss(model, x, mask) * math.nan
+
+
+def test_a_fit_that_learned_nothing_fails_loudly_naming_the_detector(smd) -> None:
+    model = NaNLoss(window=16, training=TrainingSettings(epochs=3, patience=10))
+    with pytest.raises(TrainingFailed, match=r"'nan-loss'.*no finite"):
+        model.fit(Windows.from_array(smd.train[:800]))
+    assert model.model_ is None
+
+
+def test_an_entity_observed_for_barely_a_window_holds_out_a_seeded_random_share(smd) -> None:
+    """25 observed steps give 18 windows of 16 that are at least half observed: a held-out tail
+    would leave no training window that ends before it, so a seeded random tenth of the windows
+    (2 of 18) is held out instead."""
+    values = smd.train[:200].copy()
+    values[25:] = np.nan
+    reports = []
+    for _ in range(2):
+        model = detector()
+        model.fit(Windows.from_array(values))
+        reports.append(model.training_report_)
+    assert reports[0]["train_windows"] == 16 and reports[0]["validation_windows"] == 2
+    assert reports[0]["selected_on"] == "validation"
+    assert reports[0]["best_loss"] == reports[1]["best_loss"]

@@ -8,10 +8,10 @@ import torch
 
 from aiops_plugin.calibration import ThresholdScaler, fuse_scores
 from aiops_plugin.config import DetectorsConfig
+from aiops_plugin.demo import load_demo_sample
 from aiops_plugin.detectors.base import NotFittedError, choose_device
 from aiops_plugin.detectors.baselines import RollingMadDetector
 from aiops_plugin.detectors.registry import FittedModel, build_detector
-from aiops_plugin.localstack import load_demo_sample
 from aiops_plugin.windows import Windows
 
 
@@ -92,15 +92,48 @@ def test_unfitted_detector_refuses_to_score(smd) -> None:
         RollingMadDetector().score(Windows.from_array(smd.test))
 
 
-def test_fused_score_is_the_max_of_defined_scores() -> None:
-    fused = fuse_scores([np.array([0.5, np.nan, np.nan]), np.array([1.5, 0.2, np.nan])])
-    np.testing.assert_allclose(fused[:2], [1.5, 0.2], rtol=1e-6)
-    assert np.isnan(fused[2])
+def test_fused_score_crosses_one_exactly_when_some_detector_is_beyond_its_threshold() -> None:
+    """The contract of ``detector="fused"``: >= 1.0 iff at least one detector's scaled score is
+    >= 1.0 (its own threshold), NaN iff no detector scored. Scores sit close to 1 on both sides,
+    where a mean, a sum or a product of the detectors would alarm differently."""
+    below = np.nextafter(np.float32(1.0), np.float32(0.0))
+    cases = np.array(
+        [
+            [0.6, 0.6, 0.6],  # a sum alarms, no detector does
+            [1.5, 0.2, 0.1],  # a mean stays below, one detector alarms
+            [1.0, np.nan, 0.0],  # exactly at one threshold
+            [below, below, below],  # just below all of them
+            [np.nan, 3.0, np.nan],
+            [np.nan, np.nan, np.nan],
+        ],
+        dtype=np.float32,
+    ).T
+    rng = np.random.default_rng(11)
+    drawn = rng.uniform(0.0, 2.0, size=(3, 5000)).astype(np.float32)
+    drawn[rng.random(drawn.shape) < 0.2] = np.nan
+    for scaled in (cases, drawn):
+        fused = fuse_scores(list(scaled))
+        defined = np.isfinite(scaled)
+        beyond = (np.where(defined, scaled, 0.0) >= 1.0).any(axis=0)
+        np.testing.assert_array_equal(np.isnan(fused), ~defined.any(axis=0))
+        np.testing.assert_array_equal(fused >= 1.0, beyond)
+    assert 0.4 < np.mean(beyond) < 0.9, "the drawn scores exercise both sides of the threshold"
 
 
-def test_device_auto_is_cpu_without_cuda() -> None:
-    expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert choose_device("auto").type == expected
+def test_an_explicit_device_setting_is_the_device_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert choose_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert choose_device("cuda:1") == torch.device("cuda", 1)
+    assert choose_device("auto") == torch.device("cuda")
+
+
+def test_device_auto_is_cpu_without_cuda_and_cuda_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="'cuda:0' but no CUDA device is available"):
+        choose_device("cuda:0")
 
 
 @pytest.mark.parametrize("name", ["mad", "iforest", "pca", "cblof"])

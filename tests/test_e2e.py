@@ -18,8 +18,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from aiops_plugin.demo import DemoStack, new_stack
-from aiops_plugin.localstack import poll_until
+from aiops_plugin.demo import DemoStack, new_stack, poll_until
 from aiops_plugin.store import Store
 
 pytestmark = pytest.mark.e2e

@@ -21,8 +21,8 @@ from typer.testing import CliRunner, Result
 from aiops_plugin.cli import app
 from aiops_plugin.config import ConfigError, load_config
 from aiops_plugin.dashboards import DASHBOARDS_DIR, load_dashboards
+from aiops_plugin.demo import free_port
 from aiops_plugin.grafana import AnnotationWriter, connect
-from aiops_plugin.localstack import free_port
 from aiops_plugin.store import Store
 from aiops_plugin.windows import entity_key
 from tests.grafana_standin import GrafanaStandIn

@@ -17,11 +17,11 @@ from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 from opentelemetry.sdk.resources import Resource
 from prometheus_client.parser import text_string_to_metric_families
 
-from aiops_plugin.agent import Agent
+from aiops_plugin.agent import Agent, PhaseTimer
 from aiops_plugin.api import HttpServer
 from aiops_plugin.config import Config
+from aiops_plugin.demo import free_port
 from aiops_plugin.evaluation.logs_benchmark import run_log_benchmark
-from aiops_plugin.localstack import free_port
 
 DATA_ROOT = Path(__file__).parents[2] / "shared" / "data"
 NORMAL = [
@@ -120,7 +120,7 @@ def test_logs_from_the_sdk_become_a_log_anomaly_score(running: tuple[Agent, str]
         [("kernel panic: unable to mount root fs on unknown-block(0,0)", SeverityNumber.FATAL)],
         at=now - 2,
     )
-    detail = agent._infer_logs(now)
+    detail = agent._infer_logs(now, PhaseTimer())
     assert detail == {"svc": 2}
     scores = {s.labels["service"]: s.value for s in metric_samples(url, "aiops_log_anomaly_score")}
     assert set(scores) == {"checkout", "search"}

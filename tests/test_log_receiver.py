@@ -42,7 +42,7 @@ from sqlalchemy import select
 from aiops_plugin.agent import Agent
 from aiops_plugin.api import HttpServer
 from aiops_plugin.config import Config
-from aiops_plugin.localstack import free_port, poll_until
+from aiops_plugin.demo import free_port, poll_until
 from aiops_plugin.logs.intake import IntakeRecord
 from aiops_plugin.store import Store
 from aiops_plugin.store.models import LogRecordRow

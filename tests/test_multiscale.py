@@ -5,6 +5,9 @@ and the configuration hash. Tiny configurations on the shipped SMD machine-1-2 s
 from __future__ import annotations
 
 import copy
+import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,7 @@ from prometheus_client import generate_latest
 
 from aiops_plugin.agent import Agent
 from aiops_plugin.config import Config, DetectorsConfig, MultiscaleConfig
+from aiops_plugin.demo import load_demo_sample
 from aiops_plugin.detectors.multiscale import (
     MIN_VARIANCE,
     GaussianHead,
@@ -27,7 +31,6 @@ from aiops_plugin.detectors.multiscale import (
 from aiops_plugin.detectors.registry import FittedModel, build_detector
 from aiops_plugin.detectors.training import TrainingSettings
 from aiops_plugin.exporter import Exporter
-from aiops_plugin.localstack import load_demo_sample
 from aiops_plugin.store import Store
 from aiops_plugin.windows import Windows
 
@@ -43,7 +46,7 @@ TINY = {
     "max_train_windows": 1500,
     "learning_rate": 3e-3,
     "score_steps": 1,
-    "time_budget": 600,
+    "max_fit_seconds": 600,
 }
 
 
@@ -265,11 +268,14 @@ def test_fusion_weights_are_exported_per_group_and_scale(fitted) -> None:
     assert list(weights) == ["1", "2", "4", "8"]
     assert sum(weights.values()) == pytest.approx(1.0, abs=1e-6)
     exporter = Exporter()
-    exporter.publish_scale_weights("hosts", weights)
+    exporter.publish_model_state("hosts", "multiscale", fitted)
     text = generate_latest(exporter.registry).decode()
     assert f'aiops_multiscale_scale_weight{{entity_group="hosts",scale="8"}} {weights["8"]}' in (
         text
     )
+    # a refit replaces the group's series instead of adding to them
+    exporter.publish_model_state("hosts", "multiscale", fitted)
+    assert generate_latest(exporter.registry).decode().count("aiops_multiscale_scale_weight{") == 4
 
 
 def test_a_change_of_levels_changes_the_model_hash() -> None:
@@ -290,3 +296,78 @@ def test_hyper_parameters_rebuild_the_same_detector(fitted) -> None:
     restored.load_state_dict(fitted.state_dict())
     assert restored.hyper_parameters() == fitted.hyper_parameters()
     assert restored.window == WINDOW
+
+
+def _fit_tiny(smd, **overrides) -> FittedModel:
+    settings = {**TINY, "epochs": 2, "max_train_windows": 320, "mc_samples": 2, **overrides}
+    detector = build_detector(
+        "multiscale", DetectorsConfig(multiscale=settings), torch.device("cpu")
+    )
+    windows = Windows.from_array(smd.train[:1200], features=smd.feature_names)
+    return FittedModel.fit(detector, windows, false_alarm_rate=0.01)
+
+
+def _busy_cpus(count: int, seconds: float) -> list[subprocess.Popen]:
+    """``count`` processes spinning on a CPU each, for ``seconds`` at most."""
+    spin = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass"
+    return [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(count)]
+
+
+def test_a_fit_gives_the_same_model_on_a_busy_machine(smd) -> None:
+    """The budget is epochs, not seconds: a fit competing with CPU hogs trains as far as a fit
+    on a quiet machine, so the weights and scores are identical."""
+    quiet = _fit_tiny(smd)
+    hogs = _busy_cpus(2, seconds=60)
+    try:
+        busy = _fit_tiny(smd)
+        assert all(hog.poll() is None for hog in hogs), "the machine was busy during the fit"
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    for report in (quiet.report, busy.report):
+        assert report.metrics["stopped_by"] == "epochs" and report.metrics["epochs"] == 2
+    assert busy.report.metrics["steps"] == quiet.report.metrics["steps"] == 2 * 320 / 64
+    expected, actual = quiet.detector.model_.state_dict(), busy.detector.model_.state_dict()
+    assert all(torch.equal(actual[name], expected[name]) for name in expected)
+    test = Windows.from_array(smd.test[:200], features=smd.feature_names)
+    np.testing.assert_array_equal(busy.score(test).score, quiet.score(test).score)
+
+
+def test_max_steps_caps_training_in_optimiser_steps(smd) -> None:
+    capped = _fit_tiny(smd, max_steps=7)
+    again = _fit_tiny(smd, max_steps=7)
+    assert capped.report.metrics["steps"] == 7 and capped.report.metrics["epochs"] == 2
+    assert capped.report.metrics["stopped_by"] == "max_steps"
+    expected, actual = capped.detector.model_.state_dict(), again.detector.model_.state_dict()
+    assert all(torch.equal(actual[name], expected[name]) for name in expected)
+
+
+def test_a_hit_time_limit_is_logged_and_recorded_with_the_version(
+    smd, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="aiops_plugin.detectors.training"):
+        model = _fit_tiny(smd, max_fit_seconds="1ms")
+    metrics = model.report.metrics
+    assert metrics["stopped_by"] == "time_limit" and metrics["steps"] == 1
+    assert metrics["training_seconds"] > 0.001
+    assert any(
+        "detector 'multiscale'" in record.message and "safety limit" in record.message
+        for record in caplog.records
+        if record.levelno == logging.WARNING
+    )
+    store = Store.open(f"sqlite:///{tmp_path / 'aiops.db'}")
+    try:
+        store.save_model_version(
+            detector="multiscale",
+            group="hosts",
+            config_hash="limit",
+            state=model.to_bytes(),
+            training_metrics=dict(metrics),
+            n_entities=1,
+            n_features=len(smd.feature_names),
+        )
+        stored = store.latest_model_version("multiscale", "hosts", "limit")
+    finally:
+        store.close()
+    assert stored is not None and stored.training_metrics["stopped_by"] == "time_limit"

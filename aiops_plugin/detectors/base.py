@@ -68,13 +68,28 @@ class Scores:
 
 @dataclass
 class FitReport:
-    """What a fit did, stored with the model version."""
+    """What a fit did, stored with the model version (``metrics``: numbers, and a few names
+    such as a deep fit's ``stopped_by``)."""
 
     n_entities: int
     n_steps: int
     n_features: int
     seconds: float
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float | str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelGauge:
+    """A learned quantity of a fitted model that a user may inspect on ``/metrics``.
+
+    Exported per entity group as ``name{entity_group, <label>=<key>} = value`` for each item
+    of ``values``; the exporter does not know which detector produced it.
+    """
+
+    name: str
+    documentation: str
+    label: str
+    values: dict[str, float]
 
 
 class Detector(abc.ABC):
@@ -107,6 +122,10 @@ class Detector(abc.ABC):
     def context_steps(self) -> int:
         """Steps of history before the scored step that a score depends on."""
         return 1
+
+    def model_gauges(self) -> list[ModelGauge]:
+        """Learned state worth exporting (none by default); called once per fit or load."""
+        return []
 
     def _require_fitted(self) -> list[str]:
         if self.features_ is None:

@@ -15,6 +15,7 @@ window's last step is scored (:meth:`score_batch`); shapes are ``(batch, window,
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -78,12 +79,13 @@ class WindowedDeepDetector(Detector):
         settings = dict(settings)
         training = TrainingSettings(
             epochs=settings.pop("epochs"),
+            max_steps=settings.pop("max_steps"),
             batch_size=settings.pop("batch_size"),
             learning_rate=settings.pop("learning_rate"),
             weight_decay=settings.pop("weight_decay"),
             patience=settings.pop("patience"),
             grad_clip=settings.pop("grad_clip"),
-            time_budget_seconds=settings.pop("time_budget"),
+            max_fit_seconds=settings.pop("max_fit_seconds"),
             seed=settings.pop("seed"),
         )
         return cls(training=training, device=device, **settings)
@@ -117,8 +119,16 @@ class WindowedDeepDetector(Detector):
     def _training_windows(
         self, standard: np.ndarray, mask: np.ndarray
     ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """Pooled windows of all entities: the last ``validation_fraction`` of each entity's
-        time is held out (not shuffled in), the rest subsampled to ``max_train_windows``."""
+        """Pooled windows of all entities: train (subsampled to ``max_train_windows``) and
+        validation, for early stopping.
+
+        Validation is the last ``validation_fraction`` of each entity's *observed* windows (those
+        with at least ``min_observed_fraction`` observed), not of its time axis, so a fit window
+        that ends in a data gap still holds out data; training windows end before the held-out
+        ones start, so the two never overlap. When that leaves nothing to train on (an entity
+        observed for little more than a window), a seeded random ``validation_fraction`` of the
+        observed windows is held out instead.
+        """
         window = self.training_window
         if standard.shape[1] < window + 1:
             raise ValueError(
@@ -127,13 +137,16 @@ class WindowedDeepDetector(Detector):
             )
         values = sliding_windows(torch.from_numpy(standard), window)
         masks = sliding_windows(torch.from_numpy(mask), window)
-        n_entities, n_windows = values.shape[:2]
+        n_windows = values.shape[1]
         observed = masks.mean(dim=(2, 3)) >= self.min_observed_fraction
-        boundary = int(n_windows * (1 - self.validation_fraction))
-        # validation windows start after the boundary and so never overlap training windows
-        # ending before it minus a window
-        is_train = torch.arange(n_windows)[None, :] < max(boundary - window, 1)
-        is_validation = torch.arange(n_windows)[None, :] >= boundary
+        start = torch.arange(n_windows)[None, :]
+        counts = observed.sum(dim=1, keepdim=True)
+        train_counts = torch.floor(counts.double() * (1 - self.validation_fraction)).long()
+        is_validation = observed & (observed.cumsum(dim=1) > train_counts)
+        boundary = torch.where(is_validation, start, n_windows).min(dim=1, keepdim=True).values
+        is_train = observed & (start < boundary - window)
+        if not is_train.any():
+            is_train, is_validation = self._random_split(observed)
         generator = torch.Generator().manual_seed(self.training.seed)
 
         def gather(selected: torch.Tensor, limit: int) -> tuple[torch.Tensor, ...]:
@@ -143,41 +156,70 @@ class WindowedDeepDetector(Detector):
                 entity, start = entity[pick], start[pick]
             return values[entity, start].contiguous(), masks[entity, start].contiguous()
 
-        train_part = gather(observed & is_train, self.max_train_windows)
-        validation_part = gather(observed & is_validation, max(self.max_train_windows // 5, 1))
+        train_part = gather(is_train, self.max_train_windows)
+        validation_part = gather(is_validation, max(self.max_train_windows // 5, 1))
         if train_part[0].shape[0] == 0:
             raise ValueError("no fit window has enough observed data to train on")
         return train_part, validation_part
 
+    def _random_split(self, observed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(entities, windows)`` train and validation masks: a seeded random
+        ``validation_fraction`` of the ``observed`` windows (at least one when there are two or
+        more) held out; the rest trains. Held-out windows overlap training ones, so this
+        validation loss is optimistic, but it still selects among epochs."""
+        entity, start = torch.nonzero(observed, as_tuple=True)
+        count = len(entity)
+        held_out = count - int(count * (1 - self.validation_fraction)) if count >= 2 else 0
+        generator = torch.Generator().manual_seed(self.training.seed)
+        order = torch.randperm(count, generator=generator)
+        is_train = torch.zeros_like(observed)
+        is_validation = torch.zeros_like(observed)
+        is_validation[entity[order[:held_out]], start[order[:held_out]]] = True
+        is_train[entity[order[held_out:]], start[order[held_out:]]] = True
+        return is_train, is_validation
+
     def fit(self, windows: Windows) -> FitReport:
+        """Train one network on all entities of ``windows``.
+
+        Raises :class:`~aiops_plugin.detectors.training.TrainingFailed` (naming the detector)
+        rather than keep weights that learned nothing; the detector then stays unfitted."""
         started = time.perf_counter()
         torch.manual_seed(self.training.seed)
-        self.features_ = list(windows.features)
-        self.n_features_ = len(windows.features)
+        features = list(windows.features)
         self.scaler_.fit(windows)
         standard, mask = self.scaler_.transform(windows, clip=MAX_STANDARD)
         train_part, validation_part = self._training_windows(standard, mask)
-        self.model_ = self.build_model(self.n_features_)
+        model = self.build_model(len(features))
         stop = self.stop_event
         report = train(
-            self.model_,
+            model,
             self.loss,
             train_part,
             validation_part,
             self.training,
             self.device,
             should_stop=stop.is_set if stop is not None else None,
+            label=f"detector {self.name!r}",
         )
+        self.model_, self.features_, self.n_features_ = model, features, len(features)
+        finite_losses = [loss for loss in report.train_losses if math.isfinite(loss)]
         self.training_report_ = {
             "epochs": report.epochs,
-            "best_validation_loss": report.best_validation_loss,
-            "first_train_loss": report.train_losses[0] if report.train_losses else float("nan"),
-            "final_train_loss": report.train_losses[-1] if report.train_losses else float("nan"),
+            "steps": report.steps,
+            "best_loss": report.best_loss,
+            "first_train_loss": finite_losses[0],
+            "final_train_loss": finite_losses[-1],
+            "skipped_batches": report.skipped_batches,
             "train_windows": int(train_part[0].shape[0]),
             "validation_windows": int(validation_part[0].shape[0]),
+            "training_seconds": report.seconds,
+            "selected_on": report.selected_on,
             "stopped_by": report.stopped_by,
         }
-        metrics = {k: float(v) for k, v in self.training_report_.items() if k != "stopped_by"}
+        metrics = {
+            key: value if isinstance(value, str) else float(value)
+            for key, value in self.training_report_.items()
+        }
         return FitReport(
             n_entities=len(windows.entities),
             n_steps=len(windows.timestamps),

@@ -80,7 +80,7 @@ import torch
 import torch.nn.functional as functional
 from torch import nn
 
-from aiops_plugin.detectors.base import Scores
+from aiops_plugin.detectors.base import ModelGauge, Scores
 from aiops_plugin.detectors.deep import WindowedDeepDetector, WindowScores, masked_mean
 from aiops_plugin.windows import Windows
 
@@ -356,6 +356,17 @@ class MultiscaleDetector(WindowedDeepDetector):
             uncertainty=trailing_mean(steps.uncertainty, self.score_steps),
             contributions=contributions.astype(np.float32),
         )
+
+    def model_gauges(self) -> list[ModelGauge]:
+        return [
+            ModelGauge(
+                name="aiops_multiscale_scale_weight",
+                documentation="Learned fusion weight of each time scale of the multiscale "
+                "detector's model (scale = steps per point); the weights of a group sum to 1.",
+                label="scale",
+                values=self.scale_weights(),
+            )
+        ]
 
     def scale_weights(self) -> dict[str, float]:
         """Learned fusion weight per scale, keyed by steps per point ("1", "2", "4", ...)."""

@@ -471,7 +471,7 @@ def plot_timelines(run: BenchmarkRun, directory: Path, per_dataset: int = 3) -> 
             )
             axes[-1].set_xlabel("test step")
             figure.tight_layout()
-            path = directory / f"{dataset}-{entity}.png"
+            path = directory / f"{dataset}-{entity.replace('/', '-')}.png"
             figure.savefig(path, dpi=90)
             plt.close(figure)
             written.append(path)

@@ -13,9 +13,11 @@ Layout expected under the data root:
 - ``asd/``: Application Server Dataset (InterFusion, KDD 2021), 19 metrics, one row per 5 min.
   ``processed/omi-N_{train,test,test_label}.pkl`` and ``interpretation_label/omi-N.txt``
   (same syntax but ``end`` INCLUSIVE).
-- ``nab/``: NAB v1.1 ``realAWSCloudwatch``, univariate, 5 min (median step).
-  ``data/realAWSCloudwatch/<name>.csv`` (``timestamp,value``), ``labels/combined_windows.json``
-  (only the ``realAWSCloudwatch/...`` keys are used) and ``config/profiles.json``.
+- ``nab/``: NAB v1.1, univariate; every category folder that is present (the shared copy holds
+  ``realAWSCloudwatch``, 5 min median step). ``data/<category>/<name>.csv``
+  (``timestamp,value``), ``labels/combined_windows.json`` (keyed ``<category>/<name>.csv``) and
+  ``config/profiles.json``. A NAB entity is named ``<category>/<name>``, e.g.
+  ``realKnownCause/machine_temperature_system_failure``.
 
 API:
 
@@ -25,8 +27,12 @@ API:
 - ``list_entities(dataset, data_root=None) -> list[str]``: entities whose files are present,
   sorted naturally (``machine-1-2`` before ``machine-1-10``). An SMD/ASD entity is listed when any
   of its three pickles exists, so a partial copy fails loudly in ``load`` instead of vanishing.
+  A NAB file is listed when ``combined_windows.json`` has its key (NAB lists every file it
+  scores, an empty list for a file without anomalies), in every category folder under ``data/``.
 - ``load(dataset, entity, data_root=None) -> LabelledSeries`` and
-  ``load_all(dataset, entities=None, data_root=None) -> list[LabelledSeries]``.
+  ``load_all(dataset, entities=None, data_root=None) -> list[LabelledSeries]``. A NAB entity may
+  also be given as its bare file name when only one category holds that name, and a NAB
+  category name given to ``load_all`` selects every listed file of that category.
 - ``nab_full(entity, data_root=None) -> NabSeries``: the whole NAB file as
   ``(timestamps, values, labels, windows)``, as NAB's scorer needs it.
 - ``nab_probation_rows(n_rows) -> int`` and ``nab_profiles(data_root=None) -> dict``.
@@ -64,7 +70,7 @@ DEFAULT_DATA_ROOT = Path("../shared/data")
 DATA_ROOT_ENV = "AIOPS_DATA_ROOT"
 DATASETS = ("smd", "asd", "nab")
 
-NAB_CATEGORY = "realAWSCloudwatch"
+NAB_WINDOWS = Path("labels") / "combined_windows.json"
 NAB_PROBATION_FRACTION = 0.15
 # NAB caps the probationary period at 15 % of 5000 rows, whatever the file's length.
 _NAB_PROBATION_CAP_ROWS = 5000
@@ -86,7 +92,7 @@ _EXPECTED_LAYOUT = {
         "and interpretation_label/omi-N.txt"
     ),
     "nab": (
-        f"NAB v1.1 files: data/{NAB_CATEGORY}/<name>.csv (timestamp,value), "
+        "NAB v1.1 files: data/<category>/<name>.csv (timestamp,value), "
         "labels/combined_windows.json and config/profiles.json"
     ),
 }
@@ -128,7 +134,8 @@ class LabelledSeries:
 
     Attributes:
         dataset: ``"smd"``, ``"asd"`` or ``"nab"``.
-        entity: e.g. ``"machine-1-2"``, ``"omi-1"``, ``"ec2_cpu_utilization_24ae8d"``.
+        entity: e.g. ``"machine-1-2"``, ``"omi-1"``,
+            ``"realAWSCloudwatch/ec2_cpu_utilization_24ae8d"``.
         train: float32 ``(train_rows, features)``; for NAB the probationary rows.
         test: float32 ``(test_rows, features)``.
         test_labels: int8 ``(test_rows,)``, 1 = anomalous row.
@@ -185,17 +192,14 @@ def list_entities(dataset: str, data_root: Path | str | None = None) -> list[str
     """Entities of ``dataset`` whose files are present, in natural order."""
     root = _dataset_dir(dataset, data_root)
     if dataset == "nab":
-        folder = root / "data" / NAB_CATEGORY
-        _require_dir(folder, dataset)
-        names = {path.stem for path in folder.glob("*.csv")}
-    else:
-        folder = root / "processed"
-        _require_dir(folder, dataset)
-        names = {
-            match["entity"]
-            for path in folder.glob("*.pkl")
-            if (match := _PICKLE_NAME.fullmatch(path.name))
-        }
+        return _nab_entities(root)
+    folder = root / "processed"
+    _require_dir(folder, dataset)
+    names = {
+        match["entity"]
+        for path in folder.glob("*.pkl")
+        if (match := _PICKLE_NAME.fullmatch(path.name))
+    }
     return sorted(names, key=_natural_key)
 
 
@@ -203,6 +207,7 @@ def load(dataset: str, entity: str, data_root: Path | str | None = None) -> Labe
     """Train rows, test rows, test labels and labelled segments of one entity."""
     root = _dataset_dir(dataset, data_root)
     if dataset == "nab":
+        entity = _nab_entity(root, entity)
         return _split_nab(entity, _read_nab_file(root, entity))
     return _load_pickled(dataset, entity, root)
 
@@ -218,6 +223,8 @@ def load_all(
             raise DatasetError(
                 f"{folder}: no {dataset} entity found: expected {_EXPECTED_LAYOUT[dataset]}"
             )
+    elif dataset == "nab":
+        entities = _expand_nab_categories(_dataset_dir(dataset, data_root), entities)
     return [load(dataset, entity, data_root) for entity in entities]
 
 
@@ -233,7 +240,8 @@ def load_datasets(
 
 def nab_full(entity: str, data_root: Path | str | None = None) -> NabSeries:
     """The whole NAB file with its row labels and windows; NAB scores the file as one stream."""
-    return _read_nab_file(_dataset_dir("nab", data_root), entity)
+    root = _dataset_dir("nab", data_root)
+    return _read_nab_file(root, _nab_entity(root, entity))
 
 
 def nab_probation_rows(n_rows: int) -> int:
@@ -522,13 +530,68 @@ def _read_nab_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return stamps.astype(np.int64).astype(np.float64), values
 
 
+def _nab_entities(root: Path) -> list[str]:
+    """``<category>/<name>`` of every CSV under ``data/`` that the label windows list."""
+    folder = root / "data"
+    _require_dir(folder, "nab")
+    labelled = _read_json(root / NAB_WINDOWS, "nab")
+    found = [
+        f"{category.name}/{path.stem}"
+        for category in folder.iterdir()
+        if category.is_dir()
+        for path in category.glob("*.csv")
+        if f"{category.name}/{path.name}" in labelled
+    ]
+    return sorted(found, key=lambda entity: [_natural_key(part) for part in entity.split("/")])
+
+
+def _nab_entity(root: Path, entity: str) -> str:
+    """``<category>/<name>`` of a NAB entity given as that or as a bare file name that only one
+    category folder holds."""
+    if "/" in entity:
+        return entity
+    folder = root / "data"
+    _require_dir(folder, "nab")
+    holders = sorted(path.parent.name for path in folder.glob(f"*/{entity}.csv"))
+    if len(holders) == 1:
+        return f"{holders[0]}/{entity}"
+    if not holders:
+        raise DatasetError(
+            f"{folder}: no category folder holds {entity}.csv: expected {_EXPECTED_LAYOUT['nab']}"
+        )
+    raise DatasetError(
+        f"{folder}: {entity}.csv is in several categories ({', '.join(holders)}); "
+        f"name one as <category>/{entity}"
+    )
+
+
+def _expand_nab_categories(root: Path, names: list[str]) -> list[str]:
+    """``names`` with each NAB category name replaced by the listed files of that category."""
+    categories = {name for name in names if "/" not in name and (root / "data" / name).is_dir()}
+    if not categories:
+        return names
+    listed = _nab_entities(root)
+    expanded = []
+    for name in names:
+        if name not in categories:
+            expanded.append(name)
+            continue
+        members = [entity for entity in listed if entity.startswith(f"{name}/")]
+        if not members:
+            raise DatasetError(
+                f"{root / 'data' / name}: no file of category {name!r} has label windows in "
+                f"{root / NAB_WINDOWS}"
+            )
+        expanded += members
+    return expanded
+
+
 def _read_nab_windows(path: Path, key: str) -> list[tuple[float, float]]:
     """Anomaly windows of one file as Unix-second pairs; an empty list is a valid answer."""
     all_windows = _read_json(path, "nab")
     if key not in all_windows:
         raise DatasetError(
-            f"{path} has no entry {key!r}: expected the NAB label windows of every "
-            f"{NAB_CATEGORY} file"
+            f"{path} has no entry {key!r}: expected the NAB label windows of every file under data/"
         )
     windows = []
     for window in all_windows[key]:
@@ -547,10 +610,9 @@ def _read_nab_windows(path: Path, key: str) -> list[tuple[float, float]]:
 
 
 def _read_nab_file(root: Path, entity: str) -> NabSeries:
-    timestamps, values = _read_nab_csv(root / "data" / NAB_CATEGORY / f"{entity}.csv")
-    windows = _read_nab_windows(
-        root / "labels" / "combined_windows.json", f"{NAB_CATEGORY}/{entity}.csv"
-    )
+    """``entity``: ``<category>/<name>``."""
+    timestamps, values = _read_nab_csv(root / "data" / f"{entity}.csv")
+    windows = _read_nab_windows(root / NAB_WINDOWS, f"{entity}.csv")
     labels = np.zeros(len(timestamps), dtype=np.int8)
     for start, end in windows:
         labels[(timestamps >= start) & (timestamps <= end)] = 1

@@ -28,9 +28,9 @@ from sqlalchemy.orm import Session
 
 from aiops_plugin.calibration import ThresholdScaler
 from aiops_plugin.config import Config
+from aiops_plugin.demo import free_port, poll_until
 from aiops_plugin.evaluation import metrics
 from aiops_plugin.evaluation.datasets import DatasetError, resolve_data_root
-from aiops_plugin.localstack import free_port, poll_until
 from aiops_plugin.logs.features import LogProfile, severity_bucket
 from aiops_plugin.store.models import LogRecordRow
 

@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -111,6 +112,7 @@ class LogPipeline:
         self._embedder: TemplateEmbedder | None = None
         self._vectors: dict[int, np.ndarray] = {}
         self.models: dict[str, LogModel] = {}
+        self._processing = threading.Lock()
         self.groups = sorted({mapping.group for mapping in config.logs.entities})
 
     @property
@@ -134,15 +136,20 @@ class LogPipeline:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def process_pending(self) -> None:
-        """Mine new records and embed new or changed templates; counters into the exporter."""
-        mined = self.miner.mine_pending()
-        self.exporter.log_lines_mined.inc(mined.records)
-        for group, overflow in mined.overflow_by_group().items():
-            self.exporter.log_templates_overflow.labels(entity_group=group).inc(overflow)
-        if mined.records or not self._vectors:
-            embedded = embed_pending_templates(self.store, self.embedder)
-            self.exporter.log_templates_embedded.inc(embedded.embedded)
-            self._vectors = template_vectors(self.store, self.embedder.model_id)
+        """Mine new records and embed new or changed templates; counters into the exporter.
+
+        Called from both the fit and the infer job (different scheduler threads); the Drain3
+        miner takes one caller at a time, so the whole step runs under one lock.
+        """
+        with self._processing:
+            mined = self.miner.mine_pending()
+            self.exporter.log_lines_mined.inc(mined.records)
+            for group, overflow in mined.overflow_by_group().items():
+                self.exporter.log_templates_overflow.labels(entity_group=group).inc(overflow)
+            if mined.records or not self._vectors:
+                embedded = embed_pending_templates(self.store, self.embedder)
+                self.exporter.log_templates_embedded.inc(embedded.embedded)
+                self._vectors = template_vectors(self.store, self.embedder.model_id)
 
     def load_models(self) -> int:
         for group in self.groups:
@@ -158,6 +165,7 @@ class LogPipeline:
 
     def fit(self, group: str, start: float, end: float) -> LogModel | None:
         """Profile + scaler from the records of ``(start, end]``; None without records."""
+        started = time.perf_counter()
         self.process_pending()
         batch = load_log_batch(self.store, group, start, end)
         if not len(batch):
@@ -188,7 +196,10 @@ class LogPipeline:
         )
         self.store.prune_model_versions(LOG_DETECTOR, group)
         self.models[group] = model
-        self.exporter.model_last_fit.labels(detector=LOG_DETECTOR).set(time.time())
+        self.exporter.model_last_fit.labels(entity_group=group, detector=LOG_DETECTOR).set(
+            time.time()
+        )
+        self.exporter.observe_fit(group, LOG_DETECTOR, time.perf_counter() - started)
         return model
 
     def score(self, group: str, now: float) -> LogStepFeatures | None:

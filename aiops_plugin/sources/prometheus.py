@@ -19,14 +19,22 @@ missing for the cycle, the rest of the group and the other groups are still read
 
 from __future__ import annotations
 
+import http.client
 import logging
 import math
+import re
+import socket
+import ssl
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from http import HTTPStatus
 
 import numpy as np
 import requests
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
+from urllib3.exceptions import ProtocolError
+from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util.retry import Retry
 
 from aiops_plugin.config import EntityGroupConfig, PrometheusConfig
@@ -37,6 +45,56 @@ log = logging.getLogger(__name__)
 
 class SourceUnavailable(Exception):
     """Prometheus could not be reached (after retries) or answered with a server error."""
+
+
+_STATUS_CODE = re.compile(r"Status Code (\d{3})")
+
+
+def _error_chain(error: BaseException) -> list[BaseException]:
+    """``error`` and what it wraps (``__cause__``, ``__context__``, urllib3's ``reason``,
+    exceptions passed as arguments), outermost first."""
+    chain: list[BaseException] = []
+    pending = [error]
+    while pending:
+        current = pending.pop(0)
+        if any(current is seen for seen in chain):
+            continue
+        chain.append(current)
+        wrapped = [getattr(current, "reason", None), current.__cause__, current.__context__]
+        wrapped += list(current.args)
+        pending += [item for item in wrapped if isinstance(item, BaseException)]
+    return chain
+
+
+def transport_cause(error: BaseException, timeout: float) -> str:
+    """The cause at the bottom of a ``requests``/urllib3 error chain in a few words
+    (``connection refused``, ``timed out after 10 s``), instead of the whole chain."""
+    chain = _error_chain(error)
+    for cause in reversed(chain):
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, ConnectionResetError):
+            return "connection reset"
+        if isinstance(cause, socket.gaierror):
+            return "host name not resolved"
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS error: {getattr(cause, 'verify_message', None) or cause.reason}"
+        if isinstance(cause, TimeoutError | Urllib3Timeout | requests.Timeout):
+            return f"timed out after {timeout:g} s"
+        if isinstance(cause, ProtocolError | http.client.RemoteDisconnected):
+            return "connection closed without an answer"
+    innermost = chain[-1]
+    return f"{type(innermost).__name__}: {str(innermost).splitlines()[0][:200]}"
+
+
+def _http_answer(status: int | None, error: Exception) -> str:
+    """``HTTP 503 Service Unavailable`` (the body can be a whole HTML page)."""
+    if status is None:
+        return str(error).splitlines()[0][:200]
+    try:
+        return f"HTTP {status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"HTTP {status}"
 
 
 @dataclass(frozen=True)
@@ -89,12 +147,12 @@ def drop_stale_samples(promql: str, max_age: float) -> str:
     return f"({promql}) and ((time() - timestamp({promql})) <= {max_age:g})"
 
 
-def feature_name(query_name: str, series_labels: dict[str, str], entity_labels: list[str]) -> str:
+def feature_name(
+    query_name: str, series_labels: dict[str, str], entity_labels: Collection[str]
+) -> str:
     """``query_name`` alone, or ``query_name{extra="labels"}`` when the query returns several
     series per entity (for example one per CPU)."""
-    extra = {
-        k: v for k, v in series_labels.items() if k != "__name__" and k not in set(entity_labels)
-    }
+    extra = {k: v for k, v in series_labels.items() if k != "__name__" and k not in entity_labels}
     if not extra:
         return query_name
     inner = ",".join(f'{k}="{extra[k]}"' for k in sorted(extra))
@@ -142,12 +200,28 @@ class PrometheusReader:
                 timeout=self.config.timeout,
             )
         except PrometheusApiClientException as exc:
-            text = str(exc)
-            if any(code in text for code in ("Status Code 400", "Status Code 422")):
+            match = _STATUS_CODE.search(str(exc))
+            status = int(match.group(1)) if match else None
+            if status in (400, 422):
                 raise
-            raise SourceUnavailable(f"{self.config.url}: {text}") from exc
+            raise SourceUnavailable(
+                f"Prometheus at {self.config.url} answered {_http_answer(status, exc)}"
+                f"{self._tries()}"
+            ) from exc
+        except requests.JSONDecodeError as exc:
+            raise SourceUnavailable(
+                f"Prometheus at {self.config.url} answered with something other than the "
+                "Prometheus API's JSON; is that the base URL of its HTTP API?"
+            ) from exc
         except requests.RequestException as exc:
-            raise SourceUnavailable(f"{self.config.url}: {exc}") from exc
+            cause = transport_cause(exc, self.config.timeout)
+            raise SourceUnavailable(
+                f"Prometheus at {self.config.url} is unreachable: {cause}{self._tries()}"
+            ) from exc
+
+    def _tries(self) -> str:
+        tries = self.config.retries + 1
+        return f" ({tries} tries)" if tries > 1 else ""
 
     def read_range(self, group: EntityGroupConfig, start: float, end: float) -> ReadResult:
         """All queries of ``group`` over ``[start, end]`` on the step grid.
@@ -165,6 +239,7 @@ class PrometheusReader:
         failures: list[QueryFailure] = []
         skipped_without_labels = 0
         max_age = self.config.max_sample_age or 2 * step
+        identifying = frozenset(group.labels)
         for query_name, promql in group.queries.items():
             guarded = drop_stale_samples(promql, max_age)
             try:
@@ -186,9 +261,7 @@ class PrometheusReader:
                 labels = {label: metric[label] for label in group.labels}
                 key = entity_key(labels)
                 labels_by_key[key] = labels
-                points = series.setdefault(
-                    (key, feature_name(query_name, metric, group.labels)), {}
-                )
+                points = series.setdefault((key, feature_name(query_name, metric, identifying)), {})
                 for timestamp, raw in item.get("values", []):
                     index = int(round((float(timestamp) - start) / step))
                     value = float(raw)
@@ -201,45 +274,64 @@ class PrometheusReader:
                 skipped_without_labels,
                 group.labels,
             )
-        keys = sorted(labels_by_key)
-        dropped = max(0, len(keys) - group.max_entities)
-        if dropped:
-            log.warning(
-                "group %r: %d entities over max_entities=%d were not read",
-                group.name,
-                dropped,
-                group.max_entities,
-            )
-            keys = keys[: group.max_entities]
-        features = sorted({feature for key, feature in series if key in set(keys)})
-        if len(features) > group.max_features:
-            log.warning(
-                "group %r: %d features over max_features=%d were not read",
-                group.name,
-                len(features) - group.max_features,
-                group.max_features,
-            )
-            features = features[: group.max_features]
-        if not keys or not features:
-            return ReadResult(None, failures, dropped)
-        values = np.full((len(keys), n_time, len(features)), np.nan, dtype=np.float32)
-        key_index = {key: i for i, key in enumerate(keys)}
-        feature_index = {name: j for j, name in enumerate(features)}
-        for (key, feature), points in series.items():
-            if key in key_index and feature in feature_index and points:
-                indices = np.fromiter(points.keys(), dtype=np.int64, count=len(points))
-                samples = np.fromiter(points.values(), dtype=np.float32, count=len(points))
-                values[key_index[key], indices, feature_index[feature]] = samples
-        windows = Windows(
-            group=group.name,
-            values=values,
-            observed=~np.isnan(values),
-            timestamps=start + step * np.arange(n_time, dtype=np.float64),
-            entities=[labels_by_key[key] for key in keys],
-            features=features,
-            step=step,
-        )
+        windows, dropped = assemble_windows(group, series, labels_by_key, start, step, n_time)
         return ReadResult(windows, failures, dropped)
+
+
+def assemble_windows(
+    group: EntityGroupConfig,
+    series: dict[tuple[str, str], dict[int, float]],
+    labels_by_key: dict[str, EntityLabels],
+    start: float,
+    step: float,
+    n_time: int,
+) -> tuple[Windows | None, int]:
+    """The group's ``(entities, time, features)`` block from points keyed by (entity, feature).
+
+    ``series`` maps ``(entity key, feature)`` to ``{grid index: value}``. Entities and features
+    beyond the group's bounds are dropped (the count of dropped entities is returned). Linear in
+    the number of series and points: at 10k entities x 40 features a read is 400k series.
+    """
+    keys = sorted(labels_by_key)
+    dropped = max(0, len(keys) - group.max_entities)
+    if dropped:
+        log.warning(
+            "group %r: %d entities over max_entities=%d were not read",
+            group.name,
+            dropped,
+            group.max_entities,
+        )
+        keys = keys[: group.max_entities]
+    kept = set(keys)
+    features = sorted({feature for key, feature in series if key in kept})
+    if len(features) > group.max_features:
+        log.warning(
+            "group %r: %d features over max_features=%d were not read",
+            group.name,
+            len(features) - group.max_features,
+            group.max_features,
+        )
+        features = features[: group.max_features]
+    if not keys or not features:
+        return None, dropped
+    values = np.full((len(keys), n_time, len(features)), np.nan, dtype=np.float32)
+    key_index = {key: i for i, key in enumerate(keys)}
+    feature_index = {name: j for j, name in enumerate(features)}
+    for (key, feature), points in series.items():
+        if key in key_index and feature in feature_index and points:
+            indices = np.fromiter(points.keys(), dtype=np.int64, count=len(points))
+            samples = np.fromiter(points.values(), dtype=np.float32, count=len(points))
+            values[key_index[key], indices, feature_index[feature]] = samples
+    windows = Windows(
+        group=group.name,
+        values=values,
+        observed=~np.isnan(values),
+        timestamps=start + step * np.arange(n_time, dtype=np.float64),
+        entities=[labels_by_key[key] for key in keys],
+        features=features,
+        step=step,
+    )
+    return windows, dropped
 
 
 def merge_windows(old: Windows | None, new: Windows, keep_steps: int) -> Windows:
@@ -247,10 +339,12 @@ def merge_windows(old: Windows | None, new: Windows, keep_steps: int) -> Windows
 
     Entities and features are the union of both, so an entity that appears mid-way starts with
     missing history and one that disappears keeps its (ever older) data until it falls out of the
-    kept span. Only the last ``keep_steps`` grid points are kept: memory stays bounded.
+    kept span; then it is dropped, like a feature with no sample left in the span. Only the last
+    ``keep_steps`` grid points of the entities and features that still have data are kept, so
+    memory stays bounded when entities come and go (pods of a rolling deploy).
     """
     if old is None:
-        return new.tail(keep_steps)
+        return _without_empty(new.tail(keep_steps))
     step = new.step
     start = min(old.timestamps[0], new.timestamps[0])
     end = max(old.timestamps[-1], new.timestamps[-1])
@@ -263,20 +357,42 @@ def merge_windows(old: Windows | None, new: Windows, keep_steps: int) -> Windows
     key_index = {key: i for i, key in enumerate(keys)}
     feature_index = {name: j for j, name in enumerate(features)}
     for part in (old, new):
-        rows = np.array([key_index[key] for key in part.keys])
-        cols = np.array([feature_index[name] for name in part.features])
+        rows = np.array([key_index[key] for key in part.keys], dtype=np.int64)
+        cols = np.array([feature_index[name] for name in part.features], dtype=np.int64)
         times = np.rint((part.timestamps - start) / step).astype(np.int64)
         keep = (times >= 0) & (times < n_time)
         block = part.values[:, keep][:, :, :]
         present = part.observed[:, keep]
         target = values[np.ix_(rows, times[keep], cols)]
         values[np.ix_(rows, times[keep], cols)] = np.where(present, block, target)
+    return _without_empty(
+        Windows(
+            group=new.group,
+            values=values,
+            observed=~np.isnan(values),
+            timestamps=start + step * np.arange(n_time, dtype=np.float64),
+            entities=[labels[key] for key in keys],
+            features=features,
+            step=step,
+        )
+    )
+
+
+def _without_empty(windows: Windows) -> Windows:
+    """``windows`` without the entities and features that have no sample at all."""
+    live_entities = windows.observed.any(axis=(1, 2))
+    live_features = windows.observed.any(axis=(0, 1))
+    if live_entities.all() and live_features.all():
+        return windows
+    entities = np.flatnonzero(live_entities)
+    features = np.flatnonzero(live_features)
+    index = np.ix_(entities, np.arange(len(windows.timestamps)), features)
     return Windows(
-        group=new.group,
-        values=values,
-        observed=~np.isnan(values),
-        timestamps=start + step * np.arange(n_time, dtype=np.float64),
-        entities=[labels[key] for key in keys],
-        features=features,
-        step=step,
+        group=windows.group,
+        values=windows.values[index],
+        observed=windows.observed[index],
+        timestamps=windows.timestamps,
+        entities=[windows.entities[i] for i in entities],
+        features=[windows.features[j] for j in features],
+        step=windows.step,
     )

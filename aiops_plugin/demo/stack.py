@@ -1,6 +1,7 @@
 """The whole path on one machine: real Prometheus + Alertmanager, a real SMD sample, the agent.
 
-Used by ``aiops-plugin demo`` and by the end-to-end test, so the two cannot drift apart.
+Used by ``aiops-plugin demo`` (``runner.py``) and by the end-to-end and dashboard tests, so they
+cannot drift apart.
 
 Time is compressed: SMD rows are one minute apart, the demo plays one row per second. The first
 ``history_rows`` rows (train part, then the start of the test part) are backfilled into Prometheus
@@ -11,51 +12,60 @@ of machine-1-2) arrives ``lead_rows`` seconds after the replay starts.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 import requests
 import yaml
 
 from aiops_plugin.alerting import load_rules_with_for
-from aiops_plugin.localstack import (
-    AlertmanagerServer,
-    DemoSample,
-    PrometheusServer,
-    ReplayExporter,
-    ScrapeJob,
-    WebhookReceiver,
-    backfill,
-    backfill_timestamps,
-    free_port,
-    load_demo_sample,
-    poll_until,
-    write_openmetrics,
-)
+from aiops_plugin.demo.errors import AgentExitedError, PortInUseError
+from aiops_plugin.demo.openmetrics import backfill, backfill_timestamps, write_openmetrics
+from aiops_plugin.demo.polling import poll_until
+from aiops_plugin.demo.ports import free_port, port_in_use, process_listens_on
+from aiops_plugin.demo.processes import AlertmanagerServer, PrometheusServer, ScrapeJob
+from aiops_plugin.demo.replay import ReplayExporter
+from aiops_plugin.demo.sample import DemoSample, load_demo_sample
+from aiops_plugin.demo.webhook import WebhookReceiver
 
-log = logging.getLogger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RULES_FILE = REPO_ROOT / "alert_rules" / "aiops-plugin.rules.yml"
 #: The shipped Alertmanager routing; the demo only replaces its webhook URLs and timings.
 ALERTMANAGER_FILE = REPO_ROOT / "examples" / "alertmanager.yml"
 METRIC = "smd_metric_value"
 AGENT_JOB = "aiops-plugin"
+AGENT_HOST = "127.0.0.1"
 REPLAY_JOB = "smd-replay"
+#: The demo's detectors: one quick classic detector, so the alert comes within minutes.
+DEMO_DETECTORS: dict[str, Any] = {"device": "cpu", "mad": {"window": 60}}
+#: The agent configuration a stack writes into its work directory; also the mark of a work
+#: directory an earlier stack used.
+AGENT_CONFIG_FILE = "aiops-demo.yaml"
+#: What a run leaves in its work directory that the next run must not see: the TSDB holds the
+#: last replay (it would overlap the new history), Alertmanager's notification log would hold
+#: back the same alert for ``repeat_interval``, the agent's store holds the last run's models.
+RUN_STATE = ("prometheus-data", "prometheus", "alertmanager", "agent-data")
 
 
 def demo_config(
-    prometheus_url: str, agent_port: int, data_dir: Path, fit_window_seconds: float
-) -> dict:
-    """The agent configuration of the demo (also a readable example of a small config)."""
+    prometheus_url: str,
+    agent_port: int,
+    data_dir: Path,
+    fit_window_seconds: float,
+    detectors: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The agent configuration of the demo (also a readable example of a small config).
+
+    ``detectors`` replaces the ``detectors`` section (default ``DEMO_DETECTORS``).
+    """
     return {
         "prometheus": {"url": prometheus_url, "step": "1s", "timeout": "5s", "backoff": "0.2s"},
         "entities": [
@@ -66,7 +76,7 @@ def demo_config(
                 "queries": {"smd": f"sum by (instance, dim) ({METRIC})"},
             }
         ],
-        "detectors": {"device": "cpu", "mad": {"window": 60}},
+        "detectors": DEMO_DETECTORS if detectors is None else detectors,
         "calibration": {"false_alarm_rate": 0.001},
         "schedule": {
             "infer_every": "1s",
@@ -74,13 +84,16 @@ def demo_config(
             "fit_window": f"{int(fit_window_seconds)}s",
         },
         "store": {"data_dir": str(data_dir)},
-        "server": {"host": "127.0.0.1", "port": agent_port},
+        "server": {"host": AGENT_HOST, "port": agent_port},
     }
 
 
 @dataclass
 class DemoStack:
-    """Every process and in-process server of the demo; ``close()`` stops them all."""
+    """Every process and in-process server of the demo; ``close()`` stops them all.
+
+    ``detectors`` replaces the agent's ``detectors`` section (default ``DEMO_DETECTORS``).
+    """
 
     workdir: Path
     sample: DemoSample
@@ -88,14 +101,15 @@ class DemoStack:
     lead_rows: int
     agent_port: int
     rules_for: str = "0s"
+    detectors: dict[str, Any] | None = None
     prometheus: PrometheusServer | None = None
     alertmanager: AlertmanagerServer | None = None
     webhook: WebhookReceiver | None = None
     replay: ReplayExporter | None = None
-    agent: subprocess.Popen | None = None
+    agent: subprocess.Popen[bytes] | None = None
     config_path: Path | None = None
     history_end: float = 0.0
-    _log_handles: list = field(default_factory=list)
+    _log_handles: list[IO[bytes]] = field(default_factory=list)
 
     @property
     def rows(self) -> np.ndarray:
@@ -113,9 +127,28 @@ class DemoStack:
         first_test_anomaly = int(np.argmax(self.sample.test_labels))
         return len(self.sample.train) + first_test_anomaly - self.replay_start
 
+    def check_agent_port(self) -> None:
+        """Raise ``PortInUseError`` if something already holds the agent's port.
+
+        Checked before anything starts: an agent left over from an earlier demo would otherwise
+        answer in place of ours while ours fails to bind.
+        """
+        if port_in_use(self.agent_port, AGENT_HOST):
+            raise PortInUseError(
+                f"port {self.agent_port} on {AGENT_HOST} is in use "
+                "(another demo or agent still running?)"
+            )
+
     def start_servers(self) -> None:
-        """History into the TSDB, then Prometheus, Alertmanager and the webhook receiver."""
+        """History into the TSDB, then Prometheus, Alertmanager and the webhook receiver.
+
+        In a work directory an earlier stack used (it holds ``AGENT_CONFIG_FILE``), that run's
+        ``RUN_STATE`` is removed first; nothing is removed from any other directory.
+        """
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if (self.workdir / AGENT_CONFIG_FILE).exists():
+            for stale in RUN_STATE:
+                shutil.rmtree(self.workdir / stale, ignore_errors=True)
         rows = self.rows[: self.history_rows]
         self.history_end = time.time() - 1.0
         openmetrics = self.workdir / "history.om"
@@ -150,7 +183,7 @@ class DemoStack:
             workdir=self.workdir / "prometheus",
             scrape_jobs=[
                 ScrapeJob(REPLAY_JOB, [self.replay.target], honor_labels=True),
-                ScrapeJob(AGENT_JOB, [f"127.0.0.1:{self.agent_port}"], honor_labels=True),
+                ScrapeJob(AGENT_JOB, [f"{AGENT_HOST}:{self.agent_port}"], honor_labels=True),
             ],
             rule_files=[rules],
             alertmanager_url=self.alertmanager.url,
@@ -159,35 +192,62 @@ class DemoStack:
 
     def write_agent_config(self) -> Path:
         assert self.prometheus is not None
-        self.config_path = self.workdir / "aiops-demo.yaml"
+        self.config_path = self.workdir / AGENT_CONFIG_FILE
         config = demo_config(
             self.prometheus.url,
             self.agent_port,
             self.workdir / "agent-data",
             fit_window_seconds=self.history_rows,
+            detectors=self.detectors,
         )
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         return self.config_path
 
+    @property
+    def agent_log_path(self) -> Path:
+        return self.workdir / "agent.log"
+
     def start_agent(self, timeout: float = 120.0) -> None:
-        """``aiops-plugin run`` as a separate process, as a user runs it; wait until ready."""
+        """``aiops-plugin run`` as a separate process, as a user runs it; wait until ready.
+
+        The agent's output goes to ``agent.log``, emptied at the stack's first start and appended
+        to by restarts.
+        """
         config = self.write_agent_config()
-        log_file = (self.workdir / "agent.log").open("ab")
+        log_file = self.agent_log_path.open("ab" if self._log_handles else "wb")
         self._log_handles.append(log_file)
         self.agent = subprocess.Popen(
             [sys.executable, "-m", "aiops_plugin.cli", "run", "--config", str(config)],
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # the demo's own config only: a user's AIOPS_STORE_URL or tokens must not point
+            # the demo agent at their real store or Prometheus credentials
+            env={
+                **{k: v for k, v in os.environ.items() if not k.startswith("AIOPS_")},
+                "PYTHONUNBUFFERED": "1",
+            },
         )
         self.wait_agent_ready(timeout)
 
     def wait_agent_ready(self, timeout: float = 120.0) -> None:
+        """Poll the ``/readyz`` of the agent process started here until it answers 200.
+
+        The port must be held by that very process (where ``/proc`` tells): a server of someone
+        else answering on the port is not taken for ours. If the process exits, this raises
+        ``AgentExitedError`` at once.
+        """
+        agent = self.agent
+        if agent is None:
+            raise AgentExitedError("the agent was not started")
+
         def ready() -> bool | None:
-            if self.agent is not None and self.agent.poll() is not None:
-                raise RuntimeError(
-                    f"agent exited with {self.agent.returncode}:\n{self.agent_log()}"
+            if agent.poll() is not None:
+                raise AgentExitedError(
+                    f"the agent exited with code {agent.returncode} before it was ready: "
+                    f"{self.agent_exit_reason()}"
                 )
+            if process_listens_on(agent.pid, self.agent_port) is False:
+                return None
             try:
                 response = requests.get(f"{self.agent_url}/readyz", timeout=2)
             except requests.RequestException:
@@ -198,17 +258,21 @@ class DemoStack:
 
     @property
     def agent_url(self) -> str:
-        return f"http://127.0.0.1:{self.agent_port}"
+        return f"http://{AGENT_HOST}:{self.agent_port}"
 
     def agent_log(self, lines: int = 60) -> str:
-        path = self.workdir / "agent.log"
-        return (
-            "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-            if path.exists()
-            else ""
-        )
+        """The last ``lines`` lines of ``agent.log`` ("" before the agent started)."""
+        if not self.agent_log_path.exists():
+            return ""
+        return "\n".join(self.agent_log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def agent_exit_reason(self) -> str:
+        """The last line of the agent's log: after a crash, the exception that ended it."""
+        lines = [line for line in self.agent_log(20).splitlines() if line.strip()]
+        return lines[-1].strip() if lines else "(no output)"
 
     def stop_agent(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM the agent and wait (SIGKILL after ``timeout`` s); its exit code."""
         if self.agent is None or self.agent.poll() is not None:
             return None if self.agent is None else self.agent.returncode
         self.agent.send_signal(signal.SIGTERM)
@@ -219,19 +283,29 @@ class DemoStack:
             return self.agent.wait()
 
     def close(self) -> None:
+        """Stop the agent, then every server, each waited for; safe at any stage of start-up."""
         self.stop_agent()
-        for server in (self.replay, self.prometheus, self.alertmanager, self.webhook):
+        if self.replay is not None:
+            self.replay.stop()
+        for server in (self.prometheus, self.alertmanager):
             if server is not None:
-                for stop in ("close", "stop"):
-                    if hasattr(server, stop):
-                        getattr(server, stop)()
-                        break
+                server.close()
+        if self.webhook is not None:
+            self.webhook.stop()
         for handle in self._log_handles:
             handle.close()
 
 
-def new_stack(workdir: Path, agent_port: int | None = None, lead_rows: int = 60) -> DemoStack:
-    """A stack whose replay reaches the labelled anomaly ``lead_rows`` seconds after it starts."""
+def new_stack(
+    workdir: Path,
+    agent_port: int | None = None,
+    lead_rows: int = 60,
+    detectors: dict[str, Any] | None = None,
+) -> DemoStack:
+    """A stack whose replay reaches the labelled anomaly ``lead_rows`` seconds after it starts.
+
+    ``detectors`` replaces the agent's ``detectors`` section (default ``DEMO_DETECTORS``).
+    """
     sample = load_demo_sample()
     first_anomaly = len(sample.train) + int(np.argmax(sample.test_labels))
     return DemoStack(
@@ -240,50 +314,5 @@ def new_stack(workdir: Path, agent_port: int | None = None, lead_rows: int = 60)
         history_rows=first_anomaly - lead_rows,
         lead_rows=lead_rows,
         agent_port=agent_port or free_port(),
+        detectors=detectors,
     )
-
-
-def run_demo(workdir: Path, agent_port: int = 9108, keep_running: bool = False) -> int:
-    """Run the demo end to end; returns the process exit code."""
-    stack = new_stack(workdir.resolve(), agent_port, lead_rows=90)
-    try:
-        print(f"[demo] backfilling {stack.history_rows} rows of SMD machine-1-2 as history")
-        stack.start_servers()
-        assert stack.prometheus and stack.alertmanager and stack.replay and stack.webhook
-        print(f"[demo] Prometheus   {stack.prometheus.url}")
-        print(f"[demo] Alertmanager {stack.alertmanager.url}")
-        print("[demo] starting the agent (fits on the history first)")
-        stack.start_agent()
-        print(f"[demo] agent ready: {stack.agent_url}/metrics")
-        stack.replay.start()
-        print(
-            f"[demo] replaying the test part live, 1 row/s; the labelled anomaly arrives in "
-            f"~{stack.anomaly_row} s"
-        )
-        payload, received_at = stack.webhook.wait_for_alert(
-            "AiopsAnomaly(Detected|Severe)",
-            timeout=stack.anomaly_row + 180,
-            instance=stack.sample.machine,
-        )
-        visible = stack.replay.row_started_at(stack.anomaly_row)
-        alert = next(
-            a for a in payload["alerts"] if a["labels"]["alertname"].startswith("AiopsAnomaly")
-        )
-        print(f"[demo] alert delivered by Alertmanager {received_at - visible:.1f} s after the")
-        print("[demo] first anomalous sample was served:")
-        print(
-            json.dumps({"labels": alert["labels"], "annotations": alert["annotations"]}, indent=2)
-        )
-        if keep_running:
-            print("[demo] everything keeps running; Ctrl-C to stop")
-            while True:
-                time.sleep(3600)
-        return 0
-    except KeyboardInterrupt:
-        return 0
-    except Exception as exc:  # noqa: BLE001 - the demo reports and cleans up
-        print(f"[demo] failed: {exc}", file=sys.stderr)
-        print(stack.agent_log(), file=sys.stderr)
-        return 1
-    finally:
-        stack.close()

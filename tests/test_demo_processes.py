@@ -15,7 +15,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from aiops_plugin.localstack import (
+from aiops_plugin.demo import (
     AlertmanagerServer,
     BackfillError,
     BinaryNotFoundError,

@@ -1,0 +1,215 @@
+"""The agent keeps working when parts of it fail, and its self-metrics mean what they say.
+
+Against the real Prometheus with SMD history of ``tests/test_agent.py`` (four entities, one of
+which vanished 10 minutes before the end). Faults are real where they can be (Prometheus stopped
+and started again, tables of the SQLite store dropped); one detector failure is injected by
+replacing a fitted model's ``score`` with one that raises, since no real detector fails on
+demand.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import text
+
+from aiops_plugin.agent import Agent, CycleFailed
+from aiops_plugin.demo.polling import poll_until
+from aiops_plugin.logs.pipeline import LogPipeline
+from tests.test_agent import QUERY, History, history, make_config  # noqa: F401 - fixture
+
+
+def _samples(agent: Agent, name: str) -> list:
+    """Samples of the family ``name`` (a counter's family drops ``_total``, so match both)."""
+    text_ = generate_latest(agent.exporter.registry).decode()
+    return [
+        sample
+        for family in text_string_to_metric_families(text_)
+        if name in (family.name, f"{family.name}_total")
+        for sample in family.samples
+    ]
+
+
+def _value(agent: Agent, name: str, **labels: str) -> float | None:
+    for sample in _samples(agent, name):
+        if sample.name in (name, f"{name}_total") and all(
+            sample.labels.get(k) == v for k, v in labels.items()
+        ):
+            return sample.value
+    return None
+
+
+def _two_groups(history: History, tmp_path: Path, **overrides) -> Agent:  # noqa: F811
+    groups = [
+        {"name": name, "labels": ["instance"], "queries": {"smd": QUERY}} for name in ("a", "b")
+    ]
+    return Agent(make_config(history.prometheus.url, tmp_path, entities=groups, **overrides))
+
+
+def test_one_groups_detector_failure_does_not_stop_the_other_group(
+    history: History,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    agent = _two_groups(history, tmp_path)
+    agent.start_up()
+    agent.fit(now=history.end)
+
+    def broken(_windows):  # noqa: ANN001, ANN202
+        raise RuntimeError("detector exploded")
+
+    agent.models[("mad", "b")].score = broken
+    results = {result.group: result for result in agent.infer(now=history.end)}
+    assert results["a"].error is None and results["a"].entities
+    assert results["b"].error == "RuntimeError: detector exploded"
+    groups = {s.labels["entity_group"] for s in _samples(agent, "aiops_anomaly_score")}
+    assert groups == {"a"}
+    agent.store.close()
+
+
+def test_a_store_that_refuses_writes_does_not_stop_scoring(
+    history: History,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    agent = _two_groups(history, tmp_path)
+    agent.start_up()
+    agent.fit(now=history.end)
+    with agent.store.engine.begin() as connection:
+        connection.execute(text("DROP TABLE anomaly_events"))
+        connection.execute(text("DROP TABLE job_runs"))
+    results = agent.infer(now=history.end)
+    assert all(result.error is None and result.entities for result in results)
+    groups = {s.labels["entity_group"] for s in _samples(agent, "aiops_anomaly_score")}
+    assert groups == {"a", "b"}
+    assert _value(agent, "aiops_source_up", source="store") == 0
+    agent.store.close()
+
+
+def test_fit_is_retried_with_backoff_until_prometheus_is_back(
+    history: History,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Started while Prometheus is down, the agent must not wait for ``fit_every`` (1 day)."""
+    schedule = {
+        "fit_window": f"{2400 - 1}s",
+        "infer_every": "1s",
+        "fit_every": "1d",
+        "fit_retry_backoff": "0.5s",
+        "fit_retry_max_backoff": "2s",
+    }
+    config = make_config(history.prometheus.url, tmp_path, schedule=schedule)
+    history.prometheus.stop()
+    agent = Agent(config)
+    try:
+        agent.start_up()
+        agent.start_scheduler()
+        poll_until(lambda: agent.last_fit_error, 30, "a failed first fit")
+        ready, reason = agent.readiness()
+        assert not ready and "prometheus unavailable" in reason and "next try in" in reason
+        history.prometheus.start()
+        poll_until(lambda: agent.models or None, 60, "a model once Prometheus is back")
+        poll_until(lambda: agent.readiness()[0] or None, 30, "the agent ready")
+        assert agent.last_fit_error is None
+        fitted = _value(agent, "aiops_model_last_fit_timestamp_seconds", entity_group="smd")
+        assert fitted is not None and fitted > time.time() - 120
+    finally:
+        agent.stop_event.set()
+        if agent.scheduler is not None:
+            agent.scheduler.shutdown(wait=True)
+        agent.store.close()
+        history.prometheus.start()  # a no-op when it is running
+
+
+def test_skips_count_entities_and_a_vanished_entity_once(
+    history: History,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    agent = Agent(make_config(history.prometheus.url, tmp_path))
+    agent.start_up()
+    with pytest.raises(CycleFailed, match="no fitted model yet"):
+        agent.infer(now=history.end)
+    read = agent.buffers["smd"]
+    # one count per entity that was not scored, not one per group
+    no_model = _value(agent, "aiops_entities_skipped_total", entity_group="smd", reason="no_model")
+    assert no_model == len(read.entities) == 3
+    agent.fit(now=history.end)
+    for _ in range(3):
+        agent.infer(now=history.end)
+    vanished = _value(
+        agent, "aiops_entities_skipped_total", entity_group="smd", reason="no_recent_data"
+    )
+    assert vanished == 1, "the vanished entity must be reported once, not every cycle"
+    agent.store.close()
+
+
+def test_cycle_phases_are_observed_once_per_cycle_and_fits_separately(
+    history: History,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    agent = _two_groups(history, tmp_path)
+    agent.start_up()
+    agent.fit(now=history.end)
+    for _ in range(2):
+        agent.infer(now=history.end)
+    counts = {
+        s.labels["phase"]: s.value
+        for s in _samples(agent, "aiops_cycle_duration_seconds")
+        if s.name == "aiops_cycle_duration_seconds_count"
+    }
+    assert counts == {phase: 2 for phase in ("fetch", "features", "infer", "calibrate", "export")}
+    fits = {
+        (s.labels["entity_group"], s.labels["detector"]): s.value
+        for s in _samples(agent, "aiops_fit_duration_seconds")
+        if s.name == "aiops_fit_duration_seconds_count"
+    }
+    assert fits == {("a", "mad"): 1, ("b", "mad"): 1}
+    last_fit = {
+        (s.labels["entity_group"], s.labels["detector"]): s.value
+        for s in _samples(agent, "aiops_model_last_fit_timestamp_seconds")
+    }
+    assert set(last_fit) == {("a", "mad"), ("b", "mad")} and min(last_fit.values()) > 0
+    agent.store.close()
+
+
+def test_the_log_miner_has_one_caller_at_a_time(tmp_path: Path) -> None:
+    """The fit and the infer job run on different scheduler threads and both mine logs."""
+    config = make_config(
+        "http://127.0.0.1:9",
+        tmp_path,
+        logs={
+            "enabled": True,
+            "entities": [{"group": "smd", "label": "instance", "attribute": "host.name"}],
+            "embedder": {"device": "cpu"},
+        },
+    )
+    agent = Agent(config)
+    pipeline = agent.logs
+    assert isinstance(pipeline, LogPipeline)
+    inside, most = 0, 0
+    guard = threading.Lock()
+    mine = pipeline.miner.mine_pending
+
+    def observed_mine(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        nonlocal inside, most
+        with guard:
+            inside += 1
+            most = max(most, inside)
+        time.sleep(0.3)  # a batch in progress, long enough for the other job to arrive
+        try:
+            return mine(*args, **kwargs)
+        finally:
+            with guard:
+                inside -= 1
+
+    pipeline.miner.mine_pending = observed_mine
+    threads = [threading.Thread(target=pipeline.process_pending) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert most == 1
+    agent.store.close()
