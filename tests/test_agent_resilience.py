@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,20 +45,24 @@ def _value(agent: Agent, name: str, **labels: str) -> float | None:
     return None
 
 
-def _two_groups(history: History, tmp_path: Path, **overrides) -> Agent:  # noqa: F811
+@pytest.fixture
+def two_groups(history: History, tmp_path: Path) -> Iterator[Agent]:  # noqa: F811
+    """An agent with two groups ("a", "b") of the same SMD history, fitted at its end."""
     groups = [
         {"name": name, "labels": ["instance"], "queries": {"smd": QUERY}} for name in ("a", "b")
     ]
-    return Agent(make_config(history.prometheus.url, tmp_path, entities=groups, **overrides))
+    agent = Agent(make_config(history.prometheus.url, tmp_path, entities=groups))
+    agent.start_up()
+    agent.fit(now=history.end)
+    yield agent
+    agent.store.close()
 
 
 def test_one_groups_detector_failure_does_not_stop_the_other_group(
-    history: History,  # noqa: F811
-    tmp_path: Path,
+    two_groups: Agent,
+    history: History,  # noqa: F811 - the fixture imported above
 ) -> None:
-    agent = _two_groups(history, tmp_path)
-    agent.start_up()
-    agent.fit(now=history.end)
+    agent = two_groups
 
     def broken(_windows):  # noqa: ANN001, ANN202
         raise RuntimeError("detector exploded")
@@ -68,16 +73,13 @@ def test_one_groups_detector_failure_does_not_stop_the_other_group(
     assert results["b"].error == "RuntimeError: detector exploded"
     groups = {s.labels["entity_group"] for s in _samples(agent, "aiops_anomaly_score")}
     assert groups == {"a"}
-    agent.store.close()
 
 
 def test_a_store_that_refuses_writes_does_not_stop_scoring(
-    history: History,  # noqa: F811
-    tmp_path: Path,
+    two_groups: Agent,
+    history: History,  # noqa: F811 - the fixture imported above
 ) -> None:
-    agent = _two_groups(history, tmp_path)
-    agent.start_up()
-    agent.fit(now=history.end)
+    agent = two_groups
     with agent.store.engine.begin() as connection:
         connection.execute(text("DROP TABLE anomaly_events"))
         connection.execute(text("DROP TABLE job_runs"))
@@ -86,7 +88,6 @@ def test_a_store_that_refuses_writes_does_not_stop_scoring(
     groups = {s.labels["entity_group"] for s in _samples(agent, "aiops_anomaly_score")}
     assert groups == {"a", "b"}
     assert _value(agent, "aiops_source_up", source="store") == 0
-    agent.store.close()
 
 
 def test_fit_is_retried_with_backoff_until_prometheus_is_back(
@@ -147,12 +148,10 @@ def test_skips_count_entities_and_a_vanished_entity_once(
 
 
 def test_cycle_phases_are_observed_once_per_cycle_and_fits_separately(
-    history: History,  # noqa: F811
-    tmp_path: Path,
+    two_groups: Agent,
+    history: History,  # noqa: F811 - the fixture imported above
 ) -> None:
-    agent = _two_groups(history, tmp_path)
-    agent.start_up()
-    agent.fit(now=history.end)
+    agent = two_groups
     for _ in range(2):
         agent.infer(now=history.end)
     counts = {
@@ -172,7 +171,6 @@ def test_cycle_phases_are_observed_once_per_cycle_and_fits_separately(
         for s in _samples(agent, "aiops_model_last_fit_timestamp_seconds")
     }
     assert set(last_fit) == {("a", "mad"), ("b", "mad")} and min(last_fit.values()) > 0
-    agent.store.close()
 
 
 def test_the_log_miner_has_one_caller_at_a_time(tmp_path: Path) -> None:

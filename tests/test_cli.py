@@ -30,6 +30,7 @@ from aiops_plugin.demo import (
     free_port,
     write_openmetrics,
 )
+from tests.test_config import MINIMAL
 
 METRIC = "smd_metric_value"
 QUERY = f"sum by (instance, dim) ({METRIC})"
@@ -168,15 +169,6 @@ def test_help_tells_a_user_what_the_tool_is() -> None:
     assert "Prometheus" in result.output and "anomal" in result.output
     for command in ("check-config", "run", "score", "fit"):
         assert command in result.output
-
-
-MINIMAL = """
-prometheus: {url: "http://127.0.0.1:9090", step: 30s}
-entities:
-  - name: node
-    labels: [instance]
-    queries: {cpu: 'rate(node_cpu_seconds_total[5m])'}
-"""
 
 
 def _unreadable(path: Path) -> list[str]:
