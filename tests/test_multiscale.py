@@ -1,6 +1,6 @@
 """The ``multiscale`` detector: decomposition and module shapes, softmax fusion, masking, training,
 checkpoints through a real store, planted anomalies in real SMD data, uncertainty, contributions
-and the configuration hash. Tiny configurations on the shipped SMD machine-1-2 slice, CPU only."""
+and the configuration hash. Tiny configurations on the shipped SMD machine-1-7 slice, CPU only."""
 
 from __future__ import annotations
 

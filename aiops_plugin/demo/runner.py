@@ -50,7 +50,7 @@ def _say(text: str, stream: TextIO = sys.stdout) -> None:
 
 
 def _start(stack: DemoStack) -> None:
-    _say(f"[demo] backfilling {stack.history_rows} rows of SMD machine-1-2 as history")
+    _say(f"[demo] backfilling {stack.history_rows} rows of SMD {stack.sample.machine} as history")
     stack.start_servers()
     assert stack.prometheus and stack.alertmanager
     _say(f"[demo] Prometheus   {stack.prometheus.url}")

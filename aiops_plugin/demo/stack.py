@@ -6,8 +6,8 @@ cannot drift apart.
 Time is compressed: SMD rows are one minute apart, the demo plays one row per second. The first
 ``history_rows`` rows (train part, then the start of the test part) are backfilled into Prometheus
 as history ending now; the agent fits on them; the remaining test rows are then served live by a
-replay exporter that Prometheus scrapes every second. The labelled anomaly (test rows 5875-5950
-of machine-1-2) arrives ``lead_rows`` seconds after the replay starts.
+replay exporter that Prometheus scrapes every second. The labelled anomaly (test rows 18109-18149
+of machine-1-7) arrives ``lead_rows`` seconds after the replay starts.
 """
 
 from __future__ import annotations
