@@ -7,16 +7,22 @@ cycle's groups and the log side, is observed once per cycle in
     fetch      incremental PromQL reads into a bounded per-group buffer
     features   entities with too little observed data are skipped, with a reason
     infer      every fitted detector scores the whole group in one batched call
-    calibrate  raw scores -> the common scale (1.0 = threshold) -> fused score
+    calibrate  raw scores -> p-values (calibrated on steps the detectors did not train on) ->
+               the exported scale (1.0 = the configured false-alarm rate), the fused score
+               (Cauchy combination of the detectors' and the log score's p-values, calibrated
+               again), P(anomalous now), suppression rules
     export     publish the snapshot, track anomaly events in the store
 
 Fitting writes a model version in one transaction only once it is complete; a stop request
 (SIGTERM/SIGINT) between groups or detectors abandons the fit without writing anything, so the
 store never holds a half-written version. On start-up, models fitted under the same configuration
-are loaded from the store instead of being refitted. While any (group, detector) has no model
-(Prometheus was down at start-up, a group had no data yet), the fit is retried with exponential
-backoff from ``schedule.fit_retry_backoff`` up to ``schedule.fit_retry_max_backoff`` instead of
-waiting for ``fit_every``.
+are loaded from the store instead of being refitted, with their group's calibration (the
+calibration is versioned apart from the weights: when only the calibration settings changed, the
+group is recalibrated on the steps after its models' training, without retraining). While any
+(group, detector) has no model (Prometheus was down at start-up, a group had no data yet), the
+fit of the groups concerned (only them) is retried with exponential backoff from
+``schedule.fit_retry_backoff`` up to ``schedule.fit_retry_max_backoff`` instead of waiting for
+``fit_every``.
 
 A failure in one group (a detector raising, the store refusing a write) is reported for that
 group; the other groups are still scored and exported.
@@ -38,7 +44,8 @@ from typing import Protocol
 import numpy as np
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from aiops_plugin.calibration import fuse_scores
+from aiops_plugin.calibration import score_from_p
+from aiops_plugin.calibration.stage import METHOD, GroupCalibration, RecentProbability
 from aiops_plugin.config import Config, EntityGroupConfig
 from aiops_plugin.detectors.base import choose_device
 from aiops_plugin.detectors.registry import FittedModel, build_detector
@@ -49,11 +56,14 @@ from aiops_plugin.logs.intake import LogIntake
 from aiops_plugin.logs.pipeline import LogPipeline
 from aiops_plugin.sources.prometheus import PrometheusReader, SourceUnavailable, merge_windows
 from aiops_plugin.store import Store, StoreError
+from aiops_plugin.suppression import apply_suppression, expected_values, feature_rules
 from aiops_plugin.windows import Windows
 
 log = logging.getLogger(__name__)
 
 FUSED = "fused"
+#: A suppressed anomaly's fused score is exported at most at this value (just below the alarm).
+SUPPRESSED_SCORE_CAP = 0.999
 LOG_FIT_RETRY_SECONDS = 60.0
 #: A cycle failing for the same reason is logged at ERROR again only after this many seconds.
 REPEATED_FAILURE_LOG_SECONDS = 300.0
@@ -98,6 +108,7 @@ class GroupResult:
     group: str
     entities: list[dict[str, str]] = field(default_factory=list)
     scores: dict[str, np.ndarray] = field(default_factory=dict)
+    probability: np.ndarray | None = None
     timestamp: float | None = None
     skipped: dict[str, str] = field(default_factory=dict)
     error: str | None = None
@@ -127,6 +138,10 @@ class Agent:
             ]
         )
         self.models: dict[tuple[str, str], FittedModel] = {}
+        #: per group: the calibrators of its detectors (fitted with its models, or recalibrated)
+        self.calibrations: dict[str, GroupCalibration] = {}
+        #: per group: the anomaly probability, refitted every cycle on recent fused p-values
+        self.probabilities: dict[str, RecentProbability] = {}
         self.buffers: dict[str, Windows] = {}
         #: entity keys seen at the last fit, so an entity whose series vanished is reported
         self.fitted_entities: dict[str, dict[str, dict[str, str]]] = {}
@@ -162,11 +177,13 @@ class Agent:
         return self.config.detectors.enabled_names()
 
     def missing_models(self) -> list[tuple[str, str]]:
+        """(detector, group) pairs without a usable model: none fitted, or its group has no
+        calibration yet."""
         return [
             (detector, group.name)
             for group in self.groups
             for detector in self.detector_names
-            if (detector, group.name) not in self.models
+            if (detector, group.name) not in self.models or group.name not in self.calibrations
         ]
 
     def readiness(self) -> tuple[bool, str]:
@@ -179,13 +196,21 @@ class Agent:
             return False, "no inference cycle has succeeded yet"
         return True, "ready"
 
-    def load_models(self) -> int:
-        """Models fitted under the current configuration, from the store; returns how many."""
+    def load_models(self, now: float | None = None) -> int:
+        """Models fitted under the current configuration, from the store, with their group's
+        calibration; returns how many models were loaded.
+
+        A group whose models are all there but whose calibration settings changed is
+        recalibrated on the history after its models' training (no retraining); one that cannot
+        be (too little such history, Prometheus down) is left to the fit.
+        """
         loaded = 0
         for group in self.groups:
+            models: dict[str, FittedModel] = {}
+            versions: dict[str, int] = {}
             for detector in self.detector_names:
                 version = self.store.latest_model_version(
-                    detector, group.name, self.config.model_hash(detector)
+                    detector, group.name, self.config.model_hash(detector, group.name)
                 )
                 if version is None:
                     continue
@@ -201,6 +226,8 @@ class Agent:
                         group.name,
                     )
                     continue
+                models[detector] = model
+                versions[detector] = version.id
                 with self._models_lock:
                     self.models[(detector, group.name)] = model
                 self.exporter.publish_model_state(group.name, detector, model.detector)
@@ -208,8 +235,111 @@ class Agent:
                     version.created_at.timestamp()
                 )
                 loaded += 1
+            if len(models) == len(self.detector_names):
+                self._load_or_recalibrate(group, models, versions, now)
         log.info("loaded %d model version(s) from the store", loaded)
         return loaded
+
+    def _load_or_recalibrate(
+        self,
+        group: EntityGroupConfig,
+        models: dict[str, FittedModel],
+        versions: dict[str, int],
+        now: float | None,
+    ) -> None:
+        settings_hash = self.config.calibration_hash(group.name, versions)
+        stored = self.store.latest_calibration_version(group.name, FUSED, settings_hash)
+        if stored is not None:
+            try:
+                calibration = GroupCalibration.from_state_dict(stored.state["calibration"])
+                probability = self._new_probability().seed(
+                    np.asarray(stored.state["probability_seed"], dtype=np.float64)
+                )
+            except Exception:  # noqa: BLE001 - an unreadable calibration is redone, not fatal
+                log.exception(
+                    "calibration version %d of group %r cannot be loaded; recalibrating",
+                    stored.id,
+                    group.name,
+                )
+            else:
+                self._install_calibration(group.name, calibration, probability)
+                return
+        try:
+            self.recalibrate(group, models, versions, now)
+        except (SourceUnavailable, ValueError) as exc:
+            log.warning(
+                "group %r: models loaded but not recalibrated (%s); the group will be refitted",
+                group.name,
+                exc,
+            )
+
+    def recalibrate(
+        self,
+        group: EntityGroupConfig,
+        models: dict[str, FittedModel],
+        versions: dict[str, int],
+        now: float | None = None,
+    ) -> GroupCalibration:
+        """Fit the group's calibration on the steps of the fit window after its models'
+        training (scored with the context reaching back before it), without retraining."""
+        now = now if now is not None else time.time()
+        read = self._read(group, now - self.config.schedule.fit_window, now)
+        if read is None:
+            raise ValueError("no data in the fit window")
+        train_end = max(model.train_end or -np.inf for model in models.values())
+        first = int(np.searchsorted(read.timestamps, train_end, side="right"))
+        if read.timestamps.size - first < 2:
+            raise ValueError(f"only {read.timestamps.size - first} steps after the training")
+        raw = {name: model.score(read).score[:, first:] for name, model in models.items()}
+        slice_times = (float(read.timestamps[first]), float(read.timestamps[-1]))
+        return self._fit_calibration(group.name, raw, read.keys, versions, slice_times)
+
+    def _new_probability(self) -> RecentProbability:
+        return RecentProbability(self.config.calibration.recent_p_values)
+
+    def _fit_calibration(
+        self,
+        group: str,
+        raw: dict[str, np.ndarray],
+        keys: list[str],
+        versions: dict[str, int],
+        slice_times: tuple[float, float],
+    ) -> GroupCalibration:
+        """Fit, save (a calibration version) and install a group's calibration."""
+        calibration = GroupCalibration(
+            list(raw), tail_fraction=self.config.calibration.tail_fraction
+        ).fit(raw, keys)
+        probability = self._new_probability().seed(calibration.fused_calibration_p_)
+        self.store.save_calibration_version(
+            group=group,
+            detector=FUSED,
+            settings_hash=self.config.calibration_hash(group, versions),
+            model_versions=versions,
+            method=METHOD,
+            state={
+                "calibration": calibration.state_dict(),
+                "probability": probability.state_dict(),
+                "probability_seed": list(probability.recent),
+            },
+            slice_start=slice_times[0],
+            slice_end=slice_times[1],
+            n_steps=calibration.n_steps_,
+        )
+        self.store.prune_calibration_versions(group, FUSED)
+        self._install_calibration(group, calibration, probability)
+        log.info(
+            "calibrated group %r on %d steps the detectors did not train on",
+            group,
+            calibration.n_steps_,
+        )
+        return calibration
+
+    def _install_calibration(
+        self, group: str, calibration: GroupCalibration, probability: RecentProbability
+    ) -> None:
+        with self._models_lock:
+            self.calibrations[group] = calibration
+            self.probabilities[group] = probability
 
     def _check_stop(self) -> None:
         if self.stop_event.is_set():
@@ -252,13 +382,17 @@ class Agent:
             log.error("end of job %d (%s) not recorded: %s", job_id, status, exc)
 
     # ------------------------------------------------------------------- fit
-    def fit(self, now: float | None = None) -> dict[str, dict]:
-        """Fit every enabled detector on every group's ``fit_window`` of history."""
+    def fit(self, now: float | None = None, groups: set[str] | None = None) -> dict[str, dict]:
+        """Fit every enabled detector on each group's ``fit_window`` of history (``groups``:
+        only these), then the group's calibration on the later part the detectors did not
+        train on (:mod:`aiops_plugin.calibration.stage`)."""
         now = now if now is not None else time.time()
         start = now - self.config.schedule.fit_window
         summary: dict[str, dict] = {}
         with self._job("fit") as detail:
             for group in self.groups:
+                if groups is not None and group.name not in groups:
+                    continue
                 self._check_stop()
                 read = self._read(group, start, now)
                 if read is None:
@@ -267,68 +401,11 @@ class Agent:
                     continue
                 self.fitted_entities[group.name] = dict(zip(read.keys, read.entities, strict=True))
                 self.store.upsert_entities(group.name, read.entities, datetime.now(UTC))
-                for detector_name in self.detector_names:
-                    self._check_stop()
-                    detector = build_detector(detector_name, self.config.detectors, self.device)
-                    detector.stop_event = self.stop_event
-                    try:
-                        model = FittedModel.fit(
-                            detector, read, self.config.calibration.false_alarm_rate
-                        )
-                    except TrainingInterrupted as exc:
-                        raise StopRequested from exc
-                    except TrainingFailed as exc:
-                        log.error(
-                            "fitting %s on group %r failed: %s", detector_name, group.name, exc
-                        )
-                        summary.setdefault(group.name, {})[detector_name] = {"error": str(exc)}
-                        continue
-                    except Exception as exc:  # noqa: BLE001 - one detector's failure is its own
-                        log.exception("fitting %s on group %r failed", detector_name, group.name)
-                        summary.setdefault(group.name, {})[detector_name] = {"error": str(exc)}
-                        continue
-                    self._check_stop()
-                    report = model.report
-                    version = self.store.save_model_version(
-                        detector=detector_name,
-                        group=group.name,
-                        config_hash=self.config.model_hash(detector_name),
-                        state=model.to_bytes(),
-                        training_metrics={
-                            **(report.metrics if report else {}),
-                            "seconds": report.seconds if report else 0.0,
-                            "pooled_threshold": model.scaler.pooled_threshold_,
-                        },
-                        n_entities=len(read.entities),
-                        n_features=len(read.features),
-                    )
-                    self.store.prune_model_versions(detector_name, group.name)
-                    with self._models_lock:
-                        self.models[(detector_name, group.name)] = model
-                    self.exporter.observe_fit(
-                        group.name, detector_name, report.seconds if report else 0.0
-                    )
-                    self.exporter.publish_model_state(group.name, detector_name, model.detector)
-                    self.exporter.model_last_fit.labels(
-                        entity_group=group.name, detector=detector_name
-                    ).set(version.created_at.timestamp())
-                    summary.setdefault(group.name, {})[detector_name] = {
-                        "version": version.id,
-                        "entities": len(read.entities),
-                        "features": len(read.features),
-                        "steps": len(read.timestamps),
-                    }
-                    log.info(
-                        "fitted %s on group %r: %d entities x %d steps x %d features (v%d)",
-                        detector_name,
-                        group.name,
-                        len(read.entities),
-                        len(read.timestamps),
-                        len(read.features),
-                        version.id,
-                    )
+                self._fit_group(group, read, summary.setdefault(group.name, {}))
             if self.logs is not None:
                 for group in self.logs.groups:
+                    if groups is not None and group not in groups:
+                        continue
                     self._check_stop()
                     model = self.logs.fit(group, start, now)
                     summary.setdefault(group, {})["logs"] = (
@@ -336,6 +413,87 @@ class Agent:
                     )
             detail.update(summary)
         return summary
+
+    def _fit_group(self, group: EntityGroupConfig, read: Windows, summary: dict) -> None:
+        """Every detector on one group's history, then the group's calibration over the
+        detectors that fitted. Nothing of the group is installed unless its calibration is."""
+        fraction = self.config.calibration.calibration_fraction
+        fitted: dict[str, FittedModel] = {}
+        raw: dict[str, np.ndarray] = {}
+        versions: dict[str, int] = {}
+        for detector_name in self.detector_names:
+            self._check_stop()
+            detector = build_detector(detector_name, self.config.detectors, self.device)
+            detector.stop_event = self.stop_event
+            try:
+                model, raw[detector_name] = FittedModel.fit_split(detector, read, fraction)
+            except TrainingInterrupted as exc:
+                raise StopRequested from exc
+            except TrainingFailed as exc:
+                log.error("fitting %s on group %r failed: %s", detector_name, group.name, exc)
+                summary[detector_name] = {"error": str(exc)}
+                continue
+            except Exception as exc:  # noqa: BLE001 - one detector's failure is its own
+                log.exception("fitting %s on group %r failed", detector_name, group.name)
+                summary[detector_name] = {"error": str(exc)}
+                continue
+            self._check_stop()
+            report = model.report
+            version = self.store.save_model_version(
+                detector=detector_name,
+                group=group.name,
+                config_hash=self.config.model_hash(detector_name, group.name),
+                state=model.to_bytes(),
+                training_metrics={
+                    **(report.metrics if report else {}),
+                    "seconds": report.seconds if report else 0.0,
+                    "train_end": model.train_end,
+                },
+                n_entities=len(read.entities),
+                n_features=len(read.features),
+            )
+            self.store.prune_model_versions(detector_name, group.name)
+            fitted[detector_name] = model
+            versions[detector_name] = version.id
+            self.exporter.observe_fit(group.name, detector_name, report.seconds if report else 0.0)
+            summary[detector_name] = {
+                "version": version.id,
+                "entities": len(read.entities),
+                "features": len(read.features),
+                "steps": len(read.timestamps),
+            }
+            log.info(
+                "fitted %s on group %r: %d entities x %d steps x %d features (v%d)",
+                detector_name,
+                group.name,
+                len(read.entities),
+                len(read.timestamps),
+                len(read.features),
+                version.id,
+            )
+        if not fitted:
+            return
+        self._check_stop()
+        calibration_start = read.timestamps.size - next(iter(raw.values())).shape[1]
+        self._fit_calibration(
+            group.name,
+            raw,
+            read.keys,
+            versions,
+            (float(read.timestamps[calibration_start]), float(read.timestamps[-1])),
+        )
+        summary["calibration"] = {"steps": int(read.timestamps.size - calibration_start)}
+        with self._models_lock:
+            for detector_name in list(self.models):
+                if detector_name[1] == group.name:
+                    del self.models[detector_name]
+            for detector_name, model in fitted.items():
+                self.models[(detector_name, group.name)] = model
+        for detector_name, model in fitted.items():
+            self.exporter.publish_model_state(group.name, detector_name, model.detector)
+            self.exporter.model_last_fit.labels(
+                entity_group=group.name, detector=detector_name
+            ).set(time.time())
 
     def _read(self, group: EntityGroupConfig, start: float, end: float) -> Windows | None:
         try:
@@ -422,6 +580,10 @@ class Agent:
                 for (detector, group_name), model in self.models.items()
                 if group_name == group.name
             }
+            calibration = self.calibrations.get(group.name)
+            probability = self.probabilities.get(group.name)
+            if calibration is None or probability is None:
+                models = {}
         context = self._context_steps(group.name)
         keep_steps = 2 * context + 10
         step = self.config.prometheus.step
@@ -475,17 +637,12 @@ class Agent:
             }
 
         with timer.phase("calibrate"):
-            latest = {name: output.score[:, -1] for name, output in outputs.items()}
-            latest[FUSED] = fuse_scores([latest[name] for name in models])
-            uncertainty = {
-                name: output.uncertainty[:, -1]
-                for name, output in outputs.items()
-                if output.uncertainty is not None
-            }
-            contributions = self._fused_contributions(outputs, models, scored_windows)
-            forecast = next(
-                (o.raw.forecast for o in outputs.values() if o.raw.forecast is not None), None
-            )
+            assert calibration is not None and probability is not None
+            calibrated = self._calibrate(group, calibration, probability, outputs, scored_windows)
+            latest, uncertainty, fused_probability = calibrated
+            contributions = self._fused_contributions(outputs, models, scored_windows, latest)
+            forecast = next((o.forecast for o in outputs.values() if o.forecast is not None), None)
+            self._suppress(group, scored_windows, latest, fused_probability, contributions)
 
         with timer.phase("export"):
             snapshot = GroupSnapshot(
@@ -497,13 +654,79 @@ class Agent:
                 uncertainty=uncertainty,
                 contributions=contributions,
                 forecast=forecast,
+                probability=fused_probability,
             )
             self.exporter.publish(snapshot)
             self._track_events(group.name, scored_windows, snapshot.timestamp, latest[FUSED])
         result.entities = scored_windows.entities
         result.scores = latest
+        result.probability = fused_probability
         result.timestamp = snapshot.timestamp
         return result
+
+    def _calibrate(
+        self,
+        group: EntityGroupConfig,
+        calibration: GroupCalibration,
+        probability: RecentProbability,
+        outputs: dict,
+        windows: Windows,
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
+        """The latest step's raw scores -> exported scores per detector and fused (with the
+        log score's p-value where the entity has one), their uncertainty, P(anomalous)."""
+        keys = windows.keys
+        rate = self.config.calibration.false_alarm_rate
+        raw = {name: output.score[:, -1:] for name, output in outputs.items()}
+        log_p = self.logs.p_values(group.name, keys) if self.logs is not None else None
+        p = calibration.p_values(raw, keys, None if log_p is None else log_p[:, None])
+        latest = {
+            name: score_from_p(values[:, 0], rate).astype(np.float32) for name, values in p.items()
+        }
+        uncertainty = {}
+        for name, output in outputs.items():
+            if output.uncertainty is None:
+                continue
+            upper = calibration.calibrators_[name].p_values(
+                output.score[:, -1:] + output.uncertainty[:, -1:], keys
+            )
+            spread = score_from_p(upper[:, 0], rate) - latest[name]
+            uncertainty[name] = np.maximum(spread, 0.0).astype(np.float32)
+        return latest, uncertainty, probability.update(p[FUSED][:, 0])
+
+    def _suppress(
+        self,
+        group: EntityGroupConfig,
+        windows: Windows,
+        latest: dict[str, np.ndarray],
+        fused_probability: np.ndarray,
+        contributions: np.ndarray | None,
+    ) -> None:
+        """Apply the group's suppression rules to the fused score and probability in place: a
+        suppressed anomaly is exported just below the alarm (score and probability of an entity
+        at the threshold), and counted with its reason."""
+        fused = latest[FUSED]
+        anomalous = np.nan_to_num(fused, nan=0.0) >= 1.0
+        suppressed: dict[str, int] = {}
+        if anomalous.any() and group.suppress:
+            rules = feature_rules(windows.features, group.suppress)
+            result = apply_suppression(
+                anomalous,
+                windows.values[:, -1, :],
+                expected_values(windows.values, windows.observed),
+                contributions,
+                rules,
+            )
+            drop = ~result.keep
+            if drop.any():
+                at_threshold = float(
+                    self.probabilities[group.name].probability(
+                        np.array([self.config.calibration.false_alarm_rate])
+                    )[0]
+                )
+                fused[drop] = np.minimum(fused[drop], SUPPRESSED_SCORE_CAP)
+                fused_probability[drop] = np.minimum(fused_probability[drop], at_threshold)
+            suppressed = result.counts()
+        self.exporter.count_suppression(group.name, int(anomalous.sum()), suppressed)
 
     def _track_events(
         self, group: str, windows: Windows, timestamp: float, fused: np.ndarray
@@ -599,10 +822,13 @@ class Agent:
 
     @staticmethod
     def _fused_contributions(
-        outputs: dict, models: dict[str, FittedModel], windows: Windows
+        outputs: dict,
+        models: dict[str, FittedModel],
+        windows: Windows,
+        latest: dict[str, np.ndarray],
     ) -> np.ndarray | None:
-        """Per entity, the feature shares of the detector with the highest score now, laid out
-        on the scored windows' features."""
+        """Per entity, the feature shares of the detector with the highest exported score now,
+        laid out on the scored windows' features."""
         candidates = []
         for name, output in outputs.items():
             if output.contributions is None:
@@ -614,7 +840,7 @@ class Agent:
             for j, feature in enumerate(windows.features):
                 if feature in position:
                     aligned[:, j] = shares[:, position[feature]]
-            candidates.append((np.nan_to_num(output.score[:, -1], nan=-np.inf), aligned))
+            candidates.append((np.nan_to_num(latest[name], nan=-np.inf), aligned))
         if not candidates:
             return None
         best = np.argmax(np.stack([score for score, _ in candidates]), axis=0)
@@ -649,7 +875,11 @@ class Agent:
     def _fit_job(self) -> None:
         error: str | None = None
         try:
-            summary = self.fit()
+            # a retry refits only the groups that lack a model; the scheduled refit does all
+            missing = (
+                {group for _, group in self.missing_models()} if self._fit_retry_delay else None
+            )
+            summary = self.fit(groups=missing)
             error = _first_fit_error(summary)
         except StopRequested:
             return

@@ -115,6 +115,24 @@ class PrometheusConfig(_Strict):
     verify_tls: bool = True
 
 
+class SuppressionRule(_Strict):
+    """When an anomaly of one query is not worth raising: a deviation of the latest value from
+    the expected one that goes the wrong way or is too small (a CPU rise of 0.3 points is no
+    page). An anomaly is suppressed only when every feature that explains it fails its rule."""
+
+    direction: Literal["up", "down", "both"] = Field(
+        "both", description="deviations that count: up (above expected), down, or both"
+    )
+    min_abs_deviation: float = Field(
+        0.0, ge=0, description="smallest |latest - expected| worth raising, in the query's unit"
+    )
+    min_rel_deviation: float = Field(
+        0.0,
+        ge=0,
+        description="smallest |latest - expected| as a fraction of |expected| (0.1 = 10 %)",
+    )
+
+
 class EntityGroupConfig(_Strict):
     """A set of entities that share one metric set and therefore one model.
 
@@ -128,6 +146,10 @@ class EntityGroupConfig(_Strict):
     queries: dict[str, str] = Field(min_length=1, description="feature name -> PromQL")
     max_entities: int = Field(1000, ge=1, description="bound on entities (label cardinality)")
     max_features: int = Field(256, ge=1, description="bound on features per entity")
+    suppress: dict[str, SuppressionRule] = Field(
+        default_factory=dict,
+        description="query name -> rule under which that query's anomalies are not raised",
+    )
 
     @field_validator("labels")
     @classmethod
@@ -136,6 +158,16 @@ class EntityGroupConfig(_Strict):
         if clash:
             raise ValueError(f"labels {clash} are reserved for the exporter's own labels")
         return labels
+
+    @model_validator(mode="after")
+    def _suppress_names_queries(self) -> EntityGroupConfig:
+        unknown = sorted(set(self.suppress) - set(self.queries))
+        if unknown:
+            raise ValueError(
+                f"suppress: {unknown} are no queries of this group "
+                f"(queries: {sorted(self.queries)})"
+            )
+        return self
 
 
 class MadDetectorConfig(_Strict):
@@ -289,7 +321,30 @@ class DetectorsConfig(_Strict):
 
 class CalibrationConfig(_Strict):
     false_alarm_rate: float = Field(
-        0.001, gt=0, lt=0.5, description="fraction of normal steps allowed above score 1.0"
+        0.001,
+        gt=0,
+        lt=0.5,
+        description="fraction of normal steps allowed above score 1.0; changing it rescales "
+        "the exported scores at once, without refitting anything",
+    )
+    calibration_fraction: float = Field(
+        0.25,
+        gt=0,
+        lt=1,
+        description="later share of the fit window the detectors do not train on; their "
+        "scores there calibrate them",
+    )
+    tail_fraction: float = Field(
+        0.05,
+        gt=0,
+        lt=0.5,
+        description="share of calibration scores above the threshold of the fitted "
+        "(generalized Pareto) tail",
+    )
+    recent_p_values: int = Field(
+        5000,
+        ge=100,
+        description="recent fused p-values per group the anomaly probability is estimated from",
     )
     horizons: list[Duration] = Field(
         default_factory=lambda: [300.0, 900.0, 1800.0],
@@ -523,20 +578,43 @@ class Config(_Strict):
                 )
         return self
 
-    def model_hash(self, detector: str) -> str:
-        """Hash of what shapes a detector's model, so a model fitted under other settings is
-        recognised and refitted instead of being loaded."""
+    def group(self, name: str) -> EntityGroupConfig:
+        for group in self.entities:
+            if group.name == name:
+                return group
+        raise KeyError(f"no entity group {name!r}")
+
+    def model_hash(self, detector: str, group: str) -> str:
+        """Hash of what shapes one group's model of one detector, so a model fitted under other
+        settings is recognised and refitted instead of being loaded. Only that group's
+        definition counts (editing one group refits only it); neither the false-alarm rate nor
+        the suppression rules do (they act after the model)."""
         settings = getattr(self.detectors, detector)
         payload = {
             "detector": detector,
             "settings": settings.model_dump(
                 mode="json", exclude=set(getattr(settings, "runtime_fields", ()))
             ),
-            "entities": [group.model_dump(mode="json") for group in self.entities],
+            "group": self.group(group).model_dump(mode="json", exclude={"suppress"}),
             "step": self.prometheus.step,
-            "false_alarm_rate": self.calibration.false_alarm_rate,
+            "calibration_fraction": self.calibration.calibration_fraction,
         }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return _digest(payload)
+
+    def calibration_hash(self, group: str, model_versions: dict[str, int]) -> str:
+        """Hash of what shapes a group's calibration: its settings and the model versions it
+        calibrates (a new model needs a new calibration; a new false-alarm rate does not)."""
+        payload = {
+            "group": group,
+            "model_versions": model_versions,
+            "tail_fraction": self.calibration.tail_fraction,
+            "recent_p_values": self.calibration.recent_p_values,
+        }
+        return _digest(payload)
+
+
+def _digest(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _apply_environment(config: Config) -> Config:

@@ -2,7 +2,10 @@
 
 Per-entity series are produced from the latest published snapshot of each group at scrape time,
 so an entity that was skipped or a group whose read failed simply has no series: nothing is
-exported that was not computed in the last cycle. Label sets come from one place
+exported that was not computed in the last cycle. ``aiops_anomaly_score{detector}`` is the
+detector's score scaled so that 1.0 is the threshold at the configured false-alarm rate;
+``aiops_anomaly_probability`` is P(the entity is anomalous now), calibrated from the fused
+p-value, and carries no ``detector`` label. Label sets come from one place
 (:func:`entity_series_labels`): the entity's identifying labels copied unchanged, plus ``entity``
 (its values joined by '/', for annotations and dashboard variables) and ``entity_group``.
 """
@@ -19,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
+from aiops_plugin.suppression import SUPPRESSION_REASONS
 from aiops_plugin.windows import EntityLabels, entity_display_name
 
 if TYPE_CHECKING:
@@ -63,6 +67,8 @@ class GroupSnapshot:
 
     Attributes:
         scores: detector name (including ``fused``) -> ``(entities,)`` scaled scores.
+        probability: ``(entities,)`` P(anomalous now) in [0, 1], calibrated from the fused
+            p-value; NaN where it is undefined (that entity gets no series), or None.
         uncertainty: detector name -> ``(entities,)`` predictive std on the same scale.
         contributions: ``(entities, features)`` shares of the fused score, or None.
         forecast: forecasts made at ``timestamp`` for the configured metrics (original units),
@@ -77,6 +83,7 @@ class GroupSnapshot:
     uncertainty: dict[str, np.ndarray] = field(default_factory=dict)
     contributions: np.ndarray | None = None
     forecast: Forecast | None = None
+    probability: np.ndarray | None = None
 
 
 class _SnapshotCollector(Collector):
@@ -89,6 +96,11 @@ class _SnapshotCollector(Collector):
             "aiops_anomaly_score",
             "Anomaly score per entity and detector; 1.0 is the threshold for the configured "
             "false-alarm rate.",
+            "gauge",
+        )
+        probability = Metric(
+            "aiops_anomaly_probability",
+            "Probability that the entity is anomalous now, calibrated from the fused p-value.",
             "gauge",
         )
         uncertainty = Metric(
@@ -125,6 +137,10 @@ class _SnapshotCollector(Collector):
                         score.add_sample(
                             "aiops_anomaly_score", {**base, "detector": detector}, float(values[i])
                         )
+                if snapshot.probability is not None and np.isfinite(snapshot.probability[i]):
+                    probability.add_sample(
+                        "aiops_anomaly_probability", base, float(snapshot.probability[i])
+                    )
                 for detector, values in snapshot.uncertainty.items():
                     if np.isfinite(values[i]):
                         uncertainty.add_sample(
@@ -143,6 +159,8 @@ class _SnapshotCollector(Collector):
                                 float(shares[j]),
                             )
         yield score
+        if probability.samples:
+            yield probability
         log_score = Metric(
             "aiops_log_anomaly_score",
             "Log-side anomaly score per entity (template rarity and semantic novelty, severity); "
@@ -232,6 +250,20 @@ class Exporter:
             ["entity_group", "reason"],
             registry=self.registry,
         )
+        self.anomalous_steps = Counter(
+            "aiops_anomalous_steps_total",
+            "Entity-steps whose fused score reached the alarm level, before suppression rules; "
+            "rate(aiops_anomalies_suppressed_total) / rate(this) is the share the rules drop.",
+            ["entity_group"],
+            registry=self.registry,
+        )
+        self.anomalies_suppressed = Counter(
+            "aiops_anomalies_suppressed_total",
+            "Anomalous entity-steps dropped by a suppression rule, by reason (direction: every "
+            "explaining metric moved the wrong way; min_deviation: the move was too small).",
+            ["entity_group", "reason"],
+            registry=self.registry,
+        )
         self.logs_received = Counter(
             "aiops_logs_received_total",
             "Log records accepted on /v1/logs (committed to the store before the answer).",
@@ -297,11 +329,28 @@ class Exporter:
         self.fit_duration.labels(entity_group=group, detector=detector).observe(seconds)
 
     def declare_groups(self, groups: list[str]) -> None:
-        """Create every (group, reason) series of the skip counter at 0, so rates and dashboards
-        see the counter before the first skip instead of no series at all."""
+        """Create every group's series of the skip, anomalous-step and suppression counters at 0,
+        so rates and dashboards see the counters before the first count instead of no series."""
         for group in groups:
             for reason in SKIP_REASONS:
                 self.entities_skipped.labels(entity_group=group, reason=reason)
+            self.anomalous_steps.labels(entity_group=group)
+            for reason in SUPPRESSION_REASONS:
+                self.anomalies_suppressed.labels(entity_group=group, reason=reason)
+
+    def count_suppression(self, group: str, anomalous: int, suppressed: dict[str, int]) -> None:
+        """Count one cycle of ``group``: ``anomalous`` entities whose fused score reached the
+        alarm level, and of those the ``suppressed`` ones per reason (a key of
+        :data:`~aiops_plugin.suppression.SUPPRESSION_REASONS`; any other raises ``ValueError``,
+        keeping the ``reason`` label bounded)."""
+        unknown = sorted(set(suppressed) - set(SUPPRESSION_REASONS))
+        if unknown:
+            raise ValueError(
+                f"suppression reasons {unknown} of group {group!r} are not {SUPPRESSION_REASONS}"
+            )
+        self.anomalous_steps.labels(entity_group=group).inc(anomalous)
+        for reason, count in suppressed.items():
+            self.anomalies_suppressed.labels(entity_group=group, reason=reason).inc(count)
 
     def publish_log_scores(
         self, group: str, entities: list[EntityLabels], scores: np.ndarray
@@ -319,7 +368,8 @@ class Exporter:
             self._snapshots[snapshot.group] = snapshot
 
     def withdraw(self, group: str) -> None:
-        """Stop exporting a group's scores (its read failed: old scores would be stale)."""
+        """Stop exporting a group's scores and probabilities (its read failed: old values would
+        be stale)."""
         with self._lock:
             self._snapshots.pop(group, None)
 

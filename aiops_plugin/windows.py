@@ -99,6 +99,18 @@ class Windows:
             step=self.step,
         )
 
+    def head(self, steps: int) -> Windows:
+        """The first ``steps`` steps (the training part of a fit window)."""
+        return Windows(
+            group=self.group,
+            values=self.values[:, :steps],
+            observed=self.observed[:, :steps],
+            timestamps=self.timestamps[:steps],
+            entities=self.entities,
+            features=self.features,
+            step=self.step,
+        )
+
     def tail(self, steps: int) -> Windows:
         return Windows(
             group=self.group,

@@ -135,8 +135,13 @@ def test_fit_then_infer_scores_every_entity_with_recent_data(fitted_agent: Agent
     assert "no_recent_data" in result.skipped['{"instance":"vanished"}']
     fused = scores_by_instance(fitted_agent)
     mad = scores_by_instance(fitted_agent, "mad")
-    assert set(fused) == scored and fused == mad
+    assert set(fused) == set(mad) == scored
     assert all(np.isfinite(list(fused.values())))
+    probability = {
+        s.labels["instance"]: s.value for s in exported(fitted_agent)["aiops_anomaly_probability"]
+    }
+    assert set(probability) == scored
+    assert all(0.0 <= value <= 1.0 for value in probability.values())
     sample = exported(fitted_agent)["aiops_anomaly_score"][0]
     assert {"instance", "entity", "entity_group", "detector"} <= set(sample.labels)
     assert fitted_agent.readiness() == (True, "ready")
@@ -162,6 +167,98 @@ def test_changed_model_settings_trigger_a_refit(fitted_agent: Agent, history: Hi
     agent = Agent(changed)
     agent.start_up()
     assert agent.missing_models() == [("mad", "smd")]
+
+
+def test_fit_saves_a_calibration_version_of_the_fitted_models(fitted_agent: Agent) -> None:
+    config = fitted_agent.config
+    model = fitted_agent.store.latest_model_version("mad", "smd", config.model_hash("mad", "smd"))
+    assert model is not None
+    versions = {"mad": model.id}
+    calibration = fitted_agent.store.latest_calibration_version(
+        "smd", "fused", config.calibration_hash("smd", versions)
+    )
+    assert calibration is not None and calibration.model_versions == versions
+    # the calibration slice is the later quarter of the fit window, after the training
+    train_end = model.training_metrics["train_end"]
+    assert calibration.slice_start > train_end
+    assert calibration.n_steps == pytest.approx(0.25 * ROWS, rel=0.05)
+
+
+def test_a_new_false_alarm_rate_rescales_without_refitting_or_recalibrating(
+    fitted_agent: Agent, history: History, tmp_path: Path
+) -> None:
+    fitted_agent.infer(now=history.end)
+    before = scores_by_instance(fitted_agent, "mad")
+    rate = fitted_agent.config.calibration.false_alarm_rate
+    agent = Agent(
+        make_config(history.prometheus.url, tmp_path, calibration={"false_alarm_rate": 0.01})
+    )
+    agent.start_up()
+    assert agent.missing_models() == []
+    agent.infer(now=history.end)
+    after = scores_by_instance(agent, "mad")
+    # score = log p / log rate: the same p-values on the new rate's scale
+    expected = {key: value * np.log(rate) / np.log(0.01) for key, value in before.items()}
+    assert after == pytest.approx(expected, rel=1e-4)
+    assert len(agent.store.recent_jobs(kind="fit")) == 1
+
+
+def test_new_calibration_settings_recalibrate_without_retraining(
+    fitted_agent: Agent, history: History, tmp_path: Path
+) -> None:
+    config = fitted_agent.config
+    model = fitted_agent.store.latest_model_version("mad", "smd", config.model_hash("mad", "smd"))
+    changed = make_config(history.prometheus.url, tmp_path, calibration={"tail_fraction": 0.1})
+    agent = Agent(changed)
+    agent.load_models(now=history.end)
+    assert agent.missing_models() == []
+    assert len(agent.store.recent_jobs(kind="fit")) == 1  # no refit
+    kept = agent.store.latest_model_version("mad", "smd", changed.model_hash("mad", "smd"))
+    assert kept is not None and model is not None and kept.id == model.id  # same weights
+    recalibrated = agent.store.latest_calibration_version(
+        "smd", "fused", changed.calibration_hash("smd", {"mad": model.id})
+    )
+    assert recalibrated is not None
+    assert recalibrated.state["calibration"]["tail_fraction"] == 0.1
+    assert recalibrated.slice_start > model.training_metrics["train_end"]
+    (result,) = agent.infer(now=history.end)
+    assert len(result.entities) == 3 and result.probability is not None
+
+
+def test_suppression_rules_hold_back_small_anomalies_and_count_them(
+    history: History, tmp_path: Path
+) -> None:
+    """A rule no deviation can meet suppresses every anomaly: the fused score stays below the
+    alarm, and the anomalies are counted, all of them as suppressed for their size."""
+    group = {
+        "name": "smd",
+        "labels": ["instance"],
+        "queries": {"smd": QUERY},
+        "suppress": {"smd": {"min_abs_deviation": 1e9}},
+    }
+    # a loose false-alarm rate so that ordinary history crosses 1.0 now and then
+    config = make_config(
+        history.prometheus.url, tmp_path, entities=[group], calibration={"false_alarm_rate": 0.4}
+    )
+    agent = Agent(config)
+    agent.start_up()
+    agent.fit(now=history.end)
+    fused_seen = []
+    for now in np.arange(history.end - 90, history.end + 1, 10):
+        agent.infer(now=float(now))
+        fused_seen.extend(scores_by_instance(agent).values())
+    counters = exported(agent)
+    anomalous = sum(s.value for s in counters["aiops_anomalous_steps"] if s.name.endswith("_total"))
+    suppressed = {
+        s.labels["reason"]: s.value
+        for s in counters["aiops_anomalies_suppressed"]
+        if s.name.endswith("_total")
+    }
+    assert anomalous > 0
+    assert suppressed == {"direction": 0.0, "min_deviation": anomalous}
+    assert max(fused_seen) <= 0.999 + 1e-6
+    mad = scores_by_instance(agent, "mad")
+    assert mad  # the detector's own score is not suppressed: only the fused verdict is
 
 
 def test_bad_promql_in_one_group_does_not_stop_others(
@@ -231,7 +328,7 @@ def test_store_is_shared_with_postgresql(history: History, postgresql_url: str, 
     agent.start_up()
     agent.fit(now=history.end)
     agent.infer(now=history.end)
-    version = agent.store.latest_model_version("mad", "smd", config.model_hash("mad"))
+    version = agent.store.latest_model_version("mad", "smd", config.model_hash("mad", "smd"))
     assert version is not None and version.n_entities == 4
 
 

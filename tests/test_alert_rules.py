@@ -79,8 +79,22 @@ def test_every_alert_has_severity_and_what_to_do(rule: dict[str, Any]) -> None:
     assert not missing, f"{rule['alert']} lacks annotations {missing}"
 
 
+def _anomaly_rules() -> list[dict[str, Any]]:
+    return [rule for rule in _alert_rules(RULES) if rule["alert"].startswith("AiopsAnomaly")]
+
+
+def test_anomaly_alerts_read_the_probability_and_carry_detector_fused() -> None:
+    """The probability has no ``detector`` label; the routes and inhibitions that expect
+    ``detector="fused"`` get it from the rule."""
+    rules = {rule["alert"]: rule for rule in _anomaly_rules()}
+    assert set(rules) == {"AiopsAnomalyDetected", "AiopsAnomalySevere"}
+    for rule in rules.values():
+        assert rule["expr"].startswith("aiops_anomaly_probability >"), rule["alert"]
+        assert rule["labels"]["detector"] == "fused"
+
+
 def test_anomaly_alerts_link_to_the_entity_dashboard() -> None:
-    anomaly_rules = [rule for rule in _alert_rules(RULES) if "aiops_anomaly_score" in rule["expr"]]
+    anomaly_rules = _anomaly_rules()
     assert anomaly_rules
     for rule in anomaly_rules:
         dashboard = rule["annotations"].get("dashboard", "")

@@ -8,7 +8,8 @@ Two checks that a hand-written promtool series cannot make on its own:
    really publish for every configured (group, detector).
 2. Every ``aiops_*`` input series of the promtool unit tests has a label set the exporter
    really emits (same label names beyond the entity's own; detectors, sources and phases that
-   exist), checked against the ``/metrics`` of a fitted agent and of one that cannot fit.
+   exist), checked against the ``/metrics`` of a fitted agent and of one that cannot fit; the
+   anomaly alerts' ``aiops_anomaly_probability`` series among them.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def test_promtool_input_series_have_the_label_sets_the_exporter_emits(
             "detector": set(DETECTOR_NAMES) | {"fused", "logs"},
             "source": {s.labels["source"] for s in emitted["aiops_source_up"]},
         }
-        checked = 0
+        checked: list[str] = []
         for name, labels in _promtool_input_series():
             if not name.startswith("aiops_"):
                 continue
@@ -164,7 +165,8 @@ def test_promtool_input_series_have_the_label_sets_the_exporter_emits(
             for label, allowed in known_values.items():
                 if label in labels:
                     assert labels[label] in allowed, f"{name}: no {label} {labels[label]!r}"
-            checked += 1
-        assert checked >= 10
+            checked.append(name)
+        assert len(checked) >= 10
+        assert {"aiops_anomaly_probability", "aiops_anomaly_score"} <= set(checked)
     finally:
         fitted.store.close()

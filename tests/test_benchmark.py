@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from aiops_plugin.calibration import score_from_p
+from aiops_plugin.calibration.stage import GroupCalibration, RecentProbability
 from aiops_plugin.config import DetectorsConfig
 from aiops_plugin.detectors.registry import FittedModel, build_detector
-from aiops_plugin.evaluation import benchmark, datasets
+from aiops_plugin.evaluation import benchmark, datasets, metrics
 from aiops_plugin.windows import Windows
 
 DATA_ROOT = Path(__file__).parents[2] / "shared" / "data"
@@ -53,21 +57,36 @@ def test_tiny_smd_benchmark_writes_table_csv_and_plots(data_root: Path, tmp_path
         "1500",
         "--plots",
         "1",
+        "--false-alarm-rate",
+        "0.01",
     )
     assert done.returncode == 0, done.stderr
     report = (report_dir / "report.md").read_text()
     assert "\nCommand: `aiops-plugin benchmark --dataset smd" in report
-    assert "| mad |" in report and "| pca |" in report and "PA-F1 (inflated)" in report
+    assert "| mad |" in report and "| pca |" in report and "| fused |" in report
+    assert "PA-F1 (inflated)" in report and "ECE (labelled)" in report
+    assert "realised false-alarm rate @1" in report and "false_alarm_rate=0.01" in report
     with (report_dir / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert [row["detector"] for row in rows] == ["mad", "pca"]
+    assert [row["detector"] for row in rows] == ["mad", "pca", "fused"]
     for row in rows:
         prevalence = int(row["anomalous_rows"]) / int(row["test_rows"])
         # a random scorer has AUC-PR ~ prevalence (0.043 here) and AUC-ROC ~ 0.5
         assert float(row["auc_pr"]) > 2 * prevalence, row
         assert float(row["auc_roc"]) > 0.65, row
         assert float(row["pa_f1_inflated"]) >= float(row["best_f1"]) - 1e-9
+        assert float(row["configured_false_alarm_rate"]) == 0.01
+        assert 0.0 <= float(row["realised_false_alarm_rate"]) <= 1.0
+        assert row["nab_standard_operating"] == ""  # not a NAB file
+        calibration = [
+            row[c] for c in ("ece", "brier", "ece_labelled", "brier_labelled", "brier_constant")
+        ]
+        if row["detector"] == "fused":
+            assert all(0.0 <= float(value) <= 1.0 for value in calibration), row
+        else:
+            assert calibration == [""] * 5, row
     assert (report_dir / "smd-machine-1-2.png").stat().st_size > 10_000
+    assert (report_dir / "smd-reliability.png").stat().st_size > 10_000
 
 
 def test_benchmark_is_repeatable(data_root: Path) -> None:
@@ -78,24 +97,109 @@ def test_benchmark_is_repeatable(data_root: Path) -> None:
         for _ in range(2)
     )
     assert first.auc_pr == second.auc_pr and first.vus_pr == second.vus_pr
+    assert first.realised_false_alarm_rate == second.realised_false_alarm_rate
 
 
-def test_benchmark_scores_through_the_agents_fitted_model(data_root: Path) -> None:
-    """The harness' scores are exactly what FittedModel gives the agent for the same history."""
-    series = benchmark.short_slice(datasets.load("smd", "machine-1-2", data_root), 600)
-    scored = benchmark.score_entity(
-        series, "mad", DetectorsConfig(), 0.001, device=__import__("torch").device("cpu")
+@pytest.fixture(scope="module")
+def short_series(data_root: Path) -> datasets.LabelledSeries:
+    return benchmark.short_slice(datasets.load("smd", "machine-1-2", data_root), 600)
+
+
+@pytest.fixture(scope="module")
+def scored_short(short_series: datasets.LabelledSeries) -> list[benchmark.ScoredEntity]:
+    return benchmark.score_series(
+        short_series, ["mad", "pca"], DetectorsConfig(), 0.001, torch.device("cpu")
     )
-    model = FittedModel.fit(
-        build_detector("mad", DetectorsConfig(), __import__("torch").device("cpu")),
-        Windows.from_array(series.train, step=60.0, entities=[{"entity": "machine-1-2"}]),
-        0.001,
+
+
+def test_benchmark_scores_through_the_agents_fitted_model_and_calibration(
+    short_series: datasets.LabelledSeries, scored_short: list[benchmark.ScoredEntity]
+) -> None:
+    """The harness' scores are exactly what FittedModel.fit_split and one GroupCalibration give
+    the agent for the same history, per detector and fused."""
+    keys = ["machine-1-2"]
+    cpu = torch.device("cpu")
+
+    def windows(values: np.ndarray) -> Windows:
+        return Windows.from_array(values, step=60.0, entities=[{"entity": "machine-1-2"}])
+
+    raw_calibration, raw_test = {}, {}
+    for name in ("mad", "pca"):
+        model, raw_calibration[name] = FittedModel.fit_split(
+            build_detector(name, DetectorsConfig(), cpu), windows(short_series.train), 0.25
+        )
+        history = np.concatenate([short_series.train, short_series.test])
+        raw_test[name] = model.score(windows(history)).score[:, len(short_series.train) :]
+    calibration = GroupCalibration(["mad", "pca"], 0.05).fit(raw_calibration, keys)
+    p = calibration.p_values(raw_test, keys)
+    assert [item.detector for item in scored_short] == ["mad", "pca", "fused"]
+    for item in scored_short:
+        direct = score_from_p(p[item.detector][0], 0.001)
+        np.testing.assert_allclose(item.scores, direct, rtol=1e-6)
+        np.testing.assert_array_equal(np.isnan(item.scores), np.isnan(direct))
+    # the exported probability is RecentProbability updated step by step over the test split
+    fused = p["fused"][0]
+    recent = RecentProbability(5000).seed(calibration.fused_calibration_p_)
+    stepwise = np.array([recent.update(fused[t : t + 1])[0] for t in range(fused.size)])
+    [item] = [item for item in scored_short if item.detector == "fused"]
+    half = fused.size // 2
+    assert item.measured_from == half and np.isnan(item.probability[:half]).all()
+    np.testing.assert_allclose(item.probability[half:], stepwise[half:], rtol=1e-9, atol=1e-12)
+
+
+def test_new_columns_match_hand_computation(scored_short: list[benchmark.ScoredEntity]) -> None:
+    for item in scored_short:
+        row = benchmark.evaluate_entity(item)
+        normal = item.labels == 0
+        alarms = sum(1 for s in item.scores[normal] if s >= 1.0)  # NaN never alarms
+        assert row.realised_false_alarm_rate == pytest.approx(alarms / normal.sum())
+        assert row.configured_false_alarm_rate == 0.001
+        if item.detector != "fused":
+            assert (row.ece, row.brier, row.ece_labelled, row.brier_labelled) == (None,) * 4
+            assert row.brier_constant is None
+            continue
+        half = item.measured_from
+        p, y = item.probability[half:], item.labels[half:]
+        assert row.brier == pytest.approx(np.mean((p - y) ** 2))
+        assert row.brier_constant == pytest.approx(y.mean() * (1 - y.mean()))
+        assert row.ece == pytest.approx(metrics.expected_calibration_error(p, y, 10))
+        assert 0.0 <= row.ece <= 1.0 and 0.0 <= row.brier <= 1.0
+        # 600 test rows around the first anomaly: the first half holds >= 20 of each kind
+        assert item.probability_labelled is not None
+        assert row.ece_labelled == pytest.approx(
+            metrics.expected_calibration_error(item.probability_labelled[half:], y, 10)
+        )
+
+
+def test_labelled_probability_columns_are_empty_without_enough_labels(
+    short_series: datasets.LabelledSeries,
+) -> None:
+    quiet = dataclasses.replace(short_series, test_labels=np.zeros_like(short_series.test_labels))
+    [*_, fused] = benchmark.score_series(
+        quiet, ["mad"], DetectorsConfig(), 0.001, torch.device("cpu")
     )
-    history = np.concatenate([series.train, series.test])
-    direct = model.score(
-        Windows.from_array(history, step=60.0, entities=[{"entity": "machine-1-2"}])
-    ).score[0, len(series.train) :]
-    np.testing.assert_allclose(scored.scores, direct, rtol=1e-6)
+    row = benchmark.evaluate_entity(fused)
+    assert fused.probability_labelled is None
+    assert row.ece_labelled is None and row.brier_labelled is None
+    assert row.ece is not None and row.brier is not None
+    assert "too few labels" in row.notes
+
+
+def test_realised_false_alarm_rate_by_hand() -> None:
+    scores = np.array([0.2, 1.0, np.nan, 3.0, 0.99, 5.0])
+    labels = np.array([0, 0, 0, 1, 0, 1])
+    # normal rows: 0.2, 1.0, NaN, 0.99 -> one of four at or above 1.0
+    assert metrics.realised_false_alarm_rate(scores, labels, 1.0) == pytest.approx(0.25)
+    assert np.isnan(metrics.realised_false_alarm_rate(scores[[3, 5]], labels[[3, 5]]))
+
+
+def test_calibration_metrics_by_hand() -> None:
+    # bins: [0.1, 0.1] both normal (gap 0.1), [0.9, 0.9] one anomalous (gap 0.4): ECE 0.25;
+    # Brier (0.01 + 0.01 + 0.01 + 0.81) / 4
+    probability = np.array([0.1, 0.1, 0.9, 0.9, np.nan])
+    labels = np.array([0, 0, 1, 0, 1])
+    assert metrics.expected_calibration_error(probability, labels, 10) == pytest.approx(0.25)
+    assert metrics.brier_score(probability, labels) == pytest.approx(0.84 / 4)
 
 
 def test_nab_benchmark_reports_the_nab_score_under_three_profiles(
@@ -114,14 +218,32 @@ def test_nab_benchmark_reports_the_nab_score_under_three_profiles(
         "reward_low_FN_rate",
     }
     for result in run.nab:
-        # the optimised threshold is at least as good as the operating one, and well above the
-        # null detector's 0 (random or sign-reversed scores optimise to 0 here: never alarm)
+        # the optimised threshold is at least as good as the operating one, and never below the
+        # null detector's 0 (never alarming is one of the thresholds it tries)
         assert result.score_optimised >= result.score_at_1
-        assert result.score_optimised > 25, result
+        assert result.score_optimised >= 0.0, result
+        # mad, and fused under the standard profile, are well above the null detector (random or
+        # sign-reversed scores optimise to 0 here); fused's calibration slice is only the last
+        # quarter of the probationary 15 %, and with reward_low_FP_rate silence scores best
+        if result.detector == "mad" or result.profile == "standard":
+            assert result.score_optimised > 25, result
+    assert [(r.detector, r.profile) for r in run.nab][::3] == [
+        ("mad", "standard"),
+        ("fused", "standard"),
+    ]
     all_normal = [
         row for row in run.rows if row.entity == "realAWSCloudwatch/ec2_cpu_utilization_c6585a"
     ][0]
     assert np.isnan(all_normal.auc_pr) and "all-normal" in all_normal.notes
+    # the per-file NAB score at the operating point: NaN without a window to find
+    assert np.isnan(all_normal.nab_standard_operating)
+    with_window = [row for row in run.rows if row.entity.endswith("24ae8d")]
+    assert [row.detector for row in with_window] == ["mad", "fused"]
+    for row in with_window:
+        assert -100.0 <= row.nab_standard_operating <= 100.0, row
+    benchmark.write_nab_csv(run, tmp_path / "nab.csv")
+    with (tmp_path / "nab.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == len(run.nab) == 6
     report = benchmark.markdown_report(run)
     assert "n/a" in report and "NaN" not in report and "nan" not in report
     # a NAB entity is "<category>/<file>"; its plot is one file in the report folder

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from aiops_plugin.config import Config, ConfigError, EntityGroupConfig, load_config, parse_duration
+from aiops_plugin.config import (
+    Config,
+    ConfigError,
+    EntityGroupConfig,
+    SuppressionRule,
+    load_config,
+    parse_duration,
+)
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
@@ -126,9 +133,31 @@ def test_secrets_come_from_the_environment(tmp_path: Path, monkeypatch: pytest.M
 
 def test_model_hash_changes_with_detector_settings(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, MINIMAL))
-    before = config.model_hash("mad")
+    group = config.entities[0].name
+    before = config.model_hash("mad", group)
     config.detectors.mad.window = 30
-    assert config.model_hash("mad") != before
+    assert config.model_hash("mad", group) != before
+
+
+def test_model_hash_ignores_the_alarm_rate_suppression_and_other_groups(tmp_path: Path) -> None:
+    """Changing the false-alarm rate or a suppression rule retrains nothing; editing one group
+    refits only that group."""
+    config = load_config(write(tmp_path, MINIMAL))
+    first = config.entities[0]
+    other = first.model_copy(update={"name": "other"})
+    config.entities.append(other)
+    before = {g.name: config.model_hash("mad", g.name) for g in config.entities}
+    calibration_before = config.calibration_hash(first.name, {"mad": 1})
+    config.calibration.false_alarm_rate = 0.01
+    first.suppress = {next(iter(first.queries)): SuppressionRule(direction="up")}
+    assert {g.name: config.model_hash("mad", g.name) for g in config.entities} == before
+    assert config.calibration_hash(first.name, {"mad": 1}) == calibration_before
+    other.queries = {**other.queries, "extra": "up"}
+    assert config.model_hash("mad", first.name) == before[first.name]
+    assert config.model_hash("mad", "other") != before["other"]
+    config.calibration.tail_fraction = 0.1
+    assert config.calibration_hash(first.name, {"mad": 1}) != calibration_before
+    assert config.model_hash("mad", first.name) == before[first.name]
 
 
 def test_cli_check_config_exits_2_naming_file_and_field(tmp_path: Path) -> None:

@@ -51,19 +51,23 @@ def smd():
     return load_demo_sample()
 
 
-def detector() -> TinyReconstruction:
+def detector(epochs: int = 6) -> TinyReconstruction:
     return TinyReconstruction(
         window=16,
-        training=TrainingSettings(epochs=6, batch_size=128, patience=10),
+        training=TrainingSettings(epochs=epochs, batch_size=128, patience=20),
         max_train_windows=2000,
     )
 
 
 def test_training_lowers_the_loss_on_a_real_slice(smd) -> None:
-    model = detector()
-    model.fit(Windows.from_array(smd.train[:1500]))
+    """On the later half of the machine-1-7 history. In the earlier half one metric (m05) sits
+    at one level most of the time and leaves it for a third of the steps, tens of robust units
+    away: that one metric dominates the loss there, and this tiny network needs more epochs to
+    learn it than the other tests give it."""
+    model = detector(epochs=12)
+    model.fit(Windows.from_array(smd.train[-1500:]))
     report = model.training_report_
-    assert report["epochs"] == 6
+    assert report["epochs"] == 12 and report["stopped_by"] == "epochs"
     assert report["final_train_loss"] < 0.8 * report["first_train_loss"]
 
 
@@ -131,7 +135,7 @@ def test_a_fit_window_ending_in_a_gap_trains_and_is_saved(smd, tmp_path: Path) -
     windows = Windows.from_array(values, features=smd.feature_names)
     detector = build_detector("multiscale", tiny_multiscale(), torch.device("cpu"))
     initial = copy.deepcopy(detector.build_model(len(smd.feature_names)).state_dict())
-    model = FittedModel.fit(detector, windows, false_alarm_rate=0.01)
+    model = FittedModel.fit(detector, windows)
     report = model.report
     assert report is not None
     assert report.metrics["validation_windows"] > 0
@@ -156,6 +160,11 @@ def test_a_fit_window_ending_in_a_gap_trains_and_is_saved(smd, tmp_path: Path) -
         store.close()
     assert stored is not None and stored.id == version.id
     assert stored.training_metrics["validation_windows"] == report.metrics["validation_windows"]
+    # the version records where the training ended: the last step of the fit window, gap or not
+    restored = FittedModel.from_bytes(stored.state, tiny_multiscale(), torch.device("cpu"))
+    assert model.train_end == restored.train_end == windows.timestamps[-1]
+    scored = Windows.from_array(smd.test[:100], features=smd.feature_names)
+    np.testing.assert_array_equal(restored.score(scored).score, model.score(scored).score)
 
 
 class NaNLoss(TinyReconstruction):

@@ -1,4 +1,7 @@
-"""The MAD baseline and the score scaling, on the shipped real SMD sample."""
+"""The baselines on the shipped real SMD sample (machine-1-7), trained on the earlier 75 % of the
+history and calibrated (TailCalibrator, exported score where 1.0 = the configured false-alarm
+rate) on the later 25 %, then judged on the test rows none of them saw. The calibration library
+itself is tested in test_calibration_library.py."""
 
 from __future__ import annotations
 
@@ -6,54 +9,89 @@ import numpy as np
 import pytest
 import torch
 
-from aiops_plugin.calibration import ThresholdScaler, fuse_scores
+from aiops_plugin.calibration import TailCalibrator, score_from_p
 from aiops_plugin.config import DetectorsConfig
-from aiops_plugin.demo import load_demo_sample
+from aiops_plugin.demo import DemoSample, load_demo_sample
 from aiops_plugin.detectors.base import NotFittedError, choose_device
 from aiops_plugin.detectors.baselines import RollingMadDetector
 from aiops_plugin.detectors.registry import FittedModel, build_detector
 from aiops_plugin.windows import Windows
 
+RATE = 0.01
+CALIBRATION_FRACTION = 0.25
+STEP = 60.0
+
 
 @pytest.fixture(scope="module")
-def smd():
+def smd() -> DemoSample:
     return load_demo_sample()
 
 
+def fit_and_calibrate(detector, smd: DemoSample) -> tuple[FittedModel, TailCalibrator, np.ndarray]:
+    """Train on the first 75 % of the train rows, calibrate on the rest; also return the
+    calibration slice's raw scores."""
+    history = Windows.from_array(smd.train, step=STEP)
+    model, calibration_raw = FittedModel.fit_split(detector, history, CALIBRATION_FRACTION)
+    return model, TailCalibrator().fit(calibration_raw, history.keys), calibration_raw
+
+
+def exported(calibrator: TailCalibrator, raw: np.ndarray, keys: list[str]) -> np.ndarray:
+    """Raw scores on the exported scale (1.0 = the configured false-alarm rate)."""
+    return score_from_p(calibrator.p_values(raw, keys), RATE)
+
+
+def raw_test_scores(model: FittedModel, smd: DemoSample) -> tuple[np.ndarray, list[str]]:
+    """Raw scores of the test rows, scored with the train rows before them as context."""
+    history = Windows.from_array(np.concatenate([smd.train, smd.test]), step=STEP)
+    return model.score(history).score[:, len(smd.train) :], history.keys
+
+
 @pytest.fixture(scope="module")
-def fitted(smd) -> FittedModel:
-    return FittedModel.fit(RollingMadDetector(window=60), Windows.from_array(smd.train), 0.001)
+def calibrated(smd: DemoSample) -> tuple[FittedModel, TailCalibrator, np.ndarray]:
+    return fit_and_calibrate(RollingMadDetector(window=60), smd)
 
 
-def test_score_is_one_at_configured_false_alarm_rate() -> None:
-    rng = np.random.default_rng(7)
-    raw = rng.gamma(2.0, size=(3, 20000))
-    keys = ["a", "b", "c"]
-    scaler = ThresholdScaler(0.01).fit(raw, keys)
-    scaled = scaler.scale(raw, keys)
-    assert np.mean(scaled > 1.0) == pytest.approx(0.01, abs=0.001)
-    fresh = scaler.scale(rng.gamma(2.0, size=(3, 20000)), keys)
-    assert np.mean(fresh > 1.0) == pytest.approx(0.01, abs=0.002)
+@pytest.fixture(scope="module")
+def fitted(calibrated) -> FittedModel:
+    return calibrated[0]
 
 
-def test_entity_with_short_history_uses_the_pooled_threshold() -> None:
-    raw = np.vstack([np.linspace(0, 1, 10000), np.full(10000, np.nan)])
-    raw[1, :50] = 5.0
-    scaler = ThresholdScaler(0.01).fit(raw, ["long", "short"])
-    assert "short" not in scaler.thresholds_
-    assert scaler.thresholds_for(["short", "unseen"]).tolist() == [scaler.pooled_threshold_] * 2
+@pytest.fixture(scope="module")
+def calibrator(calibrated) -> TailCalibrator:
+    return calibrated[1]
 
 
-def test_mad_flags_the_labelled_smd_anomaly(smd, fitted: FittedModel) -> None:
-    history = np.concatenate([smd.train, smd.test])
-    scores = fitted.score(Windows.from_array(history)).score[0, len(smd.train) :]
+def test_fit_split_trains_on_the_earlier_part_and_returns_the_later_slice(
+    smd: DemoSample, calibrated
+) -> None:
+    model, _, calibration_raw = calibrated
+    split = int(round(len(smd.train) * (1 - CALIBRATION_FRACTION)))
+    assert calibration_raw.shape == (1, len(smd.train) - split)
+    assert np.isfinite(calibration_raw).all(), "the context reaches back into the training part"
+    assert model.train_end == pytest.approx(STEP * (split - 1))
+    assert model.report is not None and model.report.n_steps == split
+    # the slice is the trained model's score of those steps, context included
+    whole = model.score(Windows.from_array(smd.train, step=STEP)).score
+    np.testing.assert_array_equal(calibration_raw, whole[:, split:])
+    # a model fitted on all of the history records its end
+    full = FittedModel.fit(RollingMadDetector(window=60), Windows.from_array(smd.train, step=STEP))
+    assert full.train_end == pytest.approx(STEP * (len(smd.train) - 1))
+
+
+def test_mad_flags_the_labelled_smd_anomaly(
+    smd: DemoSample, fitted: FittedModel, calibrator: TailCalibrator
+) -> None:
+    raw, keys = raw_test_scores(fitted, smd)
+    scores = exported(calibrator, raw, keys)[0]
     labels = smd.test_labels.astype(bool)
+    assert labels.sum() == 41 and np.flatnonzero(labels)[[0, -1]].tolist() == [375, 415]
     assert np.nanmax(scores[labels]) > 2.0
-    assert np.mean(scores[~labels] > 1.0) < 0.01
+    # normal rows the detector never trained or calibrated on alarm at about the configured rate
+    assert np.mean(scores[~labels] >= 1.0) <= 3 * RATE
     assert np.nanmax(scores[labels]) > np.nanquantile(scores[~labels], 0.99)
 
 
-def test_mad_is_batched_over_entities(smd, fitted: FittedModel) -> None:
+def test_mad_is_batched_over_entities(smd: DemoSample, fitted: FittedModel) -> None:
     one = fitted.score(Windows.from_array(smd.test[None])).score
     batch = np.stack([smd.test, smd.test[::-1].copy()])
     both = fitted.score(
@@ -62,7 +100,7 @@ def test_mad_is_batched_over_entities(smd, fitted: FittedModel) -> None:
     np.testing.assert_allclose(both[0], one[0], rtol=1e-6, equal_nan=True)
 
 
-def test_missing_values_are_masked_not_imputed(smd, fitted: FittedModel) -> None:
+def test_missing_values_are_masked_not_imputed(smd: DemoSample, fitted: FittedModel) -> None:
     values = smd.test.copy()
     values[200:260, :] = np.nan
     scores = fitted.score(Windows.from_array(values)).score[0]
@@ -70,54 +108,37 @@ def test_missing_values_are_masked_not_imputed(smd, fitted: FittedModel) -> None
     assert np.isfinite(scores[300:]).all()
 
 
-def test_contributions_point_at_the_moved_metric(smd, fitted: FittedModel) -> None:
+def test_contributions_point_at_the_moved_metric(
+    smd: DemoSample, fitted: FittedModel, calibrator: TailCalibrator
+) -> None:
     values = smd.train[-300:].copy()
     steady = int(np.argmin(next(iter(fitted.detector.entity_references_.values()))))
+    windows = Windows.from_array(values)
+    before = fitted.score(windows).score
     values[-1, steady] += 1.0
-    output = fitted.score(Windows.from_array(values))
+    windows = Windows.from_array(values)
+    output = fitted.score(windows)
     shares = output.contributions[0, -1]
     assert int(np.nanargmax(shares)) == steady
-    assert output.score[0, -1] > 1.0
+    assert output.score[0, -1] > before[0, -1]
+    assert exported(calibrator, output.score, windows.keys)[0, -1] > 1.0
+    assert exported(calibrator, before, windows.keys)[0, -1] < 1.0
     assert np.nansum(shares) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_state_round_trips_through_bytes(smd, fitted: FittedModel) -> None:
+def test_state_round_trips_through_bytes(smd: DemoSample, fitted: FittedModel) -> None:
     loaded = FittedModel.from_bytes(fitted.to_bytes(), DetectorsConfig(), torch.device("cpu"))
     windows = Windows.from_array(smd.test)
     np.testing.assert_array_equal(loaded.score(windows).score, fitted.score(windows).score)
+    np.testing.assert_array_equal(
+        loaded.score(windows).contributions, fitted.score(windows).contributions
+    )
+    assert fitted.train_end is not None and loaded.train_end == fitted.train_end
 
 
-def test_unfitted_detector_refuses_to_score(smd) -> None:
+def test_unfitted_detector_refuses_to_score(smd: DemoSample) -> None:
     with pytest.raises(NotFittedError):
         RollingMadDetector().score(Windows.from_array(smd.test))
-
-
-def test_fused_score_crosses_one_exactly_when_some_detector_is_beyond_its_threshold() -> None:
-    """The contract of ``detector="fused"``: >= 1.0 iff at least one detector's scaled score is
-    >= 1.0 (its own threshold), NaN iff no detector scored. Scores sit close to 1 on both sides,
-    where a mean, a sum or a product of the detectors would alarm differently."""
-    below = np.nextafter(np.float32(1.0), np.float32(0.0))
-    cases = np.array(
-        [
-            [0.6, 0.6, 0.6],  # a sum alarms, no detector does
-            [1.5, 0.2, 0.1],  # a mean stays below, one detector alarms
-            [1.0, np.nan, 0.0],  # exactly at one threshold
-            [below, below, below],  # just below all of them
-            [np.nan, 3.0, np.nan],
-            [np.nan, np.nan, np.nan],
-        ],
-        dtype=np.float32,
-    ).T
-    rng = np.random.default_rng(11)
-    drawn = rng.uniform(0.0, 2.0, size=(3, 5000)).astype(np.float32)
-    drawn[rng.random(drawn.shape) < 0.2] = np.nan
-    for scaled in (cases, drawn):
-        fused = fuse_scores(list(scaled))
-        defined = np.isfinite(scaled)
-        beyond = (np.where(defined, scaled, 0.0) >= 1.0).any(axis=0)
-        np.testing.assert_array_equal(np.isnan(fused), ~defined.any(axis=0))
-        np.testing.assert_array_equal(fused >= 1.0, beyond)
-    assert 0.4 < np.mean(beyond) < 0.9, "the drawn scores exercise both sides of the threshold"
 
 
 def test_an_explicit_device_setting_is_the_device_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -137,13 +158,17 @@ def test_device_auto_is_cpu_without_cuda_and_cuda_is_refused(
 
 
 @pytest.mark.parametrize("name", ["mad", "iforest", "pca", "cblof"])
-def test_every_baseline_ranks_the_smd_anomaly_above_normal_steps(smd, name: str) -> None:
+def test_every_baseline_ranks_the_smd_anomaly_above_normal_steps(
+    smd: DemoSample, name: str
+) -> None:
     detector = build_detector(name, DetectorsConfig(), torch.device("cpu"))
-    model = FittedModel.fit(detector, Windows.from_array(smd.train), 0.01)
-    history = Windows.from_array(np.concatenate([smd.train, smd.test]))
-    scores = model.score(history).score[0, len(smd.train) :]
+    model, calibrator, _ = fit_and_calibrate(detector, smd)
+    raw, keys = raw_test_scores(model, smd)
+    scores = exported(calibrator, raw, keys)[0]
     labels = smd.test_labels.astype(bool)
     assert np.nanmean(scores[labels]) > np.nanmean(scores[~labels])
     assert np.nanmax(scores[labels]) > 1.0
     loaded = FittedModel.from_bytes(model.to_bytes(), DetectorsConfig(), torch.device("cpu"))
+    history = Windows.from_array(np.concatenate([smd.train, smd.test]), step=STEP)
     np.testing.assert_allclose(loaded.score(history).score, model.score(history).score, rtol=1e-5)
+    assert loaded.train_end == model.train_end

@@ -1,6 +1,8 @@
 """The ``forecaster`` detector on the shipped real SMD slice (machine-1-7): the network, the
 one-step-ahead score, masking, checkpoints through a real store, forecasts in original units and
-the configuration that shapes it. The /metrics path through the agent is in test_agent.py."""
+the configuration that shapes it. Trained on the earlier 75 % of the train rows and calibrated
+(TailCalibrator) on the rest, as the agent does. The /metrics path through the agent is in
+test_agent.py."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from aiops_plugin.calibration import TailCalibrator, score_from_p
 from aiops_plugin.config import Config, DetectorsConfig
 from aiops_plugin.demo import DemoSample, load_demo_sample
 from aiops_plugin.detectors.forecaster import (
@@ -28,6 +31,8 @@ from aiops_plugin.windows import Windows
 
 STEP = 60.0
 EXPORTED = ["m05", "m20"]
+RATE = 0.01
+CALIBRATION_FRACTION = 0.25
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +62,25 @@ def small_detector(**overrides) -> ForecasterDetector:
 
 
 @pytest.fixture(scope="module")
-def fitted(smd: DemoSample) -> FittedModel:
-    return FittedModel.fit(small_detector(), windows(smd, smd.train), false_alarm_rate=0.01)
+def calibrated(smd: DemoSample) -> tuple[FittedModel, TailCalibrator]:
+    history = windows(smd, smd.train)
+    model, calibration_raw = FittedModel.fit_split(small_detector(), history, CALIBRATION_FRACTION)
+    return model, TailCalibrator().fit(calibration_raw, history.keys)
+
+
+@pytest.fixture(scope="module")
+def fitted(calibrated: tuple[FittedModel, TailCalibrator]) -> FittedModel:
+    return calibrated[0]
+
+
+@pytest.fixture(scope="module")
+def calibrator(calibrated: tuple[FittedModel, TailCalibrator]) -> TailCalibrator:
+    return calibrated[1]
+
+
+def exported(calibrator: TailCalibrator, raw: np.ndarray, keys: list[str]) -> np.ndarray:
+    """Raw scores on the exported scale (1.0 = the configured false-alarm rate)."""
+    return score_from_p(calibrator.p_values(raw, keys), RATE)
 
 
 def test_network_shapes_and_gate_between_zero_and_one() -> None:
@@ -117,7 +139,7 @@ def test_agent_context_gives_the_same_latest_score(fitted: FittedModel, smd: Dem
     whole = fitted.score(history)
     latest = fitted.score(history.tail(fitted.detector.context_steps + 1))
     assert latest.score[0, -1] == pytest.approx(whole.score[0, -1], rel=1e-5)
-    np.testing.assert_allclose(latest.raw.forecast.mean, whole.raw.forecast.mean, rtol=1e-5)
+    np.testing.assert_allclose(latest.forecast.mean, whole.forecast.mean, rtol=1e-5)
 
 
 def test_missing_values_are_masked_not_scored(fitted: FittedModel, smd: DemoSample) -> None:
@@ -130,7 +152,9 @@ def test_missing_values_are_masked_not_scored(fitted: FittedModel, smd: DemoSamp
     assert np.isfinite(scores.score[0, 41:100]).all()
     assert np.isnan(scores.score[0, 100:104]).all()
     assert np.isfinite(scores.score[0, 104:]).all()
+    # the uncertainty is the score's predictive spread in raw units: positive where scored
     assert np.isfinite(scores.uncertainty[0, 120:130]).all()
+    assert (scores.uncertainty[0, 41:100] > 0).all()
     assert np.allclose(scores.contributions[0, 125].sum(), 1.0, atol=1e-4)
     # a missing feature contributes nothing to a step scored on its own
     detector = fitted.detector
@@ -140,22 +164,24 @@ def test_missing_values_are_masked_not_scored(fitted: FittedModel, smd: DemoSamp
         alone = fitted.score(windows(smd, values[:130]))
     finally:
         detector.score_steps = 3
-    assert (alone.raw.contributions[0, -1, :10] == 0).all()
+    assert (alone.contributions[0, -1, :10] == 0).all()
 
 
 def test_planted_level_shift_and_spike_score_above_normal_data(
-    fitted: FittedModel, smd: DemoSample
+    fitted: FittedModel, calibrator: TailCalibrator, smd: DemoSample
 ) -> None:
     """Deviations planted in units of each metric's own spread on the fit window; each scores
-    above everything the unplanted data scored in the hour before it."""
+    above everything the unplanted data scored in the hour before it, and above the threshold
+    on the calibrated scale."""
     normal = smd.test[:300]  # the labelled anomaly starts at test row 375
     spread = smd.train.std(axis=0)
     values = normal.copy()
     values[150] += 10.0 * spread  # a one-minute spike on every metric that moves
     values[240:] += 6.0 * spread  # a level shift from minute 240 on
-    before = np.concatenate([smd.train[-60:], normal])
-    baseline = fitted.score(windows(smd, before)).score[0, 60:]
-    scores = fitted.score(windows(smd, np.concatenate([smd.train[-60:], values]))).score[0, 60:]
+    before = windows(smd, np.concatenate([smd.train[-60:], normal]))
+    planted = windows(smd, np.concatenate([smd.train[-60:], values]))
+    baseline = exported(calibrator, fitted.score(before).score, before.keys)[0, 60:]
+    scores = exported(calibrator, fitted.score(planted).score, planted.keys)[0, 60:]
     assert scores[150] > max(np.nanmax(baseline[90:150]), 1.0)
     assert scores[240] > max(np.nanmax(baseline[180:240]), 1.0)
     np.testing.assert_array_equal(scores[:150], baseline[:150])
@@ -165,7 +191,7 @@ def test_forecast_interval_holds_the_mean_in_original_units(
     fitted: FittedModel, smd: DemoSample
 ) -> None:
     history = np.concatenate([smd.train[-100:], smd.test[:100]])
-    forecast = fitted.score(windows(smd, history)).raw.forecast
+    forecast = fitted.score(windows(smd, history)).forecast
     assert forecast is not None
     assert forecast.features == EXPORTED
     np.testing.assert_array_equal(forecast.horizons_seconds, [60.0, 300.0, 900.0])
@@ -186,7 +212,7 @@ def test_no_forecast_without_exported_metrics(fitted: FittedModel, smd: DemoSamp
     assert isinstance(detector, ForecasterDetector)
     detector.export_metrics = []
     try:
-        assert fitted.score(windows(smd, smd.test[:60])).raw.forecast is None
+        assert fitted.score(windows(smd, smd.test[:60])).forecast is None
     finally:
         detector.export_metrics = EXPORTED
 
@@ -210,19 +236,36 @@ def test_checkpoint_round_trip_through_the_store(
         version = store.latest_model_version("forecaster", "smd", "test")
         assert version is not None
         restored = FittedModel.from_bytes(version.state, config, torch.device("cpu"))
+    assert fitted.train_end is not None and restored.train_end == fitted.train_end
     history = windows(smd, np.concatenate([smd.train[-50:], smd.test[:150]]))
     before, after = fitted.score(history), restored.score(history)
     np.testing.assert_array_equal(after.score, before.score)
     np.testing.assert_array_equal(after.uncertainty, before.uncertainty)
     for part in ("mean", "lower", "upper"):
-        np.testing.assert_array_equal(
-            getattr(after.raw.forecast, part), getattr(before.raw.forecast, part)
-        )
+        np.testing.assert_array_equal(getattr(after.forecast, part), getattr(before.forecast, part))
 
 
-def test_unknown_entity_uses_the_group_scaling(fitted: FittedModel, smd: DemoSample) -> None:
-    scores = fitted.score(windows(smd, smd.test[:80], entity="new-host"))
-    assert np.isfinite(scores.score[0, -1]) and scores.raw.forecast is not None
+def test_unknown_entity_uses_the_group_normalisation_and_the_pooled_tail(
+    fitted: FittedModel, calibrator: TailCalibrator, smd: DemoSample
+) -> None:
+    """An entity first seen after the fit is scored with the detector's group normalisation
+    and calibrated with the group's pooled tail (it has no calibration steps of its own)."""
+    new = fitted.score(windows(smd, smd.test[:80], entity="new-host"))
+    known_windows = windows(smd, smd.test[:80])
+    known = fitted.score(known_windows)
+    assert np.isfinite(new.score[0, -1]) and new.forecast is not None
+    np.testing.assert_array_equal(new.score, known.score)  # a group of one: its normalisation
+    assert "new-host" not in calibrator.entities_
+    p_new = calibrator.p_values(new.score, ["new-host"])
+    scored = np.isfinite(new.score[0])
+    assert scored[-30:].all() and ((p_new[0, scored] > 0) & (p_new[0, scored] <= 1)).all()
+    # the pooled tail does not depend on which unseen key asks
+    np.testing.assert_array_equal(p_new, calibrator.p_values(new.score, ["another-host"]))
+    # the pool of a group of one is that entity's tail: the known entity's p-values, shrunk
+    # toward the pool, are within a few percent of it
+    p_known = calibrator.p_values(known.score, known_windows.keys)
+    ratio = p_new[0, scored] / p_known[0, scored]
+    assert np.all((ratio > 0.9) & (ratio < 1.1)), (ratio.min(), ratio.max())
 
 
 def _config(**forecaster) -> dict:
@@ -238,7 +281,7 @@ def test_horizons_become_steps_and_a_horizon_change_refits() -> None:
     assert config.detectors.forecaster.horizon_steps == [5, 15, 30]
     longer = Config.model_validate({**_config(), "calibration": {"horizons": ["5m", "1h"]}})
     assert longer.detectors.forecaster.horizon_steps == [5, 60]
-    assert longer.model_hash("forecaster") != config.model_hash("forecaster")
+    assert longer.model_hash("forecaster", "smd") != config.model_hash("forecaster", "smd")
     odd = Config.model_validate({**_config(), "calibration": {"horizons": ["90s"]}})
     assert odd.detectors.forecaster.horizon_steps == [2]
     detector = build_detector("forecaster", longer.detectors, torch.device("cpu"))
@@ -249,8 +292,8 @@ def test_exported_metrics_and_interval_need_no_refit() -> None:
     plain = Config.model_validate(_config())
     exporting = Config.model_validate(_config(export_metrics=["m05"], interval=0.5))
     wider = Config.model_validate(_config(hidden=32))
-    assert exporting.model_hash("forecaster") == plain.model_hash("forecaster")
-    assert wider.model_hash("forecaster") != plain.model_hash("forecaster")
+    assert exporting.model_hash("forecaster", "smd") == plain.model_hash("forecaster", "smd")
+    assert wider.model_hash("forecaster", "smd") != plain.model_hash("forecaster", "smd")
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 from opentelemetry._logs import SeverityNumber
@@ -22,6 +23,7 @@ from aiops_plugin.api import HttpServer
 from aiops_plugin.config import Config
 from aiops_plugin.demo import free_port
 from aiops_plugin.evaluation.logs_benchmark import run_log_benchmark
+from aiops_plugin.windows import entity_key
 
 DATA_ROOT = Path(__file__).parents[2] / "shared" / "data"
 NORMAL = [
@@ -125,7 +127,12 @@ def test_logs_from_the_sdk_become_a_log_anomaly_score(running: tuple[Agent, str]
     scores = {s.labels["service"]: s.value for s in metric_samples(url, "aiops_log_anomaly_score")}
     assert set(scores) == {"checkout", "search"}
     assert scores["search"] > 1.0 > scores["checkout"]
-    assert scores["checkout"] > 0.9  # normal lines sit just below the threshold
+    # the log p-values the fused score takes in: the panic is rarer than the alarm rate
+    keys = [entity_key({"service": "checkout"}), entity_key({"service": "search"})]
+    p = agent.logs.p_values("svc", keys + [entity_key({"service": "no-logs"})])
+    rate = agent.config.calibration.false_alarm_rate
+    assert p is not None and p[1] < rate < p[0]
+    assert np.isnan(p[2])  # an entity without logs has no log evidence, not a fake one
     sample = metric_samples(url, "aiops_log_anomaly_score")[0]
     assert {"entity", "entity_group"} <= set(sample.labels)
 

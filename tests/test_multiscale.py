@@ -233,13 +233,13 @@ def test_checkpoint_round_trips_through_a_real_store_into_the_agent(smd, tmp_pat
     )
     detector = build_detector("multiscale", config.detectors, torch.device("cpu"))
     windows = Windows.from_array(smd.train[:1000], features=smd.feature_names)
-    model = FittedModel.fit(detector, windows, config.calibration.false_alarm_rate)
+    model = FittedModel.fit(detector, windows)
     store = Store.open(f"sqlite:///{tmp_path / 'aiops.db'}")
     try:
         store.save_model_version(
             detector="multiscale",
             group="hosts",
-            config_hash=config.model_hash("multiscale"),
+            config_hash=config.model_hash("multiscale", "hosts"),
             state=model.to_bytes(),
             training_metrics={},
             n_entities=1,
@@ -250,11 +250,14 @@ def test_checkpoint_round_trips_through_a_real_store_into_the_agent(smd, tmp_pat
     finally:
         store.close()
     restored = agent.models[("multiscale", "hosts")]
+    assert model.train_end is not None and restored.train_end == model.train_end
     test = Windows.from_array(smd.test[:150], features=smd.feature_names)
     expected, actual = model.score(test), restored.score(test)
     np.testing.assert_array_equal(actual.score, expected.score)
     np.testing.assert_array_equal(actual.uncertainty, expected.uncertainty)
     np.testing.assert_array_equal(actual.contributions, expected.contributions)
+    # the model's uncertainty is the detector's own, in raw score units (no threshold scaling)
+    np.testing.assert_array_equal(expected.uncertainty, model.detector.score(test).uncertainty)
     weights = model.detector.scale_weights()
     assert restored.detector.scale_weights() == weights
     exported = generate_latest(agent.exporter.registry).decode()
@@ -287,8 +290,11 @@ def test_a_change_of_levels_changes_the_model_hash() -> None:
             }
         )
 
-    assert config(3).model_hash("multiscale") != config(4).model_hash("multiscale")
-    assert config(4).model_hash("multiscale") == config(4).model_hash("multiscale")
+    def model_hash(levels: int) -> str:
+        return config(levels).model_hash("multiscale", "hosts")
+
+    assert model_hash(3) != model_hash(4)
+    assert model_hash(4) == model_hash(4)
 
 
 def test_hyper_parameters_rebuild_the_same_detector(fitted) -> None:
@@ -304,7 +310,7 @@ def _fit_tiny(smd, **overrides) -> FittedModel:
         "multiscale", DetectorsConfig(multiscale=settings), torch.device("cpu")
     )
     windows = Windows.from_array(smd.train[:1200], features=smd.feature_names)
-    return FittedModel.fit(detector, windows, false_alarm_rate=0.01)
+    return FittedModel.fit(detector, windows)
 
 
 def _busy_cpus(count: int, seconds: float) -> list[subprocess.Popen]:

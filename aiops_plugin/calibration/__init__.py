@@ -12,9 +12,13 @@ Merlion's model -> calibrator -> threshold, each its own object with its own sta
   combination calibrated again.
 - :mod:`.probability` -- :class:`LocalFdr` and :class:`BetaUniformMixture` (no labels) and
   :class:`LabelledProbability` (with feedback) turn fused p-values into P(anomalous now).
-- :mod:`.threshold` -- the quantile :class:`ThresholdScaler` and the max-rule :func:`fuse_scores`
-  that the agent uses today; the p-value path above replaces them once the agent's calibrate
-  phase is switched over (with a demo whose anomaly the calibrated scores still flag).
+- :mod:`.stage` -- :class:`GroupCalibration`, what the agent's calibrate phase runs per entity
+  group (fitted on the later part of the fit window, which the detectors did not train on), and
+  :class:`RecentProbability`, the anomaly probability refitted every cycle.
+- :mod:`.threshold` -- the former in-sample quantile :class:`ThresholdScaler` and max-rule
+  :func:`fuse_scores`, kept only as the baseline the log benchmark and the tests compare the
+  p-value path with (the max rule's inflated false-alarm rate is what the fused calibration
+  fixes).
 """
 
 from aiops_plugin.calibration.combination import cauchy_combination
@@ -25,6 +29,7 @@ from aiops_plugin.calibration.probability import (
     LabelledProbability,
     LocalFdr,
 )
+from aiops_plugin.calibration.stage import GroupCalibration, RecentProbability
 from aiops_plugin.calibration.tail import TAIL_METHOD, TailCalibrator, p_from_score, score_from_p
 from aiops_plugin.calibration.threshold import (
     MIN_TAIL_SAMPLES,
@@ -41,9 +46,11 @@ __all__ = [
     "TIE_MARGIN",
     "BetaUniformMixture",
     "FusedCalibrator",
+    "GroupCalibration",
     "InsufficientLabelsError",
     "LabelledProbability",
     "LocalFdr",
+    "RecentProbability",
     "TailCalibrator",
     "ThresholdScaler",
     "cauchy_combination",

@@ -1,4 +1,4 @@
-"""Detector name -> class, and the fitted pair (detector + threshold scaler) saved as one version.
+"""Detector name -> class, and the fitted detector saved as one version.
 
 Nothing outside this module needs to know which detector it holds: the agent, the benchmark and
 the exporter all go through :class:`FittedModel`.
@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import io
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from aiops_plugin.calibration import ThresholdScaler
+from aiops_plugin.calibration.stage import split_point
 from aiops_plugin.config import DetectorsConfig
 from aiops_plugin.detectors.base import Detector, FitReport, Scores
 from aiops_plugin.detectors.baselines import (
@@ -52,58 +51,59 @@ def build_detector(name: str, detectors: DetectorsConfig, device: torch.device) 
     return detector_class(device=device, **settings)
 
 
-@dataclass
-class ScaledScores:
-    """Scores on the exported scale (1.0 = threshold) plus the raw detector output."""
-
-    score: np.ndarray
-    uncertainty: np.ndarray | None
-    contributions: np.ndarray | None
-    raw: Scores
-
-
 class FittedModel:
-    """A detector and the scaler fitted on the same history; saved and loaded together."""
+    """A trained detector and the end of the history it trained on; saved as one version.
 
-    def __init__(self, detector: Detector, scaler: ThresholdScaler) -> None:
+    It returns raw scores only: turning them into p-values and the exported scale is the
+    calibrate stage's job (:mod:`aiops_plugin.calibration.stage`), fitted on steps after
+    ``train_end`` and versioned apart from the weights, so calibration settings change without
+    retraining.
+    """
+
+    def __init__(self, detector: Detector, train_end: float | None = None) -> None:
         self.detector = detector
-        self.scaler = scaler
+        #: unix time of the last step trained on; calibration uses only later steps
+        self.train_end = train_end
+
+    report: FitReport | None = None
 
     @classmethod
-    def fit(cls, detector: Detector, windows: Windows, false_alarm_rate: float) -> FittedModel:
+    def fit(cls, detector: Detector, windows: Windows) -> FittedModel:
+        """Train on all of ``windows``."""
         started = time.perf_counter()
         report: FitReport = detector.fit(windows)
-        raw = detector.score(windows)
-        scaler = ThresholdScaler(false_alarm_rate).fit(raw.score, windows.keys)
-        model = cls(detector, scaler)
+        model = cls(detector, float(windows.timestamps[-1]))
         model.report = report
         model.report.seconds = time.perf_counter() - started
         return model
 
-    report: FitReport | None = None
+    @classmethod
+    def fit_split(
+        cls, detector: Detector, windows: Windows, calibration_fraction: float
+    ) -> tuple[FittedModel, np.ndarray]:
+        """Train on the earlier part of ``windows``, score the later part (the calibration
+        slice, ``(entities, steps)`` raw scores) with the context reaching back into the
+        training part, so no calibration step is lost."""
+        split = split_point(
+            len(windows.timestamps), calibration_fraction, 2 * detector.context_steps + 2
+        )
+        model = cls.fit(detector, windows.head(split))
+        raw = model.score(windows).score[:, split:]
+        return model, raw
 
     @property
     def features(self) -> list[str]:
         return self.detector._require_fitted()
 
-    def score(self, windows: Windows) -> ScaledScores:
-        raw = self.detector.score(windows)
-        keys = windows.keys
-        uncertainty = None
-        if raw.uncertainty is not None:
-            uncertainty = self.scaler.scale(raw.uncertainty, keys)
-        return ScaledScores(
-            score=self.scaler.scale(raw.score, keys),
-            uncertainty=uncertainty,
-            contributions=raw.contributions,
-            raw=raw,
-        )
+    def score(self, windows: Windows) -> Scores:
+        """Raw scores ``(entities, time)`` (with the detector's extras) of ``windows``."""
+        return self.detector.score(windows)
 
     def to_bytes(self) -> bytes:
         payload = {
             "detector": self.detector.name,
             "detector_state": _to_tensors(self.detector.state_dict()),
-            "scaler_state": self.scaler.state_dict(),
+            "train_end": self.train_end,
         }
         buffer = io.BytesIO()
         torch.save(payload, buffer)
@@ -116,9 +116,7 @@ class FittedModel:
         payload = torch.load(io.BytesIO(blob), map_location=device, weights_only=True)
         detector = build_detector(payload["detector"], detectors, device)
         detector.load_state_dict(payload["detector_state"])
-        scaler = ThresholdScaler(payload["scaler_state"]["false_alarm_rate"])
-        scaler.load_state_dict(payload["scaler_state"])
-        return cls(detector, scaler)
+        return cls(detector, payload.get("train_end"))
 
 
 def _to_tensors(state: Any) -> Any:

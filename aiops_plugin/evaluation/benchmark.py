@@ -1,16 +1,30 @@
 """Benchmark detectors on real labelled data through the agent's own code path.
 
-Each entity of a dataset is one entity group of one entity, fitted on the dataset's train split
-with :meth:`FittedModel.fit` (detector fit + the same threshold scaling as the agent, so a score of
-1.0 is the threshold for ``false_alarm_rate``) and scored with :meth:`FittedModel.score` on the test
-split, preceded by the detector's context from the end of the train split, exactly as the agent
-scores its buffer. The agent exports the last step of each cycle; scoring all test steps in one
-call gives the same numbers for these causal detectors, only faster.
+Each entity of a dataset is one entity group of one entity, calibrated exactly as the agent
+calibrates a group (:mod:`aiops_plugin.calibration.stage`):
 
-Threshold-free metrics use the scaled scores; thresholded event metrics use the product's own
-operating point, score >= 1.0. NAB is scored as NAB does it: one threshold per detector and
-profile, optimised over the whole corpus, and normalised so that the null detector scores 0 and
-the perfect one 100.
+1. every requested detector is trained with :meth:`FittedModel.fit_split` on the earlier
+   ``1 - calibration_fraction`` of the dataset's train split and scores the rest of it (the
+   calibration slice, raw scores);
+2. one :class:`GroupCalibration` over all of them is fitted on those slices;
+3. the test split is scored raw with :meth:`FittedModel.score`, preceded by the detector's context
+   from the end of the train split, exactly as the agent scores its buffer (the agent exports the
+   last step of each cycle; scoring all test steps in one call gives the same numbers for these
+   causal detectors, only faster), turned into p-values per detector and ``fused`` (Cauchy
+   combination recalibrated out-of-fold), and put on the exported scale with
+   :func:`score_from_p` (1.0 = the configured false-alarm rate). ``fused`` is one more row per
+   entity, also with a single detector (then it is that detector recalibrated once more).
+
+Threshold-free metrics use the exported scores (monotone in the p-value, so they rank steps as
+``-log p`` does; NaN = not scored, dropped as before); thresholded event metrics and the realised
+false-alarm rate use the product's own operating point, score >= 1.0. The anomaly probability
+(``fused`` only) is measured on the second half of each test split, two ways: unlabelled, the
+:class:`RecentProbability` the agent exports (seeded from the calibration slice and updated every
+step of the test split), and labelled, a :class:`LabelledProbability` fitted on the first half's
+fused p-values and labels as if they were feedback. NAB is scored as NAB does it: one threshold
+per detector and profile, optimised over the whole corpus, and normalised so that the null
+detector scores 0 and the perfect one 100; and, with no threshold tuned on the answers, at the
+operating point (detections = score >= 1.0).
 """
 
 from __future__ import annotations
@@ -29,18 +43,29 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from aiops_plugin.config import DetectorsConfig
+from aiops_plugin.calibration import InsufficientLabelsError, LabelledProbability, score_from_p
+from aiops_plugin.calibration.stage import GroupCalibration, RecentProbability
+from aiops_plugin.config import CalibrationConfig, DetectorsConfig
 from aiops_plugin.detectors.registry import FittedModel, build_detector
 from aiops_plugin.evaluation import datasets, metrics
 from aiops_plugin.windows import Windows
 
 DEFAULT_DETECTORS = ("mad", "iforest", "pca", "cblof")
 OPERATING_THRESHOLD = 1.0
+FUSED = "fused"
+#: Equal-width probability bins of the ECE and the reliability diagram.
+CALIBRATION_BINS = 10
+_DEFAULT_CALIBRATION = CalibrationConfig()
 
 
 @dataclass
 class ScoredEntity:
-    """One detector's scaled test scores for one entity, with what is needed to evaluate them."""
+    """One detector's exported test scores for one entity, with what is needed to evaluate them.
+
+    ``probability`` and ``probability_labelled`` (``fused`` only): P(anomalous) per test step,
+    NaN outside the measured steps ``[measured_from, T)`` (the second half); the labelled one is
+    None where the first half held too few labels of either kind to fit it.
+    """
 
     dataset: str
     entity: str
@@ -51,6 +76,11 @@ class ScoredEntity:
     fit_seconds: float
     score_seconds: float
     notes: list[str] = field(default_factory=list)
+    false_alarm_rate: float = math.nan
+    p_values: np.ndarray | None = None
+    probability: np.ndarray | None = None
+    probability_labelled: np.ndarray | None = None
+    measured_from: int = 0
 
 
 @dataclass
@@ -72,51 +102,149 @@ class EntityMetrics:
     event_recall_at_1: float
     false_alarms_per_day_at_1: float
     mean_delay_seconds_at_1: float
+    configured_false_alarm_rate: float
+    realised_false_alarm_rate: float
+    #: ``fused`` only (None = empty cell elsewhere): unlabelled probability, second half
+    ece: float | None
+    brier: float | None
+    #: ``fused`` only; None also where the first half had too few labels to fit
+    ece_labelled: float | None
+    brier_labelled: float | None
+    #: ``fused`` only: Brier score of the best constant forecast on the measured half, its
+    #: anomaly share ``a``: ``a (1 - a)``; a probability below it has skill, above it none
+    brier_constant: float | None
+    #: NAB files only: the file's normalised standard-profile NAB score at score >= 1.0
+    nab_standard_operating: float | None
     fit_seconds: float
     score_seconds: float
     notes: str = ""
 
 
-def score_entity(
-    series: datasets.LabelledSeries,
-    detector_name: str,
-    detectors: DetectorsConfig,
-    false_alarm_rate: float,
-    device: torch.device,
-) -> ScoredEntity:
-    """Fit on the train split and score the test split through :class:`FittedModel`."""
-    labels = [{"entity": series.entity}]
-
-    def windows(values: np.ndarray) -> Windows:
-        return Windows.from_array(
-            values[None],
-            group=series.dataset,
-            step=series.step_seconds,
-            entities=labels,
-            features=list(series.feature_names),
-        )
-
-    started = time.perf_counter()
-    detector = build_detector(detector_name, detectors, device)
-    model = FittedModel.fit(detector, windows(series.train), false_alarm_rate)
-    fitted = time.perf_counter()
-    context = min(model.detector.context_steps, len(series.train))
-    history = np.concatenate([series.train[len(series.train) - context :], series.test])
-    scores = model.score(windows(history)).score[0, context:]
-    return ScoredEntity(
-        dataset=series.dataset,
-        entity=series.entity,
-        detector=detector_name,
-        scores=scores.astype(np.float64),
-        labels=series.test_labels.astype(np.int8),
-        step_seconds=series.step_seconds,
-        fit_seconds=fitted - started,
-        score_seconds=time.perf_counter() - fitted,
-        notes=list(series.notes),
+def _windows(series: datasets.LabelledSeries, values: np.ndarray) -> Windows:
+    return Windows.from_array(
+        values[None],
+        group=series.dataset,
+        step=series.step_seconds,
+        entities=[{"entity": series.entity}],
+        features=list(series.feature_names),
     )
 
 
-def evaluate_entity(scored: ScoredEntity) -> EntityMetrics:
+def probabilities(
+    calibration: GroupCalibration,
+    fused_p: np.ndarray,
+    labels: np.ndarray,
+    capacity: int,
+) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """The two anomaly probabilities of one entity's test split, on its second half.
+
+    ``fused_p``, ``labels``: ``(T,)``. Returns ``(unlabelled, labelled or None, measured_from)``,
+    both ``(T,)`` and NaN before ``measured_from = T // 2``.
+
+    Unlabelled: what the agent exports each cycle, :meth:`RecentProbability.update`'s answer for
+    the step, seeded from the calibration slice's out-of-fold fused p-values. The mixture is refit
+    from its buffer alone (a fixed start, no state carried over), so seeding with the calibration
+    p-values followed by the first half's gives the buffer, and so every later answer, that
+    updating step by step through the first half would; only the answers of the measured half are
+    computed step by step.
+    """
+    fused_p = np.asarray(fused_p, dtype=np.float64)
+    n_steps = fused_p.size
+    half = n_steps // 2
+    seed = np.concatenate([np.asarray(calibration.fused_calibration_p_), fused_p[None, :half]], 1)
+    recent = RecentProbability(capacity).seed(seed)
+    unlabelled = np.full(n_steps, np.nan)
+    for step in range(half, n_steps):
+        unlabelled[step] = recent.update(fused_p[step : step + 1])[0]
+    labelled: np.ndarray | None = None
+    try:
+        model = LabelledProbability().fit(fused_p[:half], labels[:half])
+    except InsufficientLabelsError:
+        pass
+    else:
+        labelled = np.full(n_steps, np.nan)
+        labelled[half:] = model.probability(fused_p[half:])
+    return unlabelled, labelled, half
+
+
+def score_series(
+    series: datasets.LabelledSeries,
+    detector_names: Sequence[str],
+    detectors: DetectorsConfig,
+    false_alarm_rate: float,
+    device: torch.device,
+    calibration_fraction: float = _DEFAULT_CALIBRATION.calibration_fraction,
+    tail_fraction: float = _DEFAULT_CALIBRATION.tail_fraction,
+    recent_p_values: int = _DEFAULT_CALIBRATION.recent_p_values,
+) -> list[ScoredEntity]:
+    """Fit and calibrate the detectors as one group on the train split, score the test split.
+
+    One :class:`ScoredEntity` per detector, in order, then ``fused``. Timings: a detector's fit
+    is :meth:`FittedModel.fit_split` (training and scoring its calibration slice), its score the
+    raw scoring of the test split; ``fused``'s fit is the group calibration, its score the
+    p-values of every detector and the probabilities.
+    """
+    if not detector_names:
+        raise ValueError("the benchmark needs at least one detector")
+    keys = _windows(series, series.train[:1]).keys
+    train = _windows(series, series.train)
+    raw_calibration: dict[str, np.ndarray] = {}
+    raw_test: dict[str, np.ndarray] = {}
+    timings: dict[str, tuple[float, float]] = {}
+    for name in detector_names:
+        started = time.perf_counter()
+        detector = build_detector(name, detectors, device)
+        try:
+            model, raw_calibration[name] = FittedModel.fit_split(
+                detector, train, calibration_fraction
+            )
+        except ValueError as exc:
+            raise ValueError(f"{series.dataset} {series.entity}, {name}: {exc}") from exc
+        fitted = time.perf_counter()
+        context = min(model.detector.context_steps, len(series.train))
+        history = np.concatenate([series.train[len(series.train) - context :], series.test])
+        raw_test[name] = model.score(_windows(series, history)).score[:, context:]
+        timings[name] = (fitted - started, time.perf_counter() - fitted)
+    started = time.perf_counter()
+    calibration = GroupCalibration(list(detector_names), tail_fraction).fit(raw_calibration, keys)
+    calibrated = time.perf_counter()
+    p_values = calibration.p_values(raw_test, keys)
+    labels = series.test_labels.astype(np.int8)
+    unlabelled, labelled, measured_from = probabilities(
+        calibration, p_values[FUSED][0], labels, recent_p_values
+    )
+    timings[FUSED] = (calibrated - started, time.perf_counter() - calibrated)
+    scored = []
+    for name in [*detector_names, FUSED]:
+        p = np.asarray(p_values[name][0], dtype=np.float64)
+        scored.append(
+            ScoredEntity(
+                dataset=series.dataset,
+                entity=series.entity,
+                detector=name,
+                scores=score_from_p(p, false_alarm_rate),
+                labels=labels,
+                step_seconds=series.step_seconds,
+                fit_seconds=timings[name][0],
+                score_seconds=timings[name][1],
+                notes=list(series.notes),
+                false_alarm_rate=false_alarm_rate,
+                p_values=p,
+                probability=unlabelled if name == FUSED else None,
+                probability_labelled=labelled if name == FUSED else None,
+                measured_from=measured_from if name == FUSED else 0,
+            )
+        )
+    return scored
+
+
+def _optional(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def evaluate_entity(
+    scored: ScoredEntity, nab_standard_operating: float | None = None
+) -> EntityMetrics:
     """Every metric of the harness for one scored entity (NaN where undefined, with a note)."""
     scores, labels = scored.scores, scored.labels
     notes = list(scored.notes)
@@ -125,6 +253,27 @@ def evaluate_entity(scored: ScoredEntity) -> EntityMetrics:
     best = metrics.best_f1(scores, labels)
     adjusted = metrics.point_adjusted_f1(scores, labels)
     events = metrics.event_metrics(scores, labels, OPERATING_THRESHOLD, scored.step_seconds)
+    calibration: dict[str, float | None] = dict.fromkeys(
+        ("ece", "brier", "ece_labelled", "brier_labelled", "brier_constant")
+    )
+    if scored.probability is not None:
+        measured = slice(scored.measured_from, None)
+        y = labels[measured]
+        share = float(np.mean(y)) if y.size else math.nan
+        calibration["brier_constant"] = _optional(share * (1.0 - share))
+        for suffix, probability in (
+            ("", scored.probability),
+            ("_labelled", scored.probability_labelled),
+        ):
+            if probability is None:
+                continue
+            p = probability[measured]
+            calibration["ece" + suffix] = _optional(
+                metrics.expected_calibration_error(p, y, CALIBRATION_BINS)
+            )
+            calibration["brier" + suffix] = _optional(metrics.brier_score(p, y))
+        if scored.probability_labelled is None:
+            notes.append("too few labels in the first half to fit the labelled probability")
     return EntityMetrics(
         dataset=scored.dataset,
         detector=scored.detector,
@@ -143,6 +292,16 @@ def evaluate_entity(scored: ScoredEntity) -> EntityMetrics:
         event_recall_at_1=events.event_recall,
         false_alarms_per_day_at_1=events.false_alarms_per_day,
         mean_delay_seconds_at_1=events.mean_delay_seconds,
+        configured_false_alarm_rate=scored.false_alarm_rate,
+        realised_false_alarm_rate=metrics.realised_false_alarm_rate(
+            scores, labels, OPERATING_THRESHOLD
+        ),
+        ece=calibration["ece"],
+        brier=calibration["brier"],
+        ece_labelled=calibration["ece_labelled"],
+        brier_labelled=calibration["brier_labelled"],
+        brier_constant=calibration["brier_constant"],
+        nab_standard_operating=nab_standard_operating,
         fit_seconds=scored.fit_seconds,
         score_seconds=scored.score_seconds,
         notes="; ".join(notes),
@@ -158,19 +317,31 @@ class NabResult:
     score_at_1: float
 
 
+def _nab_file(item: ScoredEntity, data_root: Path | None) -> tuple[np.ndarray, ...]:
+    """A scored NAB file as NAB scores it: the whole file, probationary rows unscored (NaN)."""
+    timestamps, _, _, windows = datasets.nab_full(item.entity, data_root)
+    probation = len(timestamps) - len(item.scores)
+    return np.concatenate([np.full(probation, np.nan), item.scores]), timestamps, windows
+
+
+def nab_file_score_at_operating_point(
+    item: ScoredEntity, data_root: Path | None, profile: str = "standard"
+) -> float:
+    """One NAB file's normalised NAB score with detections = score >= 1.0 (NaN: no window)."""
+    cost = datasets.nab_profiles(data_root)[profile]["CostMatrix"]
+    scores, timestamps, windows = _nab_file(item, data_root)
+    return metrics.nab_score_at([scores], [timestamps], [windows], cost, OPERATING_THRESHOLD)
+
+
 def nab_scores(scored: Sequence[ScoredEntity], data_root: Path | None) -> list[NabResult]:
     """NAB's normalised score per detector and profile, over every scored NAB file."""
     profiles = datasets.nab_profiles(data_root)
     results = []
-    for detector in sorted({item.detector for item in scored}):
-        files = [item for item in scored if item.detector == detector]
-        per_file_scores, per_file_times, per_file_windows = [], [], []
-        for item in files:
-            timestamps, _, _, windows = datasets.nab_full(item.entity, data_root)
-            probation = len(timestamps) - len(item.scores)
-            per_file_scores.append(np.concatenate([np.full(probation, np.nan), item.scores]))
-            per_file_times.append(timestamps)
-            per_file_windows.append(windows)
+    for detector in list(dict.fromkeys(item.detector for item in scored)):
+        files = [_nab_file(item, data_root) for item in scored if item.detector == detector]
+        per_file_scores = [scores for scores, _, _ in files]
+        per_file_times = [timestamps for _, timestamps, _ in files]
+        per_file_windows = [windows for _, _, windows in files]
         for profile, spec in profiles.items():
             cost = spec["CostMatrix"]
             threshold, optimised = metrics.nab_best_threshold(
@@ -195,6 +366,12 @@ class BenchmarkRun:
     wall_seconds: float
     machine: str
     hyper_parameters: dict[str, dict] = field(default_factory=dict)
+    calibration: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rows_detectors(self) -> list[str]:
+        """The detectors of the rows: the requested ones, then ``fused``."""
+        return [*self.detectors, FUSED]
 
 
 def _cpu_model() -> str:
@@ -252,23 +429,42 @@ def run_benchmark(
     command: str = "",
     progress: bool = True,
     slice_rows: int | None = None,
+    calibration_fraction: float = _DEFAULT_CALIBRATION.calibration_fraction,
+    tail_fraction: float = _DEFAULT_CALIBRATION.tail_fraction,
+    recent_p_values: int = _DEFAULT_CALIBRATION.recent_p_values,
 ) -> BenchmarkRun:
-    """Score every (dataset, entity, detector) and evaluate it; seeds are fixed in the configs."""
+    """Score every (dataset, entity) with all detectors and ``fused``, and evaluate it; seeds are
+    fixed in the configs."""
     started = time.perf_counter()
     torch.manual_seed(0)
     detectors = detectors or DetectorsConfig()
     device = device or torch.device("cpu")
+    if not detector_names:
+        raise ValueError("the benchmark needs at least one detector")
     all_series = datasets.load_datasets(dataset_names, entities, data_root)
     if slice_rows:
         all_series = [short_slice(series, slice_rows) for series in all_series]
-    jobs = [(series, detector) for series in all_series for detector in detector_names]
     rows: list[EntityMetrics] = []
     scored_all: list[ScoredEntity] = []
-    for series, detector in tqdm(jobs, desc="benchmark", unit="fit", disable=not progress):
-        scored = score_entity(series, detector, detectors, false_alarm_rate, device)
-        scored_all.append(scored)
-        rows.append(evaluate_entity(scored))
-    # NAB scores whole files; a short slice is not one
+    for series in tqdm(all_series, desc="benchmark", unit="entity", disable=not progress):
+        for scored in score_series(
+            series,
+            detector_names,
+            detectors,
+            false_alarm_rate,
+            device,
+            calibration_fraction,
+            tail_fraction,
+            recent_p_values,
+        ):
+            # NAB scores whole files; a short slice is not one
+            nab_operating = (
+                nab_file_score_at_operating_point(scored, data_root)
+                if series.dataset == "nab" and not slice_rows
+                else None
+            )
+            scored_all.append(scored)
+            rows.append(evaluate_entity(scored, nab_operating))
     nab = [] if slice_rows else nab_scores([s for s in scored_all if s.dataset == "nab"], data_root)
     return BenchmarkRun(
         command=command,
@@ -284,6 +480,11 @@ def run_benchmark(
             name: getattr(detectors, name).model_dump(exclude={"enabled"})
             for name in detector_names
         },
+        calibration={
+            "calibration_fraction": calibration_fraction,
+            "tail_fraction": tail_fraction,
+            "recent_p_values": recent_p_values,
+        },
     )
 
 
@@ -298,70 +499,105 @@ SUMMARY_COLUMNS = (
     ("event_recall_at_1", "event recall @1"),
     ("false_alarms_per_day_at_1", "false alarms/day @1"),
     ("mean_delay_seconds_at_1", "mean delay s @1"),
+    ("realised_false_alarm_rate", "realised false-alarm rate @1"),
     ("fit_seconds", "fit s"),
     ("score_seconds", "score s"),
 )
+CALIBRATION_COLUMNS = (
+    ("ece", "ECE (unlabelled)"),
+    ("brier", "Brier (unlabelled)"),
+    ("ece_labelled", "ECE (labelled)"),
+    ("brier_labelled", "Brier (labelled)"),
+    ("brier_constant", "Brier (constant forecast)"),
+)
+_DIGITS = {
+    "false_alarms_per_day_at_1": 1,
+    "mean_delay_seconds_at_1": 1,
+    "fit_seconds": 1,
+    "score_seconds": 1,
+    "realised_false_alarm_rate": 4,
+}
 
 
-def _fmt(value: float, digits: int = 3) -> str:
+def _fmt(value: float | None, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{value:.{digits}f}"
 
 
-def _mean(values: list[float]) -> tuple[float, int]:
+def _mean(values: list[float | None]) -> tuple[float, int]:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     return (float(np.mean(finite)) if finite else float("nan")), len(values) - len(finite)
 
 
+def _pooled_probabilities(
+    run: BenchmarkRun, dataset: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(unlabelled p, its labels, labelled p, its labels)`` over the measured halves of a
+    dataset's entities (the labelled ones only where it could be fitted)."""
+    fused = [s for s in run.scored if s.dataset == dataset and s.probability is not None]
+
+    def pool(items: list[ScoredEntity], attribute: str) -> tuple[np.ndarray, np.ndarray]:
+        if not items:
+            return np.empty(0), np.empty(0, dtype=np.int8)
+        return (
+            np.concatenate([getattr(s, attribute)[s.measured_from :] for s in items]),
+            np.concatenate([s.labels[s.measured_from :] for s in items]),
+        )
+
+    unlabelled = pool(fused, "probability")
+    labelled = pool(
+        [s for s in fused if s.probability_labelled is not None], "probability_labelled"
+    )
+    return (*unlabelled, *labelled)
+
+
 def markdown_report(run: BenchmarkRun) -> str:
+    calibration = ", ".join(f"{key}={value}" for key, value in run.calibration.items())
     lines = [
         "## Detectors on labelled metrics",
         "",
         f"Command: `{run.command}`",
         "",
         f"Machine: {run.machine}. Wall time: {run.wall_seconds:.0f} s. "
-        f"Scores scaled at false_alarm_rate={run.false_alarm_rate}; '@1' = at the product's "
-        "threshold, score >= 1.0. PA-F1 is point-adjusted F1, INFLATED: it credits a whole "
+        "Per entity, all detectors are fitted on the train split's earlier part and calibrated "
+        f"as one group on the rest, as the agent does ({calibration}); a score is the p-value on "
+        f"the exported scale at configured false_alarm_rate={run.false_alarm_rate}, and "
+        "`fused` is the group's Cauchy-combined p-value recalibrated out-of-fold. "
+        "'@1' = at the product's threshold, score >= 1.0; the realised false-alarm rate is the "
+        "share of the test split's normal rows with score >= 1.0, to compare with the "
+        "configured one. PA-F1 is point-adjusted F1, INFLATED: it credits a whole "
         "labelled segment for a single detected point; shown only to compare with older papers.",
         "",
         "Detectors (hyper-parameters as run; every seed fixed):",
         "",
         *(f"- `{name}`: {params}" for name, params in run.hyper_parameters.items()),
         "",
-        "Calibration (ECE, Brier) is reported for detectors that output probabilities; none of "
-        "these baselines does.",
+        "Anomaly probability (`fused` only; ECE over 10 equal-width bins, weighted by count, and "
+        "Brier score, on the second half of each test split): *unlabelled* is what the agent "
+        "exports, the beta-uniform mixture of the group's recent fused p-values, seeded from the "
+        "calibration slice and updated every test step; *labelled* is the isotonic map fitted "
+        "on the first half's fused p-values and labels, as if every step had been given "
+        "feedback (n/a where that half held fewer than 20 anomalous or 20 normal steps). "
+        "*Constant forecast* is the Brier score of always predicting the measured half's own "
+        "anomaly share, the reference a probability must beat to have any skill.",
         "",
     ]
     for dataset in run.datasets:
         rows = [row for row in run.rows if row.dataset == dataset]
         if not rows:
             continue
-        entities = sorted(
-            {row.entity for row in rows},
-            key=lambda e: [rows.index(r) for r in rows if r.entity == e][0],
-        )
+        entities = list(dict.fromkeys(row.entity for row in rows))
         lines += [f"### {dataset.upper()} ({len(entities)} entities)", ""]
         header = ["detector", *(title for _, title in SUMMARY_COLUMNS)]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         undefined_notes = []
-        for detector in run.detectors:
+        for detector in run.rows_detectors:
             mine = [row for row in rows if row.detector == detector]
             cells = [detector]
             for column, title in SUMMARY_COLUMNS:
                 mean, undefined = _mean([getattr(row, column) for row in mine])
-                digits = (
-                    1
-                    if column
-                    in (
-                        "false_alarms_per_day_at_1",
-                        "mean_delay_seconds_at_1",
-                        "fit_seconds",
-                        "score_seconds",
-                    )
-                    else 3
-                )
-                cells.append(_fmt(mean, digits))
+                cells.append(_fmt(mean, _DIGITS.get(column, 3)))
                 if undefined and detector == run.detectors[0]:
                     undefined_notes.append(f"{title}: undefined for {undefined} entit(y/ies)")
             lines.append("| " + " | ".join(cells) + " |")
@@ -374,13 +610,45 @@ def markdown_report(run: BenchmarkRun) -> str:
                 else ""
             )
         )
+        fused_rows = [row for row in rows if row.detector == FUSED]
+        lines += [
+            "",
+            "Anomaly probability of `fused` (means over entities; pooled in brackets):",
+            "",
+        ]
+        lines += [
+            "| " + " | ".join(title for _, title in CALIBRATION_COLUMNS) + " |",
+            "|" + "---|" * len(CALIBRATION_COLUMNS),
+        ]
+        p, y, p_labelled, y_labelled = _pooled_probabilities(run, dataset)
+        pooled = {
+            "ece": metrics.expected_calibration_error(p, y, CALIBRATION_BINS) if p.size else None,
+            "brier": metrics.brier_score(p, y) if p.size else None,
+            "ece_labelled": metrics.expected_calibration_error(
+                p_labelled, y_labelled, CALIBRATION_BINS
+            )
+            if p_labelled.size
+            else None,
+            "brier_labelled": metrics.brier_score(p_labelled, y_labelled)
+            if p_labelled.size
+            else None,
+            "brier_constant": float(np.mean(y) * (1.0 - np.mean(y))) if y.size else None,
+        }
+        cells = []
+        for column, _ in CALIBRATION_COLUMNS:
+            mean, undefined = _mean([getattr(row, column) for row in fused_rows])
+            cell = f"{_fmt(mean)} [{_fmt(pooled[column])}]"
+            if undefined:
+                cell += f" (n/a for {undefined})"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
         for column, title in (("vus_pr", "VUS-PR"), ("best_f1", "best F1")):
             lines += ["", f"{title} per entity:", ""]
             lines += [
                 "| detector | " + " | ".join(entities) + " |",
                 "|" + "---|" * (len(entities) + 1),
             ]
-            for detector in run.detectors:
+            for detector in run.rows_detectors:
                 by_entity = {
                     row.entity: getattr(row, column) for row in rows if row.detector == detector
                 }
@@ -397,9 +665,11 @@ def markdown_report(run: BenchmarkRun) -> str:
             lines += [
                 "NAB score (normalised: null detector 0, perfect 100; probationary 15 % not "
                 "scored; threshold optimised over these files per detector and profile as NAB's "
-                "`--optimize` does, and at the product threshold 1.0):",
+                "`--optimize` does, and at the product's operating point, detections = score "
+                ">= 1.0, with no threshold tuned on these files):",
                 "",
-                "| detector | profile | threshold | NAB score (optimised) | NAB score @1 |",
+                "| detector | profile | threshold | NAB score (optimised) | "
+                "NAB score @1 (operating point) |",
                 "|---|---|---|---|---|",
             ]
             for result in run.nab:
@@ -428,12 +698,82 @@ def write_markdown_section(path: Path, section: str, text: str) -> None:
 
 
 def write_csv(run: BenchmarkRun, path: Path) -> None:
+    """One row per (entity, detector incl. ``fused``); an empty cell = not applicable."""
     fields = list(EntityMetrics.__dataclass_fields__)
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         for row in run.rows:
             writer.writerow(asdict(row))
+
+
+def write_nab_csv(run: BenchmarkRun, path: Path) -> None:
+    """The corpus-level NAB scores (optimised and at the operating point) per detector, profile."""
+    fields = list(NabResult.__dataclass_fields__)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for result in run.nab:
+            writer.writerow(asdict(result))
+
+
+def plot_reliability(run: BenchmarkRun, directory: Path) -> list[Path]:
+    """Per dataset, a reliability diagram of ``fused``'s anomaly probability, both variants,
+    pooled over the measured (second) halves of its entities' test splits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for dataset in run.datasets:
+        p, y, p_labelled, y_labelled = _pooled_probabilities(run, dataset)
+        if not p.size:
+            continue
+        figure, (diagram, counts) = plt.subplots(
+            2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+        )
+        diagram.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--")
+        width = 1.0 / CALIBRATION_BINS
+        for offset, (name, probability, labels, colour) in enumerate(
+            (
+                ("unlabelled", p, y, "tab:blue"),
+                ("labelled", p_labelled, y_labelled, "tab:orange"),
+            )
+        ):
+            if not probability.size:
+                continue
+            table = metrics.reliability_table(probability, labels, CALIBRATION_BINS)
+            ece = metrics.expected_calibration_error(probability, labels, CALIBRATION_BINS)
+            brier = metrics.brier_score(probability, labels)
+            filled = table.count > 0
+            diagram.plot(
+                table.mean_predicted[filled],
+                table.observed_frequency[filled],
+                marker="o",
+                color=colour,
+                label=f"{name}: ECE {_fmt(ece)}, Brier {_fmt(brier)}",
+            )
+            counts.bar(
+                table.bin_edges[:-1][filled] + width * (0.25 + 0.5 * offset),
+                table.count[filled],
+                width=width / 2,
+                color=colour,
+            )
+        diagram.set_xlim(0, 1)
+        diagram.set_ylim(0, 1)
+        diagram.set_ylabel("observed anomaly frequency")
+        diagram.set_title(f"{dataset}: fused P(anomalous), second half of each test split")
+        diagram.legend(loc="upper left", fontsize=8)
+        counts.set_yscale("log")
+        counts.set_ylabel("steps per bin")
+        counts.set_xlabel("predicted probability (bin)")
+        figure.tight_layout()
+        path = directory / f"{dataset}-reliability.png"
+        figure.savefig(path, dpi=90)
+        plt.close(figure)
+        written.append(path)
+    return written
 
 
 def plot_timelines(run: BenchmarkRun, directory: Path, per_dataset: int = 3) -> list[Path]:
@@ -467,7 +807,7 @@ def plot_timelines(run: BenchmarkRun, directory: Path, per_dataset: int = 3) -> 
                 axis.set_yscale("log")
                 axis.set_ylabel(item.detector)
             axes[0].set_title(
-                f"{dataset} {entity}: scaled score (1.0 = threshold), labelled anomalies shaded"
+                f"{dataset} {entity}: exported score (1.0 = threshold), labelled anomalies shaded"
             )
             axes[-1].set_xlabel("test step")
             figure.tight_layout()
@@ -483,5 +823,8 @@ def write_report(run: BenchmarkRun, directory: Path, plots_per_dataset: int = 3)
     report = directory / "report.md"
     report.write_text(markdown_report(run))
     write_csv(run, directory / "metrics.csv")
+    if run.nab:
+        write_nab_csv(run, directory / "nab.csv")
     plot_timelines(run, directory, plots_per_dataset)
+    plot_reliability(run, directory)
     return report

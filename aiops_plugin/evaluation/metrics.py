@@ -463,6 +463,24 @@ def event_metrics(
     )
 
 
+def realised_false_alarm_rate(
+    scores: np.ndarray, labels: np.ndarray, threshold: float = 1.0
+) -> float:
+    """Share of the normal steps (label 0) that alarm, ``score >= threshold``.
+
+    What a configured false-alarm rate promises: on normal data, the share of steps above the
+    operating threshold. Every normal step counts in the denominator; a NaN (unscored) step never
+    alarms, as in the other thresholded metrics. NaN when there is no normal step.
+    """
+    s, y = _as_arrays(scores, labels)
+    normal = ~y
+    if not normal.any():
+        return math.nan
+    with np.errstate(invalid="ignore"):
+        alarms = s[normal] >= threshold
+    return float(np.count_nonzero(alarms) / normal.sum())
+
+
 def reliability_table(
     probabilities: np.ndarray, labels: np.ndarray, n_bins: int = 10
 ) -> ReliabilityTable:

@@ -3,12 +3,16 @@
 Called from the agent's jobs (see :mod:`aiops_plugin.agent`): every inference cycle mines the
 records accepted since the last one (Drain3), embeds the templates that are new or changed (each
 template once), and scores every entity group that has log mappings on the group's step grid. The
-raw log score of a step (:mod:`aiops_plugin.logs.features`) goes through the same
-:class:`~aiops_plugin.calibration.ThresholdScaler` as the metric detectors, fitted on the fit
-window, so ``aiops_log_anomaly_score`` 1.0 is also the threshold for the configured false-alarm
-rate. The exported value is the largest scaled score over the last ``score_window`` steps (logs
-are sparse: a step without records has no score of its own); an entity known from the fit window
-that has been quiet over that span exports 0.
+raw log score of a step comes from :mod:`aiops_plugin.logs.features`. Logs are sparse (a step
+without records has no score of its own), so the statistic that is calibrated is the largest raw
+step score over the last ``score_window`` steps. As for the metric detectors, calibration is on
+data the model did not learn: the template profile is fitted on the records of the earlier
+``1 - calibration_fraction`` of the fit window, and a
+:class:`~aiops_plugin.calibration.TailCalibrator` on the statistic over the later part (when that
+part has no records the whole window is used, in-sample, and the log says so). The p-value feeds
+the fused score (:meth:`LogPipeline.p_values`); ``aiops_log_anomaly_score`` is its exported score
+(1.0 = the configured false-alarm rate); an entity known from the fit window that has been quiet
+over the span exports 0 and has no log p-value (it is fused from its metrics alone).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from aiops_plugin.calibration import ThresholdScaler
+from aiops_plugin.calibration import TailCalibrator, score_from_p
 from aiops_plugin.config import Config
 from aiops_plugin.exporter import Exporter
 from aiops_plugin.logs.embedder import TemplateEmbedder, embed_pending_templates
@@ -44,10 +48,10 @@ LOG_DETECTOR = "logs"
 
 @dataclass
 class LogModel:
-    """A group's fitted log profile and the threshold scaler of its step scores."""
+    """A group's fitted log profile and the calibrator of its window statistic."""
 
     profile: LogProfile
-    scaler: ThresholdScaler
+    calibrator: TailCalibrator
     entity_keys: list[str]
 
     def to_bytes(self) -> bytes:
@@ -59,7 +63,11 @@ class LogModel:
             for key, value in self.profile.state_dict().items()
         }
         torch.save(
-            {"profile": state, "scaler": self.scaler.state_dict(), "entities": self.entity_keys},
+            {
+                "profile": state,
+                "calibrator": self.calibrator.state_dict(),
+                "entities": self.entity_keys,
+            },
             buffer,
         )
         return buffer.getvalue()
@@ -69,9 +77,18 @@ class LogModel:
         payload = torch.load(io.BytesIO(blob), weights_only=True)
         profile = LogProfile()
         profile.load_state_dict(payload["profile"])
-        scaler = ThresholdScaler(payload["scaler"]["false_alarm_rate"])
-        scaler.load_state_dict(payload["scaler"])
-        return cls(profile, scaler, list(payload["entities"]))
+        calibrator = TailCalibrator.from_state_dict(payload["calibrator"])
+        return cls(profile, calibrator, list(payload["entities"]))
+
+
+def window_statistic(score: np.ndarray, window: int) -> np.ndarray:
+    """Largest raw step score over the trailing ``window`` steps (NaN where none scored)."""
+    filled = np.where(np.isnan(score), -np.inf, score)
+    n_time = filled.shape[1]
+    out = np.full(filled.shape, -np.inf)
+    for lag in range(min(window, n_time)):
+        out[:, lag:] = np.maximum(out[:, lag:], filled[:, : n_time - lag])
+    return np.where(np.isfinite(out), out, np.nan)
 
 
 def load_log_batch(store: Store, group: str, start: float, end: float) -> LogBatch:
@@ -114,6 +131,8 @@ class LogPipeline:
         self.models: dict[str, LogModel] = {}
         self._processing = threading.Lock()
         self.groups = sorted({mapping.group for mapping in config.logs.entities})
+        #: per group, entity key -> the log p-value of the last scoring (for the fused score)
+        self.latest_p: dict[str, dict[str, float]] = {}
 
     @property
     def embedder(self) -> TemplateEmbedder:
@@ -131,7 +150,8 @@ class LogPipeline:
             "embedder": logs.embedder.model_dump(mode="json"),
             "entities": [mapping.model_dump(mode="json") for mapping in logs.entities],
             "step": self.config.prometheus.step,
-            "false_alarm_rate": self.config.calibration.false_alarm_rate,
+            "calibration_fraction": self.config.calibration.calibration_fraction,
+            "tail_fraction": self.config.calibration.tail_fraction,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -164,7 +184,8 @@ class LogPipeline:
         return np.arange(first, last + step / 2, step)
 
     def fit(self, group: str, start: float, end: float) -> LogModel | None:
-        """Profile + scaler from the records of ``(start, end]``; None without records."""
+        """Profile from the earlier records of ``(start, end]``, calibrator from the later
+        steps (module docstring); None without records."""
         started = time.perf_counter()
         self.process_pending()
         batch = load_log_batch(self.store, group, start, end)
@@ -172,15 +193,31 @@ class LogPipeline:
             log.warning("logs of group %r: no mined records in the fit window, not fitted", group)
             return None
         features = self.config.logs.features
+        grid = self._grid(start, end)
+        split = end - self.config.calibration.calibration_fraction * (end - start)
+        earlier = batch.timestamps <= split
+        if not earlier.any():
+            earlier = np.ones(len(batch), dtype=bool)
         profile = LogProfile(features.embedding_dim, features.rare_template_fraction).fit(
-            batch, self._vectors
+            batch.select(earlier), self._vectors
         )
         keys = sorted(set(batch.entity_keys.tolist()))
         steps = step_features(
-            batch, profile, self._vectors, keys, self._grid(start, end), self.config.prometheus.step
+            batch, profile, self._vectors, keys, grid, self.config.prometheus.step
         )
-        scaler = ThresholdScaler(self.config.calibration.false_alarm_rate).fit(steps.score, keys)
-        model = LogModel(profile, scaler, keys)
+        statistic = window_statistic(steps.score, features.score_window)
+        calibration = statistic[:, grid > split]
+        if not np.isfinite(calibration).any():
+            log.warning(
+                "logs of group %r: no records in the calibration part of the fit window; "
+                "calibrating on the whole window (in-sample)",
+                group,
+            )
+            calibration = statistic
+        calibrator = TailCalibrator(tail_fraction=self.config.calibration.tail_fraction).fit(
+            calibration, keys
+        )
+        model = LogModel(profile, calibrator, keys)
         self.store.save_model_version(
             detector=LOG_DETECTOR,
             group=group,
@@ -189,7 +226,7 @@ class LogPipeline:
             training_metrics={
                 "records": float(len(batch)),
                 "templates": float(len(profile.template_ids_)),
-                "pooled_threshold": float(scaler.pooled_threshold_ or 0.0),
+                "calibration_steps": float(np.isfinite(calibration).sum()),
             },
             n_entities=len(keys),
             n_features=len(steps.features),
@@ -203,7 +240,8 @@ class LogPipeline:
         return model
 
     def score(self, group: str, now: float) -> LogStepFeatures | None:
-        """Step features and scaled scores over the last ``score_window`` steps of ``group``."""
+        """Step features over the last ``score_window`` steps of ``group``; ``score`` holds, at
+        the latest step, the log p-value of the window statistic (NaN: no records)."""
         model = self.models.get(group)
         if model is None:
             return None
@@ -215,13 +253,26 @@ class LogPipeline:
         steps = step_features(
             batch, model.profile, self._vectors, keys, self._grid(start, now), step
         )
-        steps.score = model.scaler.scale(steps.score, keys)
+        with np.errstate(all="ignore"):
+            statistic = np.where(np.isnan(steps.score), -np.inf, steps.score).max(axis=1)
+        statistic = np.where(np.isfinite(statistic), statistic, np.nan)
+        p = model.calibrator.p_values(statistic, keys)
+        steps.score = p[:, None].astype(np.float64)
+        self.latest_p[group] = dict(zip(keys, p.tolist(), strict=True))
         return steps
 
+    def p_values(self, group: str, keys: list[str]) -> np.ndarray | None:
+        """The last scoring's log p-values for the metric entities ``keys`` (NaN: no logs);
+        None when the group has no log model."""
+        latest = self.latest_p.get(group)
+        if latest is None:
+            return None
+        return np.array([latest.get(key, np.nan) for key in keys], dtype=np.float64)
+
     def export(self, group: str, steps: LogStepFeatures) -> None:
-        with np.errstate(all="ignore"):
-            recent = np.where(np.isnan(steps.score), -np.inf, steps.score).max(axis=1)
-        scores = np.where(np.isfinite(recent), recent, 0.0).astype(np.float32)
+        p = steps.score[:, -1]
+        scores = score_from_p(p, self.config.calibration.false_alarm_rate)
+        scores = np.where(np.isfinite(scores), scores, 0.0).astype(np.float32)
         self.exporter.publish_log_scores(
             group, [json.loads(key) for key in steps.entity_keys], scores
         )

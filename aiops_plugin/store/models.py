@@ -181,3 +181,38 @@ class LogMinerStateRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     state: Mapped[bytes] = mapped_column(LargeBinary)
     updated_at: Mapped[datetime]
+
+
+class CalibrationVersionRow(Base):
+    """A fitted calibrator's state for one detector (or "fused" / "probability") of a group.
+
+    Versioned apart from the model weights: a calibrator is refitted on a new slice without
+    retraining, and ``settings_hash`` (calibration settings and the model versions it was fitted
+    for) keeps a calibration from being loaded for weights it was not fitted on.
+    """
+
+    __tablename__ = "calibration_versions"
+    # Named by hand: the convention's name is longer than PostgreSQL's 63-character limit.
+    __table_args__ = (
+        Index(
+            "ix_calibration_versions_group_detector_hash_created_at",
+            "group_name",
+            "detector",
+            "settings_hash",
+            "created_at",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    group_name: Mapped[str] = mapped_column(String(200))
+    detector: Mapped[str] = mapped_column(String(100))
+    settings_hash: Mapped[str] = mapped_column(String(64))
+    model_versions: Mapped[dict[str, int]] = mapped_column(
+        JSON, doc="detector name -> id of the model version it calibrates"
+    )
+    method: Mapped[str] = mapped_column(Text)
+    state: Mapped[dict[str, Any]] = mapped_column(doc="the calibrator's state_dict()")
+    slice_start: Mapped[float | None] = mapped_column(Float, doc="unix seconds")
+    slice_end: Mapped[float | None] = mapped_column(Float, doc="unix seconds")
+    n_steps: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    created_at: Mapped[datetime]

@@ -1,4 +1,4 @@
-"""The agent's state in SQL: entities, model versions, job runs and anomaly events.
+"""The agent's state in SQL: entities, model and calibration versions, job runs, anomaly events.
 
 ``Store`` is the only place that opens sessions. Every public method is one transaction, so a
 crash leaves either all of a call's writes or none. Database failures surface as ``StoreError``
@@ -7,6 +7,7 @@ with the URL (password masked), which the agent catches at the job boundary.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import threading
@@ -28,7 +29,13 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from aiops_plugin.store.models import AnomalyEventRow, Entity, JobRun, ModelVersionRow
+from aiops_plugin.store.models import (
+    AnomalyEventRow,
+    CalibrationVersionRow,
+    Entity,
+    JobRun,
+    ModelVersionRow,
+)
 from aiops_plugin.windows import entity_key
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
@@ -60,6 +67,27 @@ class ModelVersion:
     training_metrics: dict
     n_entities: int
     n_features: int
+
+
+@dataclass(frozen=True)
+class CalibrationVersion:
+    """A saved calibrator state of one detector (or "fused" / "probability") of a group.
+
+    ``model_versions`` maps each detector name to the id of the model version the calibrator was
+    fitted for; ``slice_start`` / ``slice_end`` bound the calibration slice in unix seconds.
+    """
+
+    id: int
+    group_name: str
+    detector: str
+    settings_hash: str
+    model_versions: dict[str, int]
+    method: str
+    state: dict[str, Any]
+    slice_start: float | None
+    slice_end: float | None
+    n_steps: int
+    created_at: datetime
 
 
 @dataclass(frozen=True)
@@ -241,6 +269,92 @@ class Store:
             ).all()
             result = session.execute(
                 delete(ModelVersionRow).where(*mine, ModelVersionRow.id.not_in(kept))
+            )
+            return result.rowcount
+
+    def save_calibration_version(
+        self,
+        *,
+        group: str,
+        detector: str,
+        settings_hash: str,
+        model_versions: dict[str, int],
+        method: str,
+        state: dict,
+        slice_start: float | None,
+        slice_end: float | None,
+        n_steps: int,
+    ) -> CalibrationVersion:
+        """Write a fitted calibrator's state in one transaction: either the complete row or nothing.
+
+        ``state`` must be plain JSON: dicts with string keys, lists, strings, ints, finite floats,
+        booleans and None; floats come back bit for bit. NaN and Infinity are rejected, not
+        converted (JSON cannot hold them portably and a calibrator should never produce them):
+        a ValueError naming the group, the detector and where in ``state`` the value sits is
+        raised before the database is touched. The slice bounds must be finite too.
+        """
+        where = f"calibration of detector {detector!r} of group {group!r}"
+        _check_plain_json(state, f"{where}: state")
+        if not all(isinstance(k, str) and type(v) is int for k, v in model_versions.items()):
+            raise ValueError(f"{where}: model_versions must map detector names to integer ids")
+        for name, bound in (("slice_start", slice_start), ("slice_end", slice_end)):
+            if bound is not None and not math.isfinite(bound):
+                raise ValueError(f"{where}: {name} is {bound}, expected finite unix seconds")
+        with self._transaction(f"saving the {where}") as session:
+            row = CalibrationVersionRow(
+                group_name=group,
+                detector=detector,
+                settings_hash=settings_hash,
+                model_versions=dict(model_versions),
+                method=method,
+                state=state,
+                slice_start=None if slice_start is None else float(slice_start),
+                slice_end=None if slice_end is None else float(slice_end),
+                n_steps=int(n_steps),
+                created_at=_now(),
+            )
+            session.add(row)
+            session.flush()
+            return _calibration_version(row)
+
+    def latest_calibration_version(
+        self, group: str, detector: str, settings_hash: str
+    ) -> CalibrationVersion | None:
+        """Newest saved calibration fitted under ``settings_hash``; None when there is none, so a
+        changed setting or a retrained model never loads a calibration fitted for another."""
+        query = (
+            select(CalibrationVersionRow)
+            .where(
+                CalibrationVersionRow.group_name == group,
+                CalibrationVersionRow.detector == detector,
+                CalibrationVersionRow.settings_hash == settings_hash,
+            )
+            .order_by(CalibrationVersionRow.created_at.desc(), CalibrationVersionRow.id.desc())
+        )
+        action = f"reading the latest calibration of detector {detector!r} of group {group!r}"
+        with self._transaction(action) as session:
+            row = session.scalars(query.limit(1)).first()
+            return None if row is None else _calibration_version(row)
+
+    def prune_calibration_versions(self, group: str, detector: str, keep: int = 5) -> int:
+        """Delete all but the ``keep`` newest calibrations (any settings hash); returns rows
+        deleted."""
+        if keep < 0:
+            raise ValueError(f"keep must be >= 0, got {keep}")
+        mine = (
+            CalibrationVersionRow.group_name == group,
+            CalibrationVersionRow.detector == detector,
+        )
+        action = f"pruning calibrations of detector {detector!r} of group {group!r}"
+        with self._transaction(action) as session:
+            kept = session.scalars(
+                select(CalibrationVersionRow.id)
+                .where(*mine)
+                .order_by(CalibrationVersionRow.created_at.desc(), CalibrationVersionRow.id.desc())
+                .limit(keep)
+            ).all()
+            result = session.execute(
+                delete(CalibrationVersionRow).where(*mine, CalibrationVersionRow.id.not_in(kept))
             )
             return result.rowcount
 
@@ -514,6 +628,40 @@ def _model_version(row: ModelVersionRow) -> ModelVersion:
         training_metrics=dict(row.training_metrics),
         n_entities=row.n_entities,
         n_features=row.n_features,
+    )
+
+
+def _check_plain_json(value: Any, path: str) -> None:
+    """Raise ValueError at the first value JSON cannot hold exactly on every backend: NaN,
+    Infinity, a non-string key or a non-JSON type (numpy scalars included: convert them first)."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{path} is {value}: JSON cannot hold NaN or Infinity")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{path} has the key {key!r}: JSON keys must be strings")
+            _check_plain_json(item, f"{path}[{key!r}]")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_plain_json(item, f"{path}[{index}]")
+    elif not isinstance(value, str | int | None):
+        raise ValueError(f"{path} is a {type(value).__name__}, not a JSON value")
+
+
+def _calibration_version(row: CalibrationVersionRow) -> CalibrationVersion:
+    return CalibrationVersion(
+        id=row.id,
+        group_name=row.group_name,
+        detector=row.detector,
+        settings_hash=row.settings_hash,
+        model_versions=dict(row.model_versions),
+        method=row.method,
+        state=copy.deepcopy(row.state),
+        slice_start=row.slice_start,
+        slice_end=row.slice_end,
+        n_steps=row.n_steps,
+        created_at=row.created_at,
     )
 
 
