@@ -194,6 +194,22 @@ def benchmark(
         int | None,
         typer.Option(help="quick run: N train rows and N test rows around the first anomaly"),
     ] = None,
+    refit_every: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="refit and recalibrate before every N test rows, as schedule.fit_every does "
+            "(default: one fit on the train split)",
+        ),
+    ] = None,
+    fit_window: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="rows of history each fit reads (the trailing ones), as schedule.fit_window "
+            "does (default: the train split's length)",
+        ),
+    ] = None,
 ) -> None:
     """Benchmark detectors on real labelled data through the agent's own scoring path."""
     from aiops_plugin.detectors.registry import DETECTORS
@@ -219,6 +235,8 @@ def benchmark(
             false_alarm_rate,
             command=command,
             slice_rows=slice_rows,
+            refit_every=refit_every,
+            fit_window=fit_window,
         )
     except DatasetError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -166,14 +166,30 @@ def test_changed_model_settings_trigger_a_refit(fitted_agent: Agent, history: Hi
     )
     agent = Agent(changed)
     agent.start_up()
-    assert agent.missing_models() == [("mad", "smd")]
+    # only mad's settings changed: pca's model loads, mad's does not; the group needs a new
+    # calibration over both, so neither is usable until the group is refitted
+    assert ("pca", "smd") in agent.models and ("mad", "smd") not in agent.models
+    assert agent.missing_models() == [("mad", "smd"), ("pca", "smd")]
+
+
+def model_versions(agent: Agent, config: Config) -> dict[str, int]:
+    """The stored model version id of each enabled detector of group "smd"."""
+    versions = {}
+    for detector in config.detectors.enabled_names():
+        version = agent.store.latest_model_version(
+            detector, "smd", config.model_hash(detector, "smd")
+        )
+        assert version is not None
+        versions[detector] = version.id
+    return versions
 
 
 def test_fit_saves_a_calibration_version_of_the_fitted_models(fitted_agent: Agent) -> None:
     config = fitted_agent.config
     model = fitted_agent.store.latest_model_version("mad", "smd", config.model_hash("mad", "smd"))
     assert model is not None
-    versions = {"mad": model.id}
+    versions = model_versions(fitted_agent, config)
+    assert set(versions) == {"mad", "pca"}  # the default detector set
     calibration = fitted_agent.store.latest_calibration_version(
         "smd", "fused", config.calibration_hash("smd", versions)
     )
@@ -215,8 +231,10 @@ def test_new_calibration_settings_recalibrate_without_retraining(
     assert len(agent.store.recent_jobs(kind="fit")) == 1  # no refit
     kept = agent.store.latest_model_version("mad", "smd", changed.model_hash("mad", "smd"))
     assert kept is not None and model is not None and kept.id == model.id  # same weights
+    versions = model_versions(agent, changed)
+    assert versions["mad"] == model.id
     recalibrated = agent.store.latest_calibration_version(
-        "smd", "fused", changed.calibration_hash("smd", {"mad": model.id})
+        "smd", "fused", changed.calibration_hash("smd", versions)
     )
     assert recalibrated is not None
     assert recalibrated.state["calibration"]["tail_fraction"] == 0.1

@@ -165,12 +165,12 @@ def test_cycle_phases_are_observed_once_per_cycle_and_fits_separately(
         for s in _samples(agent, "aiops_fit_duration_seconds")
         if s.name == "aiops_fit_duration_seconds_count"
     }
-    assert fits == {("a", "mad"): 1, ("b", "mad"): 1}
+    assert fits == {(g, d): 1 for g in ("a", "b") for d in ("mad", "pca")}
     last_fit = {
         (s.labels["entity_group"], s.labels["detector"]): s.value
         for s in _samples(agent, "aiops_model_last_fit_timestamp_seconds")
     }
-    assert set(last_fit) == {("a", "mad"), ("b", "mad")} and min(last_fit.values()) > 0
+    assert set(last_fit) == set(fits) and min(last_fit.values()) > 0
 
 
 def test_the_log_miner_has_one_caller_at_a_time(tmp_path: Path) -> None:

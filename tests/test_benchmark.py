@@ -271,3 +271,134 @@ def test_markdown_sections_are_replaced_in_place(tmp_path: Path) -> None:
     text = path.read_text()
     assert "metrics v1" not in text and "metrics v2" in text and "logs v1" in text
     assert text.index("metrics v2") < text.index("logs v1")
+
+
+# ------------------------------------------------------------------- periodic refit (agent mode)
+REFIT_EVERY = 150  # 600 test rows: blocks [0, 150), [150, 300), [300, 450), [450, 600)
+
+
+@pytest.fixture(scope="module")
+def refit_run(data_root: Path) -> benchmark.BenchmarkRun:
+    return benchmark.run_benchmark(
+        ["smd"],
+        ["mad", "pca"],
+        ["machine-1-2"],
+        data_root,
+        slice_rows=600,
+        refit_every=REFIT_EVERY,
+        progress=False,
+    )
+
+
+def test_refit_mode_scores_every_test_row_and_states_the_mode(
+    refit_run: benchmark.BenchmarkRun, short_series: datasets.LabelledSeries
+) -> None:
+    assert [item.detector for item in refit_run.scored] == ["mad", "pca", "fused"]
+    for item in refit_run.scored:
+        assert item.fits == 4
+        assert item.scores.shape == (len(short_series.test),)
+        assert np.isfinite(item.p_values).all() and np.isfinite(item.scores).all()
+    [fused] = [item for item in refit_run.scored if item.detector == "fused"]
+    assert np.isfinite(fused.probability[fused.measured_from :]).all()
+    report = benchmark.markdown_report(refit_run)
+    mode = "refit every 150 rows on a trailing window as long as the train split"
+    assert f"Mode: **{mode}, as the agent's schedule does**." in report
+    assert "single fit" not in report and "fitted once" not in report
+    assert "4 fits" in refit_run.rows[0].notes
+    single = benchmark.markdown_report(dataclasses.replace(refit_run, refit_every=None))
+    assert "Mode: **single fit on the train split, scoring the whole test split**." in single
+
+
+def test_each_refit_is_the_agents_fit_on_the_trailing_rows_before_its_block(
+    refit_run: benchmark.BenchmarkRun, short_series: datasets.LabelledSeries
+) -> None:
+    """Block [300, 450) is scored by fit_split on the 600 rows before it (train[300:] and
+    test[:300]) and a GroupCalibration of that fit; its probability is reseeded from it."""
+    keys, cpu = ["machine-1-2"], torch.device("cpu")
+    start, end = 2 * REFIT_EVERY, 3 * REFIT_EVERY
+    full = np.concatenate([short_series.train, short_series.test])
+    before = len(short_series.train) + start
+
+    def windows(values: np.ndarray) -> Windows:
+        return Windows.from_array(values, step=60.0, entities=[{"entity": "machine-1-2"}])
+
+    raw_calibration, raw_block = {}, {}
+    for name in ("mad", "pca"):
+        model, raw_calibration[name] = FittedModel.fit_split(
+            build_detector(name, DetectorsConfig(), cpu), windows(full[before - 600 : before]), 0.25
+        )
+        context = model.detector.context_steps
+        scores = model.score(windows(full[before - context : len(short_series.train) + end]))
+        raw_block[name] = scores.score[:, context:]
+    calibration = GroupCalibration(["mad", "pca"], 0.05).fit(raw_calibration, keys)
+    p = calibration.p_values(raw_block, keys)
+    for item in refit_run.scored:
+        np.testing.assert_allclose(item.p_values[start:end], p[item.detector][0], rtol=1e-6)
+    [item] = [item for item in refit_run.scored if item.detector == "fused"]
+    assert item.measured_from == start  # the measured half starts with this block
+    recent = RecentProbability(5000).seed(calibration.fused_calibration_p_)
+    stepwise = [recent.update(p["fused"][0][t : t + 1])[0] for t in range(end - start)]
+    np.testing.assert_allclose(item.probability[start:end], stepwise, rtol=1e-9, atol=1e-12)
+
+
+def test_refits_never_read_the_rows_of_their_block_or_later(
+    refit_run: benchmark.BenchmarkRun, short_series: datasets.LabelledSeries
+) -> None:
+    cut = 3 * REFIT_EVERY
+    test = short_series.test.copy()
+    test[cut:] = 1e3  # far outside anything seen: any leak would move the earlier p-values
+    changed = benchmark.score_series(
+        dataclasses.replace(short_series, test=test),
+        ["mad", "pca"],
+        DetectorsConfig(),
+        0.001,
+        torch.device("cpu"),
+        refit_every=REFIT_EVERY,
+    )
+    for before, after in zip(refit_run.scored, changed, strict=True):
+        np.testing.assert_array_equal(before.p_values[:cut], after.p_values[:cut])
+        assert not np.array_equal(before.p_values[cut:], after.p_values[cut:])
+
+
+def test_refit_every_beyond_the_test_split_is_the_single_fit(
+    short_series: datasets.LabelledSeries, scored_short: list[benchmark.ScoredEntity]
+) -> None:
+    once = benchmark.score_series(
+        short_series,
+        ["mad", "pca"],
+        DetectorsConfig(),
+        0.001,
+        torch.device("cpu"),
+        refit_every=10**6,
+    )
+    for single, refit in zip(scored_short, once, strict=True):
+        np.testing.assert_array_equal(single.scores, refit.scores)
+        if single.probability is not None:
+            np.testing.assert_array_equal(single.probability, refit.probability)
+            np.testing.assert_array_equal(single.probability_labelled, refit.probability_labelled)
+
+
+def test_a_failed_refit_keeps_the_previous_models(
+    short_series: datasets.LabelledSeries,
+    scored_short: list[benchmark.ScoredEntity],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fit = benchmark._fit_detectors
+    calls = []
+
+    def second_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("a fit window of 3 steps is too short")
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "_fit_detectors", second_fails)
+    refit = benchmark.score_series(
+        short_series, ["mad", "pca"], DetectorsConfig(), 0.001, torch.device("cpu"), refit_every=150
+    )
+    for single, item in zip(scored_short, refit, strict=True):
+        assert item.fits == 3
+        assert "refit before test row 150: a fit window of 3 steps" in "; ".join(item.notes)
+        # blocks [0, 150) and [150, 300) are both scored by the first fit, the single one
+        np.testing.assert_array_equal(single.scores[:300], item.scores[:300])
+        assert not np.array_equal(single.scores[300:], item.scores[300:])

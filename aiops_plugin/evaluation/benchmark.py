@@ -25,6 +25,14 @@ fused p-values and labels as if they were feedback. NAB is scored as NAB does it
 per detector and profile, optimised over the whole corpus, and normalised so that the null
 detector scores 0 and the perfect one 100; and, with no threshold tuned on the answers, at the
 operating point (detections = score >= 1.0).
+
+That is one fit per entity, on the train split. The agent itself refits every
+``schedule.fit_every`` on the trailing ``schedule.fit_window`` of whatever history it has, so its
+calibration is never older than ``fit_every``; ``refit_every`` / ``fit_window`` (rows) measure
+that operating point: before every block of ``refit_every`` test rows, steps 1 and 2 are redone on
+the trailing ``fit_window`` rows of the train split followed by the test rows before the block,
+and the block is scored with that fit (step 3; the probability is reseeded at each refit, as the
+agent does). The blocks' p-values are concatenated and evaluated exactly as a single fit's.
 """
 
 from __future__ import annotations
@@ -81,6 +89,8 @@ class ScoredEntity:
     probability: np.ndarray | None = None
     probability_labelled: np.ndarray | None = None
     measured_from: int = 0
+    #: how many fits (and group calibrations) scored the test split: 1, or one per refit
+    fits: int = 1
 
 
 @dataclass
@@ -131,7 +141,7 @@ def _windows(series: datasets.LabelledSeries, values: np.ndarray) -> Windows:
 
 
 def probabilities(
-    calibration: GroupCalibration,
+    calibration: GroupCalibration | Sequence[tuple[int, GroupCalibration]],
     fused_p: np.ndarray,
     labels: np.ndarray,
     capacity: int,
@@ -142,20 +152,31 @@ def probabilities(
     both ``(T,)`` and NaN before ``measured_from = T // 2``.
 
     Unlabelled: what the agent exports each cycle, :meth:`RecentProbability.update`'s answer for
-    the step, seeded from the calibration slice's out-of-fold fused p-values. The mixture is refit
-    from its buffer alone (a fixed start, no state carried over), so seeding with the calibration
-    p-values followed by the first half's gives the buffer, and so every later answer, that
-    updating step by step through the first half would; only the answers of the measured half are
-    computed step by step.
+    the step, seeded from the calibration slice's out-of-fold fused p-values. ``calibration``
+    is the one calibration of the whole test split, or, with periodic refits, ``(first test
+    step, calibration)`` per successful refit: like the agent, each refit seeds a new
+    :class:`RecentProbability` from its own calibration slice, updated step by step until the
+    next refit. The mixture is refit from its buffer alone (a fixed start, no state carried
+    over), so seeding with the calibration p-values followed by the steps before the measured
+    half gives the buffer, and so every later answer, that updating step by step would; only the
+    answers of the measured half are computed step by step.
     """
     fused_p = np.asarray(fused_p, dtype=np.float64)
     n_steps = fused_p.size
     half = n_steps // 2
-    seed = np.concatenate([np.asarray(calibration.fused_calibration_p_), fused_p[None, :half]], 1)
-    recent = RecentProbability(capacity).seed(seed)
+    refits = [(0, calibration)] if isinstance(calibration, GroupCalibration) else list(calibration)
     unlabelled = np.full(n_steps, np.nan)
-    for step in range(half, n_steps):
-        unlabelled[step] = recent.update(fused_p[step : step + 1])[0]
+    for index, (start, fitted) in enumerate(refits):
+        end = refits[index + 1][0] if index + 1 < len(refits) else n_steps
+        first = max(start, half)
+        if first >= end:
+            continue
+        seed = np.concatenate(
+            [np.asarray(fitted.fused_calibration_p_), fused_p[None, start:first]], 1
+        )
+        recent = RecentProbability(capacity).seed(seed)
+        for step in range(first, end):
+            unlabelled[step] = recent.update(fused_p[step : step + 1])[0]
     labelled: np.ndarray | None = None
     try:
         model = LabelledProbability().fit(fused_p[:half], labels[:half])
@@ -167,6 +188,33 @@ def probabilities(
     return unlabelled, labelled, half
 
 
+def _fit_detectors(
+    series: datasets.LabelledSeries,
+    history: np.ndarray,
+    detector_names: Sequence[str],
+    detectors: DetectorsConfig,
+    device: torch.device,
+    calibration_fraction: float,
+) -> tuple[dict[str, FittedModel], dict[str, np.ndarray], dict[str, float]]:
+    """Every detector fitted with :meth:`FittedModel.fit_split` on ``history`` (one fit
+    window): ``(models, raw calibration slices, fit seconds)``; ValueError names the detector."""
+    models: dict[str, FittedModel] = {}
+    raw_calibration: dict[str, np.ndarray] = {}
+    seconds: dict[str, float] = {}
+    windows = _windows(series, history)
+    for name in detector_names:
+        started = time.perf_counter()
+        detector = build_detector(name, detectors, device)
+        try:
+            models[name], raw_calibration[name] = FittedModel.fit_split(
+                detector, windows, calibration_fraction
+            )
+        except ValueError as exc:
+            raise ValueError(f"{series.dataset} {series.entity}, {name}: {exc}") from exc
+        seconds[name] = time.perf_counter() - started
+    return models, raw_calibration, seconds
+
+
 def score_series(
     series: datasets.LabelledSeries,
     detector_names: Sequence[str],
@@ -176,47 +224,94 @@ def score_series(
     calibration_fraction: float = _DEFAULT_CALIBRATION.calibration_fraction,
     tail_fraction: float = _DEFAULT_CALIBRATION.tail_fraction,
     recent_p_values: int = _DEFAULT_CALIBRATION.recent_p_values,
+    refit_every: int | None = None,
+    fit_window: int | None = None,
 ) -> list[ScoredEntity]:
-    """Fit and calibrate the detectors as one group on the train split, score the test split.
+    """Fit and calibrate the detectors as one group, score the test split.
+
+    Single fit (``refit_every`` None): one fit on the train split (its last ``fit_window`` rows,
+    default all of it) scores the whole test split. Periodic refit (``refit_every = N`` rows), as
+    the agent's schedule (``fit_every``, ``fit_window``) does: the test split is cut into blocks
+    of N rows (the last one may be shorter); before each block all detectors are refitted with
+    :meth:`FittedModel.fit_split` on the trailing ``fit_window`` rows (default: the train
+    split's length) of the history so far (the train split followed by the test rows before the
+    block, whatever they hold), a new :class:`GroupCalibration` is fitted on that fit's
+    calibration slice, and the block is scored with them, its context reaching back into the
+    rows before it. A refit whose window is too short for ``fit_split`` (ValueError) keeps the
+    previous models and calibration for its block (the first fit must succeed).
 
     One :class:`ScoredEntity` per detector, in order, then ``fused``. Timings: a detector's fit
-    is :meth:`FittedModel.fit_split` (training and scoring its calibration slice), its score the
-    raw scoring of the test split; ``fused``'s fit is the group calibration, its score the
-    p-values of every detector and the probabilities.
+    is :meth:`FittedModel.fit_split` (training and scoring its calibration slice), the mean per
+    fit, its score the raw scoring of the test split; ``fused``'s fit is the group calibration
+    (mean per fit), its score the p-values of every detector and the probabilities.
     """
     if not detector_names:
         raise ValueError("the benchmark needs at least one detector")
+    if refit_every is not None and refit_every < 1:
+        raise ValueError(f"refit_every must be >= 1 row, got {refit_every}")
+    if fit_window is not None and fit_window < 1:
+        raise ValueError(f"fit_window must be >= 1 row, got {fit_window}")
     keys = _windows(series, series.train[:1]).keys
-    train = _windows(series, series.train)
-    raw_calibration: dict[str, np.ndarray] = {}
-    raw_test: dict[str, np.ndarray] = {}
-    timings: dict[str, tuple[float, float]] = {}
-    for name in detector_names:
-        started = time.perf_counter()
-        detector = build_detector(name, detectors, device)
+    n_train, n_test = len(series.train), len(series.test)
+    window = fit_window or n_train
+    block = refit_every or max(n_test, 1)
+    full = np.concatenate([series.train, series.test])
+    fit_seconds: dict[str, list[float]] = {name: [] for name in [*detector_names, FUSED]}
+    score_seconds = dict.fromkeys([*detector_names, FUSED], 0.0)
+    p_blocks: dict[str, list[np.ndarray]] = {name: [] for name in [*detector_names, FUSED]}
+    refits: list[tuple[int, GroupCalibration]] = []
+    models: dict[str, FittedModel] = {}
+    calibration: GroupCalibration | None = None
+    kept: list[str] = []
+    for start in range(0, max(n_test, 1), block):
+        end = min(start + block, n_test)
+        history = full[max(0, n_train + start - window) : n_train + start]
         try:
-            model, raw_calibration[name] = FittedModel.fit_split(
-                detector, train, calibration_fraction
+            fitted, raw_calibration, seconds = _fit_detectors(
+                series, history, detector_names, detectors, device, calibration_fraction
             )
         except ValueError as exc:
-            raise ValueError(f"{series.dataset} {series.entity}, {name}: {exc}") from exc
-        fitted = time.perf_counter()
-        context = min(model.detector.context_steps, len(series.train))
-        history = np.concatenate([series.train[len(series.train) - context :], series.test])
-        raw_test[name] = model.score(_windows(series, history)).score[:, context:]
-        timings[name] = (fitted - started, time.perf_counter() - fitted)
-    started = time.perf_counter()
-    calibration = GroupCalibration(list(detector_names), tail_fraction).fit(raw_calibration, keys)
-    calibrated = time.perf_counter()
-    p_values = calibration.p_values(raw_test, keys)
+            if calibration is None:
+                raise
+            kept.append(f"{start}: {exc}")
+        else:
+            models = fitted
+            for name, value in seconds.items():
+                fit_seconds[name].append(value)
+            calibrating = time.perf_counter()
+            calibration = GroupCalibration(list(detector_names), tail_fraction).fit(
+                raw_calibration, keys
+            )
+            fit_seconds[FUSED].append(time.perf_counter() - calibrating)
+            refits.append((start, calibration))
+        raw_block: dict[str, np.ndarray] = {}
+        for name in detector_names:
+            scoring = time.perf_counter()
+            model = models[name]
+            context = min(model.detector.context_steps, n_train + start)
+            values = full[n_train + start - context : n_train + end]
+            raw_block[name] = model.score(_windows(series, values)).score[:, context:]
+            score_seconds[name] += time.perf_counter() - scoring
+        scoring = time.perf_counter()
+        for name, p in calibration.p_values(raw_block, keys).items():
+            p_blocks[name].append(np.asarray(p[0], dtype=np.float64))
+        score_seconds[FUSED] += time.perf_counter() - scoring
+    p_values = {name: np.concatenate(blocks) for name, blocks in p_blocks.items()}
     labels = series.test_labels.astype(np.int8)
+    scoring = time.perf_counter()
     unlabelled, labelled, measured_from = probabilities(
-        calibration, p_values[FUSED][0], labels, recent_p_values
+        refits, p_values[FUSED], labels, recent_p_values
     )
-    timings[FUSED] = (calibrated - started, time.perf_counter() - calibrated)
+    score_seconds[FUSED] += time.perf_counter() - scoring
+    notes = list(series.notes)
+    if refit_every is not None:
+        notes.append(
+            f"refit every {refit_every} rows on the trailing {window} rows: {len(refits)} fits"
+        )
+    notes += [f"refit before test row {why}; kept the previous models" for why in kept]
     scored = []
     for name in [*detector_names, FUSED]:
-        p = np.asarray(p_values[name][0], dtype=np.float64)
+        p = p_values[name]
         scored.append(
             ScoredEntity(
                 dataset=series.dataset,
@@ -225,14 +320,15 @@ def score_series(
                 scores=score_from_p(p, false_alarm_rate),
                 labels=labels,
                 step_seconds=series.step_seconds,
-                fit_seconds=timings[name][0],
-                score_seconds=timings[name][1],
-                notes=list(series.notes),
+                fit_seconds=float(np.mean(fit_seconds[name])),
+                score_seconds=score_seconds[name],
+                notes=list(notes),
                 false_alarm_rate=false_alarm_rate,
                 p_values=p,
                 probability=unlabelled if name == FUSED else None,
                 probability_labelled=labelled if name == FUSED else None,
                 measured_from=measured_from if name == FUSED else 0,
+                fits=len(refits),
             )
         )
     return scored
@@ -367,6 +463,31 @@ class BenchmarkRun:
     machine: str
     hyper_parameters: dict[str, dict] = field(default_factory=dict)
     calibration: dict[str, float] = field(default_factory=dict)
+    #: rows between refits (None: one fit on the train split) and rows each fit reads (None:
+    #: the train split's length, per entity)
+    refit_every: int | None = None
+    fit_window: int | None = None
+
+    @property
+    def mode(self) -> str:
+        """How the detectors were fitted, in words (the report's header states it)."""
+        if self.refit_every is None:
+            where = (
+                "the train split"
+                if self.fit_window is None
+                else f"the trailing {self.fit_window} rows of the train split"
+            )
+            return f"single fit on {where}, scoring the whole test split"
+        return (
+            f"refit every {self.refit_every} rows on {self.fit_window_words}, as the agent's "
+            "schedule does"
+        )
+
+    @property
+    def fit_window_words(self) -> str:
+        if self.fit_window is None:
+            return "a trailing window as long as the train split"
+        return f"the trailing {self.fit_window} rows"
 
     @property
     def rows_detectors(self) -> list[str]:
@@ -432,9 +553,16 @@ def run_benchmark(
     calibration_fraction: float = _DEFAULT_CALIBRATION.calibration_fraction,
     tail_fraction: float = _DEFAULT_CALIBRATION.tail_fraction,
     recent_p_values: int = _DEFAULT_CALIBRATION.recent_p_values,
+    refit_every: int | None = None,
+    fit_window: int | None = None,
 ) -> BenchmarkRun:
     """Score every (dataset, entity) with all detectors and ``fused``, and evaluate it; seeds are
-    fixed in the configs."""
+    fixed in the configs.
+
+    ``refit_every`` (rows; None = one fit on the train split): refit and recalibrate before every
+    block of that many test rows on the trailing ``fit_window`` rows of history (default: the
+    train split's length), as the agent's ``schedule.fit_every`` / ``fit_window`` do
+    (:func:`score_series`)."""
     started = time.perf_counter()
     torch.manual_seed(0)
     detectors = detectors or DetectorsConfig()
@@ -456,6 +584,8 @@ def run_benchmark(
             calibration_fraction,
             tail_fraction,
             recent_p_values,
+            refit_every,
+            fit_window,
         ):
             # NAB scores whole files; a short slice is not one
             nab_operating = (
@@ -485,6 +615,8 @@ def run_benchmark(
             "tail_fraction": tail_fraction,
             "recent_p_values": recent_p_values,
         },
+        refit_every=refit_every,
+        fit_window=fit_window,
     )
 
 
@@ -554,14 +686,40 @@ def _pooled_probabilities(
 
 def markdown_report(run: BenchmarkRun) -> str:
     calibration = ", ".join(f"{key}={value}" for key, value in run.calibration.items())
+    if run.refit_every is None:
+        fitting = (
+            "Per entity, all detectors are fitted once on the "
+            + (
+                "train split's earlier part"
+                if run.fit_window is None
+                else f"earlier part of the train split's last {run.fit_window} rows"
+            )
+            + f" and calibrated as one group on the rest, as the agent does ({calibration}), "
+            "and that one fit scores the whole test split"
+        )
+        seeded = "seeded from the calibration slice"
+    else:
+        rows = "the train split's length" if run.fit_window is None else f"{run.fit_window}"
+        fitting = (
+            f"Per entity, the test split is cut into blocks of {run.refit_every} rows; before "
+            f"each block all detectors are refitted on {run.fit_window_words} of the history "
+            "so far (the train split followed by the test rows before the block, whatever they "
+            "hold, as the agent's fit reads them: "
+            f"schedule.fit_every = {run.refit_every} steps, schedule.fit_window = {rows} steps), "
+            "trained on its earlier part and calibrated as one group on the rest "
+            f"({calibration}); each fit scores its block only. 'fit s' is the mean per fit"
+        )
+        seeded = "reseeded from each refit's calibration slice"
     lines = [
-        "## Detectors on labelled metrics",
+        "## Detectors on labelled metrics"
+        + ("" if run.refit_every is None else f", refit every {run.refit_every} rows"),
         "",
         f"Command: `{run.command}`",
         "",
+        f"Mode: **{run.mode}**.",
+        "",
         f"Machine: {run.machine}. Wall time: {run.wall_seconds:.0f} s. "
-        "Per entity, all detectors are fitted on the train split's earlier part and calibrated "
-        f"as one group on the rest, as the agent does ({calibration}); a score is the p-value on "
+        f"{fitting}; a score is the p-value on "
         f"the exported scale at configured false_alarm_rate={run.false_alarm_rate}, and "
         "`fused` is the group's Cauchy-combined p-value recalibrated out-of-fold. "
         "'@1' = at the product's threshold, score >= 1.0; the realised false-alarm rate is the "
@@ -575,8 +733,8 @@ def markdown_report(run: BenchmarkRun) -> str:
         "",
         "Anomaly probability (`fused` only; ECE over 10 equal-width bins, weighted by count, and "
         "Brier score, on the second half of each test split): *unlabelled* is what the agent "
-        "exports, the beta-uniform mixture of the group's recent fused p-values, seeded from the "
-        "calibration slice and updated every test step; *labelled* is the isotonic map fitted "
+        "exports, the beta-uniform mixture of the group's recent fused p-values, "
+        f"{seeded} and updated every test step; *labelled* is the isotonic map fitted "
         "on the first half's fused p-values and labels, as if every step had been given "
         "feedback (n/a where that half held fewer than 20 anomalous or 20 normal steps). "
         "*Constant forecast* is the Brier score of always predicting the measured half's own "
