@@ -200,6 +200,20 @@ def test_fit_saves_a_calibration_version_of_the_fitted_models(fitted_agent: Agen
     assert calibration.n_steps == pytest.approx(0.25 * ROWS, rel=0.05)
 
 
+def test_a_calibration_slice_too_short_for_the_rate_is_reported(
+    history: History, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At 0.001, a quarter of this history holds under one expected normal exceedance: the
+    threshold is an extrapolation, and the log says so with what to change."""
+    agent = Agent(make_config(history.prometheus.url, tmp_path))
+    agent.start_up()
+    with caplog.at_level(logging.WARNING, logger="aiops_plugin.agent"):
+        agent.fit(now=history.end)
+    (message,) = [r.getMessage() for r in caplog.records if "calibration steps hold" in r.message]
+    assert "group 'smd'" in message and "schedule.fit_window" in message
+    agent.store.close()
+
+
 def test_a_new_false_alarm_rate_rescales_without_refitting_or_recalibrating(
     fitted_agent: Agent, history: History, tmp_path: Path
 ) -> None:

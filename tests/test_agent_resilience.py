@@ -90,6 +90,43 @@ def test_a_store_that_refuses_writes_does_not_stop_scoring(
     assert _value(agent, "aiops_source_up", source="store") == 0
 
 
+def test_editing_one_group_refits_only_that_group(
+    two_groups: Agent,
+    history: History,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Group "b" gets another query: on restart "a" loads its models and calibration from the
+    store, and the fit job refits "b" alone."""
+    groups = [
+        {"name": "a", "labels": ["instance"], "queries": {"smd": QUERY}},
+        {"name": "b", "labels": ["instance"], "queries": {"smd": QUERY, "again": QUERY}},
+    ]
+    config = make_config(history.prometheus.url, tmp_path, entities=groups)
+    before = {
+        (d, g): two_groups.store.latest_model_version(d, g, config.model_hash(d, g))
+        for d in config.detectors.enabled_names()
+        for g in ("a", "b")
+    }
+    assert all(before[(d, "a")] is not None for d in ("mad", "pca"))
+    assert before[("mad", "b")] is None  # b's definition changed: a new hash
+    two_groups.store.close()
+    agent = Agent(config)
+    try:
+        agent.start_up()
+        assert agent.missing_models() == [("mad", "b"), ("pca", "b")]
+        assert "a" in agent.calibrations and "b" not in agent.calibrations
+        agent._fit_job()  # what the scheduler runs: only the groups that lack a model
+        assert agent.missing_models() == []
+        for d in ("mad", "pca"):
+            kept = agent.store.latest_model_version(d, "a", config.model_hash(d, "a"))
+            assert kept is not None and kept.id == before[(d, "a")].id  # a was not refitted
+            assert agent.store.latest_model_version(d, "b", config.model_hash(d, "b"))
+        results = {result.group: result for result in agent.infer(now=history.end)}
+        assert results["a"].entities and results["b"].entities
+    finally:
+        agent.store.close()
+
+
 def test_fit_is_retried_with_backoff_until_prometheus_is_back(
     history: History,  # noqa: F811
     tmp_path: Path,
