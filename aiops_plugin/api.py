@@ -1,5 +1,6 @@
-"""HTTP: ``/metrics`` (the exporter's registry), ``/healthz``, ``/readyz`` and, when logs are
-enabled, the OTLP log receiver's ``/v1/logs``.
+"""HTTP: ``/metrics`` (the exporter's registry), ``/healthz``, ``/readyz``, the read-only
+anomaly events API (``/api/v1/anomalies``) and, when logs are enabled, the OTLP log receiver's
+``/v1/logs``.
 
 Served by uvicorn in a background thread so the scheduler and the signal handling stay in the
 main thread.
@@ -16,6 +17,7 @@ from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from aiops_plugin.anomaly_api import register_anomaly_api
 from aiops_plugin.logs.receiver import register_log_receiver
 
 if TYPE_CHECKING:
@@ -38,6 +40,7 @@ def create_app(agent: Agent) -> FastAPI:
         ready, reason = agent.readiness()
         return JSONResponse({"ready": ready, "reason": reason}, status_code=200 if ready else 503)
 
+    register_anomaly_api(app, agent.store)
     if agent.config.logs.enabled:
         if agent.log_intake is None:
             raise RuntimeError("logs are enabled: call Agent.open_log_intake() before create_app")

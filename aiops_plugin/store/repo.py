@@ -36,12 +36,16 @@ from aiops_plugin.store.models import (
     JobRun,
     ModelVersionRow,
 )
-from aiops_plugin.windows import entity_key
+from aiops_plugin.windows import entity_display_name, entity_key
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 FINISHED_STATUSES = ("succeeded", "failed", "interrupted")
 INTERRUPTED_ERROR = "the agent stopped before the job finished"
+#: values of ``list_anomaly_events(state=...)``: open while ``end_at`` is NULL
+EVENT_STATES = ("open", "closed")
 
+# Largest integer primary key a driver accepts (SQLite: 64-bit rowid).
+_MAX_ROW_ID = 2**63 - 1
 # Rows per INSERT .. ON CONFLICT statement: 5 parameters a row stays far below SQLite's limit.
 _UPSERT_CHUNK = 500
 # Key of the PostgreSQL advisory lock that serialises migrations of shards starting together.
@@ -493,6 +497,82 @@ class Store:
             return [
                 _anomaly_event(row, entity) for row, entity in session.execute(query.limit(limit))
             ]
+
+    def list_anomaly_events(
+        self,
+        *,
+        group: str | None = None,
+        entity: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        state: str | None = None,
+        limit: int = 100,
+        after: tuple[datetime, int] | None = None,
+    ) -> list[AnomalyEvent]:
+        """Events newest first (``start_at`` desc, then ``id`` desc), filtered, one page.
+
+        ``entity`` is a display name (``aiops_plugin.windows.entity_display_name``: the label
+        values joined by '/'); ``since`` / ``until`` keep the events that overlap that span (an
+        open event lasts until now and beyond); ``state`` is ``"open"`` or ``"closed"``;
+        ``after`` is the ``(start_at, id)`` of the last event of the previous page (keyset
+        pagination: a page is stable while events are written). The entities are joined in the
+        same query.
+        """
+        if state not in (None, *EVENT_STATES):
+            raise ValueError(f"state must be one of {', '.join(EVENT_STATES)}, got {state!r}")
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        query = select(AnomalyEventRow, Entity).join(Entity)
+        if group is not None:
+            query = query.where(AnomalyEventRow.group_name == group)
+        if since is not None:
+            since = _as_utc(since, "since")
+            query = query.where(
+                or_(AnomalyEventRow.end_at.is_(None), AnomalyEventRow.end_at >= since)
+            )
+        if until is not None:
+            until = _as_utc(until, "until")
+            query = query.where(AnomalyEventRow.start_at <= until)
+        if state == "open":
+            query = query.where(AnomalyEventRow.end_at.is_(None))
+        elif state == "closed":
+            query = query.where(AnomalyEventRow.end_at.is_not(None))
+        if after is not None:
+            after_start, after_id = _as_utc(after[0], "after"), after[1]
+            query = query.where(
+                or_(
+                    AnomalyEventRow.start_at < after_start,
+                    (AnomalyEventRow.start_at == after_start) & (AnomalyEventRow.id < after_id),
+                )
+            )
+        query = query.order_by(AnomalyEventRow.start_at.desc(), AnomalyEventRow.id.desc())
+        with self._transaction("reading anomaly events") as session:
+            if entity is not None:
+                # The display name is computed from the labels, so it cannot be matched in SQL:
+                # find the matching entities first (one query), then filter the events by id.
+                entities = select(Entity.id, Entity.labels)
+                if group is not None:
+                    entities = entities.where(Entity.group_name == group)
+                entity_ids = [
+                    row.id
+                    for row in session.execute(entities)
+                    if entity_display_name(row.labels) == entity
+                ]
+                if not entity_ids:
+                    return []
+                query = query.where(AnomalyEventRow.entity_id.in_(entity_ids))
+            return [
+                _anomaly_event(row, entity_row)
+                for row, entity_row in session.execute(query.limit(limit))
+            ]
+
+    def get_anomaly_event(self, event_id: int) -> AnomalyEvent | None:
+        """One event with its entity, or None when there is no such event."""
+        if not 0 < event_id <= _MAX_ROW_ID:
+            return None  # no row has it, and drivers refuse integers beyond 64 bits
+        with self._transaction(f"reading anomaly event {event_id}") as session:
+            events = self._events_by_id(session, [event_id])
+        return events[0] if events else None
 
     @contextmanager
     def _transaction(self, action: str) -> Iterator[Session]:

@@ -1,0 +1,416 @@
+"""The read-only anomaly events API (``/api/v1/anomalies``) over the real HTTP server and the real
+store (SQLite and PostgreSQL): filters, ordering, keyset pagination, one event, the 400 / 404 /
+503 answers, and the older endpoints left as they were."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import requests
+from sqlalchemy import text
+
+from aiops_plugin.agent import Agent
+from aiops_plugin.api import HttpServer
+from aiops_plugin.config import Config
+from aiops_plugin.demo import free_port
+from aiops_plugin.windows import entity_key
+
+T0 = datetime(2024, 5, 1, tzinfo=UTC)
+NAN = float("nan")
+API = "/api/v1/anomalies"
+
+
+def at(minutes: float) -> datetime:
+    return T0 + timedelta(minutes=minutes)
+
+
+def z(minutes: float) -> str:
+    """RFC 3339 UTC text of ``at(minutes)``, as the API writes it."""
+    return at(minutes).isoformat().replace("+00:00", "Z")
+
+
+SVC = {name: {"service": name} for name in ("api", "db", "web")}
+NODE = {"n1": {"instance": "n1:9100", "job": "node"}}
+
+# Per step (minutes after T0): the fused scores of each group; threshold 1.0.
+STEPS: list[tuple[int, dict[str, float], dict[str, float]]] = [
+    (0, {"api": 2.0, "db": 0.1, "web": 0.5}, {}),
+    (1, {"api": 3.0, "db": 1.5}, {"n1": 4.0}),  # api's peak raised; db and n1 open
+    (2, {"api": 0.2, "db": NAN}, {"n1": 3.0}),  # api closes; NaN leaves db open
+    (3, {"api": 1.2, "db": 0.5, "web": 5.0}, {}),  # api reopens, db closes, web opens
+    (4, {}, {"n1": 0.0}),  # n1 closes
+    (5, {}, {"n1": 2.0}),  # n1 reopens
+]
+
+
+@dataclass(frozen=True)
+class Expected:
+    """An event the steps above produce: entity display name, group, start, end (minutes)."""
+
+    entity: str
+    group: str
+    start: int
+    end: int | None
+
+
+A1 = Expected("api", "svc", 0, 2)
+D1 = Expected("db", "svc", 1, 3)
+N1 = Expected("n1:9100/node", "node", 1, 4)
+A2 = Expected("api", "svc", 3, None)
+W1 = Expected("web", "svc", 3, None)
+N2 = Expected("n1:9100/node", "node", 5, None)
+# Newest first; equal starts by id, newest first (svc is tracked before node at each step, and
+# api before web within a step).
+ALL = [N2, W1, A2, N1, D1, A1]
+
+
+def make_config(store_url: str, port: int) -> Config:
+    return Config.model_validate(
+        {
+            "prometheus": {"step": "1s"},
+            "entities": [
+                {"name": "svc", "labels": ["service"], "queries": {"up": "up"}},
+                {"name": "node", "labels": ["instance", "job"], "queries": {"up": "up"}},
+            ],
+            "store": {"url": store_url},
+            "server": {"host": "127.0.0.1", "port": port},
+        }
+    )
+
+
+def track(agent: Agent, minutes: float, group: str, scores: dict[str, float]) -> None:
+    labels = SVC if group == "svc" else NODE
+    agent.store.track_anomaly_events(
+        group=group,
+        detector="fused",
+        timestamp=at(minutes),
+        scores={entity_key(labels[name]): score for name, score in scores.items()},
+        labels={entity_key(labels[name]): labels[name] for name in scores},
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'data' / 'aiops.db'}"
+    return request.getfixturevalue("postgresql_url")
+
+
+@pytest.fixture
+def served(store_url: str) -> Iterator[tuple[Agent, str]]:
+    """An agent whose store holds the events of STEPS, and its HTTP server (no Prometheus: no
+    cycle runs)."""
+    port = free_port()
+    agent = Agent(make_config(store_url, port))
+    for minutes, svc, node in STEPS:
+        if svc:
+            track(agent, minutes, "svc", svc)
+        if node:
+            track(agent, minutes, "node", node)
+    server = HttpServer(agent, "127.0.0.1", port)
+    server.start()
+    try:
+        yield agent, f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+        agent.store.close()
+
+
+def get(url: str, path: str, **params: str | int) -> requests.Response:
+    return requests.get(f"{url}{path}", params=params, timeout=10)
+
+
+def listed(url: str, **params: str | int) -> list[Expected]:
+    response = get(url, API, **params)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"anomalies", "next_cursor"}
+    return [_as_expected(event) for event in body["anomalies"]]
+
+
+def _as_expected(event: dict) -> Expected:
+    def minutes(value: str | None) -> int | None:
+        if value is None:
+            return None
+        delta = datetime.fromisoformat(value) - T0
+        assert delta.total_seconds() % 60 == 0, value
+        return int(delta.total_seconds() // 60)
+
+    start = minutes(event["start"])
+    assert start is not None
+    return Expected(event["entity"], event["entity_group"], start, minutes(event["end"]))
+
+
+def test_lists_every_event_newest_first(served: tuple[Agent, str]) -> None:
+    agent, url = served
+    response = get(url, API)
+    body = response.json()
+    assert response.headers["content-type"] == "application/json"
+    assert [_as_expected(event) for event in body["anomalies"]] == ALL
+    assert body["next_cursor"] is None
+    events = body["anomalies"]
+    keys = [(datetime.fromisoformat(e["start"]), e["id"]) for e in events]
+    assert keys == sorted(keys, reverse=True)
+    assert len({e["id"] for e in events}) == len(ALL)
+    # The same events as the store holds, none more.
+    assert {e["id"] for e in events} == {e.id for e in agent.store.anomaly_events(limit=1000)}
+
+
+def test_event_fields(served: tuple[Agent, str]) -> None:
+    _, url = served
+    events = {(_as_expected(e)): e for e in get(url, API).json()["anomalies"]}
+    closed = events[A1]
+    assert closed == {
+        "id": closed["id"],
+        "entity_group": "svc",
+        "entity": "api",
+        "labels": {"service": "api"},
+        "detector": "fused",
+        "state": "closed",
+        "start": z(0),
+        "end": z(2),
+        "peak_at": z(1),  # raised from 2.0 at 0 to 3.0 at 1
+        "peak_score": 3.0,
+        "duration_seconds": 120.0,
+    }
+    node = events[N2]
+    assert node["labels"] == {"instance": "n1:9100", "job": "node"}
+    assert node["entity"] == "n1:9100/node"
+    assert node["state"] == "open" and node["end"] is None
+    assert node["peak_at"] == z(5) and node["peak_score"] == 2.0
+    # Open: the duration runs to now.
+    to_now = (datetime.now(UTC) - at(5)).total_seconds()
+    assert to_now - 60 < node["duration_seconds"] <= to_now + 1
+    assert events[D1]["peak_score"] == 1.5 and events[D1]["end"] == z(3)
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({"group": "node"}, [N2, N1]),
+        ({"group": "svc"}, [W1, A2, D1, A1]),
+        ({"group": "nope"}, []),
+        ({"entity": "api"}, [A2, A1]),
+        ({"entity": "n1:9100/node"}, [N2, N1]),
+        ({"entity": "n1:9100"}, []),  # the display name, not one label value
+        ({"entity": "api", "group": "node"}, []),
+        ({"entity": "web", "group": "svc"}, [W1]),
+        ({"state": "open"}, [N2, W1, A2]),
+        ({"state": "closed"}, [N1, D1, A1]),
+        ({"state": "closed", "group": "svc"}, [D1, A1]),
+        # overlap with [since, until]: ends are inclusive, open events last until now
+        ({"since": z(4)}, [N2, W1, A2, N1]),
+        ({"since": z(4.5)}, [N2, W1, A2]),
+        ({"until": z(0)}, [A1]),
+        ({"until": z(0.5)}, [A1]),
+        ({"since": z(2), "until": z(2)}, [N1, D1, A1]),
+        ({"since": z(3), "until": z(3)}, [W1, A2, N1, D1]),
+        ({"since": z(2.5), "until": z(4.5)}, [W1, A2, N1, D1]),
+        ({"since": z(6), "state": "closed"}, []),
+        ({"since": z(10), "until": z(20)}, [N2, W1, A2]),
+        ({"since": "2024-05-01T02:04:00+02:00"}, [N2, W1, A2, N1]),  # = z(4), with an offset
+        ({"since": int(at(4).timestamp())}, [N2, W1, A2, N1]),  # unix seconds
+        ({"until": f"{at(0).timestamp() + 30.5}"}, [A1]),  # fractional unix seconds
+        ({"limit": 2}, [N2, W1]),
+        ({"limit": 1000}, ALL),
+    ],
+)
+def test_filters(served: tuple[Agent, str], params: dict, expected: list[Expected]) -> None:
+    _, url = served
+    assert listed(url, **params) == expected
+
+
+def pages(url: str, **params: str | int) -> list[list[dict]]:
+    out: list[list[dict]] = []
+    cursor = params.pop("cursor", None)
+    while True:
+        response = get(url, API, **params, **({"cursor": cursor} if cursor else {}))
+        assert response.status_code == 200, response.text
+        body = response.json()
+        out.append(body["anomalies"])
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return out
+        assert len(out) <= 20, "pagination does not end"
+
+
+@pytest.mark.parametrize("limit", [1, 2, 4, 5, 6, 7])
+def test_pagination_covers_every_event_once(served: tuple[Agent, str], limit: int) -> None:
+    _, url = served
+    got = pages(url, limit=limit)
+    assert [len(page) for page in got[:-1]] == [limit] * (len(got) - 1)
+    # a full last page does not leave an empty page behind it
+    assert len(got) == max(1, -(-len(ALL) // limit))
+    assert [_as_expected(event) for page in got for event in page] == ALL
+
+
+def test_pagination_with_filters(served: tuple[Agent, str]) -> None:
+    _, url = served
+    got = pages(url, limit=1, state="closed", group="svc")
+    assert [_as_expected(event) for page in got for event in page] == [D1, A1]
+    got = pages(url, limit=2, since=z(2), until=z(3))  # A1 ended at 2: the end is inclusive
+    assert [_as_expected(event) for page in got for event in page] == [W1, A2, N1, D1, A1]
+
+
+def test_pagination_is_stable_while_events_are_written(served: tuple[Agent, str]) -> None:
+    agent, url = served
+    first = get(url, API, limit=2).json()
+    assert [_as_expected(e) for e in first["anomalies"]] == [N2, W1]
+    track(agent, 6, "svc", {"db": 9.0})  # a newer event after the first page
+    rest = pages(url, limit=2, cursor=first["next_cursor"])
+    assert [_as_expected(e) for page in rest for e in page] == [A2, N1, D1, A1]
+    assert listed(url, limit=1) == [Expected("db", "svc", 6, None)]
+
+
+def test_one_event(served: tuple[Agent, str]) -> None:
+    _, url = served
+    for event in get(url, API, state="closed").json()["anomalies"]:
+        response = get(url, f"{API}/{event['id']}")
+        assert response.status_code == 200
+        assert response.json() == event
+    open_event = get(url, API, limit=1).json()["anomalies"][0]
+    one = get(url, f"{API}/{open_event['id']}").json()
+    assert one["duration_seconds"] >= open_event["duration_seconds"]
+    assert {**one, "duration_seconds": 0} == {**open_event, "duration_seconds": 0}
+
+
+@pytest.mark.parametrize("event_id", ["999999", "0", str(2**31), str(2**70)])
+def test_an_absent_event_is_404(served: tuple[Agent, str], event_id: str) -> None:
+    _, url = served
+    response = get(url, f"{API}/{event_id}")
+    assert response.status_code == 404
+    assert response.json() == {"error": f"no anomaly event {int(event_id)}"}
+
+
+def _cursor(raw: str) -> str:
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    ("params", "parameter", "value"),
+    [
+        ({"state": "opened"}, "state", "opened"),
+        ({"state": ""}, "state", ""),
+        ({"since": "yesterday"}, "since", "yesterday"),
+        ({"since": "2024-05-01T00:00:00"}, "since", "2024-05-01T00:00:00"),  # no offset
+        ({"until": "2024-13-01T00:00:00Z"}, "until", "2024-13-01T00:00:00Z"),
+        ({"until": "1e999"}, "until", "1e999"),
+        ({"since": "99999999999999999999"}, "since", "99999999999999999999"),
+        ({"since": "0001-01-01T00:00:00+01:00"}, "since", "0001-01-01T00:00:00+01:00"),
+        ({"since": z(5), "until": z(1)}, "since", z(5)),
+        ({"limit": "0"}, "limit", "0"),
+        ({"limit": "1001"}, "limit", "1001"),
+        ({"limit": "-1"}, "limit", "-1"),
+        ({"limit": "ten"}, "limit", "ten"),
+        ({"limit": ""}, "limit", ""),
+        ({"cursor": "!!!"}, "cursor", "!!!"),
+        ({"cursor": "bm90IGEgY3Vyc29y"}, "cursor", "bm90IGEgY3Vyc29y"),  # "not a cursor"
+        ({"cursor": _cursor("2024-05-01T00:00:00|3")}, "cursor", None),  # naive
+        ({"cursor": _cursor("2024-05-01T00:00:00+00:00|x")}, "cursor", None),
+        ({"cursor": _cursor("2024-05-01T00:00:00+00:00|0")}, "cursor", None),
+        ({"cursor": base64.urlsafe_b64encode(b"\xff\xfe|1").decode()}, "cursor", None),
+        ({"cursor": ""}, "cursor", ""),
+        ({"groups": "svc"}, "groups", "svc"),  # a misspelt parameter is not ignored
+    ],
+)
+def test_bad_parameters_are_400(
+    served: tuple[Agent, str], params: dict, parameter: str, value: str | None
+) -> None:
+    _, url = served
+    response = get(url, API, **params)
+    assert response.status_code == 400, response.text
+    body = response.json()
+    value = params[parameter] if value is None else value
+    assert body["parameter"] == parameter
+    assert body["value"] == value
+    assert body["error"].startswith(f"{parameter}: ")
+    assert repr(value) in body["error"]
+
+
+def test_bad_parameter_messages(served: tuple[Agent, str]) -> None:
+    _, url = served
+    assert get(url, API, state="x").json()["error"] == (
+        "state: must be one of open, closed, got 'x'"
+    )
+    assert get(url, API, limit="5000").json()["error"] == (
+        "limit: must be an integer from 1 to 1000, got '5000'"
+    )
+    assert "until" in get(url, API, since=z(2), until=z(1)).json()["error"]
+    long = "x" * 500
+    body = get(url, API, since=long).json()
+    assert len(body["error"]) < 300 and body["value"].endswith("...")
+
+
+@pytest.mark.parametrize("event_id", ["abc", "-1", "1.5"])
+def test_a_bad_event_id_is_400(served: tuple[Agent, str], event_id: str) -> None:
+    _, url = served
+    response = get(url, f"{API}/{event_id}")
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": f"id: must be a positive integer, got {event_id!r}",
+        "parameter": "id",
+        "value": event_id,
+    }
+
+
+def test_a_failing_store_is_503_and_the_server_recovers(served: tuple[Agent, str]) -> None:
+    agent, url = served
+    with agent.store.engine.begin() as connection:
+        connection.execute(text("ALTER TABLE anomaly_events RENAME TO anomaly_events_away"))
+    try:
+        for path in (API, f"{API}/1"):
+            response = get(url, path)
+            assert response.status_code == 503
+            error = response.json()["error"]
+            assert error.startswith("the store is unavailable: reading anomaly event")
+            assert agent.store.display_url in error
+        assert get(url, "/healthz").status_code == 200
+    finally:
+        with agent.store.engine.begin() as connection:
+            connection.execute(text("ALTER TABLE anomaly_events_away RENAME TO anomaly_events"))
+    assert listed(url) == ALL
+
+
+def test_existing_endpoints_still_behave(served: tuple[Agent, str]) -> None:
+    _, url = served
+    health = get(url, "/healthz")
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    ready = get(url, "/readyz")
+    assert ready.status_code == 503
+    assert ready.json() == {"ready": False, "reason": "no model fitted yet"}
+    metrics = get(url, "/metrics")
+    assert metrics.status_code == 200
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert "aiops_" in metrics.text
+    missing = get(url, "/api/v1/nothing")
+    assert missing.status_code == 404 and missing.json() == {"detail": "Not Found"}
+    # only GET: the API is read-only
+    assert requests.post(f"{url}{API}", timeout=10).status_code == 405
+    assert requests.delete(f"{url}{API}/1", timeout=10).status_code == 405
+
+
+def test_store_methods(served: tuple[Agent, str]) -> None:
+    """The repository methods behind the API, directly: the same filters, and errors."""
+    agent, _ = served
+    store = agent.store
+    events = store.list_anomaly_events()
+    assert [(e.group_name, e.start_at) for e in events] == [(x.group, at(x.start)) for x in ALL]
+    assert events[0].entity_labels == NODE["n1"]
+    page = store.list_anomaly_events(limit=2, after=(events[1].start_at, events[1].id))
+    assert [e.id for e in page] == [e.id for e in events[2:4]]
+    assert store.list_anomaly_events(entity="db", state="closed")[0].end_at == at(3)
+    assert store.get_anomaly_event(events[0].id) == events[0]
+    assert store.get_anomaly_event(10**6) is None
+    assert store.get_anomaly_event(-1) is None
+    assert store.get_anomaly_event(2**64) is None
+    with pytest.raises(ValueError, match="state"):
+        store.list_anomaly_events(state="ongoing")
+    with pytest.raises(ValueError, match="limit"):
+        store.list_anomaly_events(limit=0)
+    with pytest.raises(ValueError, match="naive"):
+        store.list_anomaly_events(since=datetime(2024, 5, 1))  # noqa: DTZ001
