@@ -8,7 +8,6 @@ import base64
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 import requests
@@ -92,13 +91,6 @@ def track(agent: Agent, minutes: float, group: str, scores: dict[str, float]) ->
         scores={entity_key(labels[name]): score for name, score in scores.items()},
         labels={entity_key(labels[name]): labels[name] for name in scores},
     )
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'data' / 'aiops.db'}"
-    return request.getfixturevalue("postgresql_url")
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -46,20 +45,6 @@ REFUSE_UPDATE = {
     ],
 }
 DROP_REFUSE = {"sqlite": "DROP TRIGGER refuse", "postgresql": "DROP TRIGGER refuse ON log_records"}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """URL of an empty database: a SQLite file, or a fresh database on the session's PostgreSQL."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'aiops.db'}"
-    return request.getfixturevalue("postgresql_url")
-
-
-@pytest.fixture
-def store(store_url: str) -> Iterator[Store]:
-    with Store.open(store_url) as opened:
-        yield opened
 
 
 def add_records(

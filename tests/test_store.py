@@ -6,7 +6,6 @@ import random
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -32,20 +31,6 @@ TABLES = {"entities", "model_versions", "job_runs", "anomaly_events"}
 
 def at(minutes: float) -> datetime:
     return T0 + timedelta(minutes=minutes)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path) -> str:
-    """URL of an empty database: a SQLite file, or a fresh database on the session's PostgreSQL."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'data' / 'aiops.db'}"
-    return request.getfixturevalue("postgresql_url")
-
-
-@pytest.fixture
-def store(store_url: str) -> Iterator[Store]:
-    with Store.open(store_url) as store:
-        yield store
 
 
 def save_version(store: Store, config_hash: str = "cfg1", **overrides: Any) -> ModelVersion:

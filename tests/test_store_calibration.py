@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterator
 from datetime import UTC
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,20 +25,6 @@ STATE = {
     "pool": {"knots": [0.0, 0.5, 1.25], "xi": -0.125, "sigma": 1e-300},
     "entities": [{"key": "a:9100", "knots": [[0.1, 0.2], [0.3, 5e-324]]}],
 }
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """URL of an empty database: a SQLite file, or a fresh database on the session's PostgreSQL."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'aiops.db'}"
-    return request.getfixturevalue("postgresql_url")
-
-
-@pytest.fixture
-def store(store_url: str) -> Iterator[Store]:
-    with Store.open(store_url) as opened:
-        yield opened
 
 
 def alembic_config(url: str) -> Config:
