@@ -14,10 +14,10 @@ import requests
 from sqlalchemy import text
 
 from aiops_plugin.agent import Agent
-from aiops_plugin.api import HttpServer
 from aiops_plugin.config import Config
 from aiops_plugin.demo import free_port
 from aiops_plugin.windows import entity_key
+from tests.serving import serving
 
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
 NAN = float("nan")
@@ -104,13 +104,8 @@ def served(store_url: str) -> Iterator[tuple[Agent, str]]:
             track(agent, minutes, "svc", svc)
         if node:
             track(agent, minutes, "node", node)
-    server = HttpServer(agent, "127.0.0.1", port)
-    server.start()
-    try:
-        yield agent, f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-        agent.store.close()
+    with serving(agent, port) as url:
+        yield agent, url
 
 
 def get(url: str, path: str, **params: str | int) -> requests.Response:

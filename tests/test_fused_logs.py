@@ -14,9 +14,9 @@ import pytest
 from opentelemetry._logs import SeverityNumber
 
 from aiops_plugin.agent import FUSED, Agent
-from aiops_plugin.api import HttpServer
 from aiops_plugin.calibration import score_from_p
 from aiops_plugin.demo import free_port
+from tests.serving import serving
 from tests.test_agent import QUERY, History, history, make_config  # noqa: F401 - fixture
 from tests.test_log_pipeline import normal_lines, send
 
@@ -39,15 +39,8 @@ def agent_with_logs(history: History, tmp_path: Path) -> Iterator[tuple[Agent, s
     agent = Agent(config)
     agent.start_up()
     agent.open_log_intake()
-    server = HttpServer(agent, "127.0.0.1", port)
-    server.start()
-    try:
-        yield agent, f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-        if agent.log_intake is not None:
-            agent.log_intake.close()
-        agent.store.close()
+    with serving(agent, port) as url:
+        yield agent, url
 
 
 def test_a_log_burst_raises_only_its_entitys_fused_score(

@@ -24,6 +24,7 @@ from aiops_plugin.config import Config
 from aiops_plugin.demo import free_port
 from aiops_plugin.evaluation.logs_benchmark import run_log_benchmark
 from aiops_plugin.windows import entity_key
+from tests.serving import serving
 
 DATA_ROOT = Path(__file__).parents[2] / "shared" / "data"
 NORMAL = [
@@ -94,15 +95,8 @@ def running(tmp_path: Path) -> Iterator[tuple[Agent, str]]:
     agent = Agent(make_config(tmp_path, port))
     agent.start_up()
     agent.open_log_intake()
-    server = HttpServer(agent, "127.0.0.1", port)
-    server.start()
-    try:
-        yield agent, f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-        assert agent.log_intake is not None
-        agent.log_intake.close()
-        agent.store.close()
+    with serving(agent, port) as url:
+        yield agent, url
 
 
 def test_logs_from_the_sdk_become_a_log_anomaly_score(running: tuple[Agent, str]) -> None:
