@@ -130,7 +130,8 @@ class EntityMetrics:
     notes: str = ""
 
 
-def _windows(series: datasets.LabelledSeries, values: np.ndarray) -> Windows:
+def series_windows(series: datasets.LabelledSeries, values: np.ndarray) -> Windows:
+    """``values`` ``(time, features)`` of one dataset entity as the agent's one-entity windows."""
     return Windows.from_array(
         values[None],
         group=series.dataset,
@@ -201,7 +202,7 @@ def _fit_detectors(
     models: dict[str, FittedModel] = {}
     raw_calibration: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
-    windows = _windows(series, history)
+    windows = series_windows(series, history)
     for name in detector_names:
         started = time.perf_counter()
         detector = build_detector(name, detectors, device)
@@ -251,7 +252,7 @@ def score_series(
         raise ValueError(f"refit_every must be >= 1 row, got {refit_every}")
     if fit_window is not None and fit_window < 1:
         raise ValueError(f"fit_window must be >= 1 row, got {fit_window}")
-    keys = _windows(series, series.train[:1]).keys
+    keys = series_windows(series, series.train[:1]).keys
     n_train, n_test = len(series.train), len(series.test)
     window = fit_window or n_train
     block = refit_every or max(n_test, 1)
@@ -290,7 +291,7 @@ def score_series(
             model = models[name]
             context = min(model.detector.context_steps, n_train + start)
             values = full[n_train + start - context : n_train + end]
-            raw_block[name] = model.score(_windows(series, values)).score[:, context:]
+            raw_block[name] = model.score(series_windows(series, values)).score[:, context:]
             score_seconds[name] += time.perf_counter() - scoring
         scoring = time.perf_counter()
         for name, p in calibration.p_values(raw_block, keys).items():
@@ -857,22 +858,21 @@ def write_markdown_section(path: Path, section: str, text: str) -> None:
 
 def write_csv(run: BenchmarkRun, path: Path) -> None:
     """One row per (entity, detector incl. ``fused``); an empty cell = not applicable."""
-    fields = list(EntityMetrics.__dataclass_fields__)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        for row in run.rows:
-            writer.writerow(asdict(row))
+    _write_rows(run.rows, EntityMetrics, path)
 
 
 def write_nab_csv(run: BenchmarkRun, path: Path) -> None:
     """The corpus-level NAB scores (optimised and at the operating point) per detector, profile."""
-    fields = list(NabResult.__dataclass_fields__)
+    _write_rows(run.nab, NabResult, path)
+
+
+def _write_rows(rows: Sequence[object], row_type: type, path: Path) -> None:
+    """Dataclass rows as CSV, one column per field in declaration order."""
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer = csv.DictWriter(handle, fieldnames=list(row_type.__dataclass_fields__))
         writer.writeheader()
-        for result in run.nab:
-            writer.writerow(asdict(result))
+        for row in rows:
+            writer.writerow(asdict(row))
 
 
 def plot_reliability(run: BenchmarkRun, directory: Path) -> list[Path]:

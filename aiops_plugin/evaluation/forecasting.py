@@ -44,7 +44,7 @@ from aiops_plugin.config import CalibrationConfig, DetectorsConfig
 from aiops_plugin.detectors.forecaster import ForecasterDetector
 from aiops_plugin.detectors.registry import build_detector
 from aiops_plugin.evaluation import datasets
-from aiops_plugin.evaluation.benchmark import machine_description
+from aiops_plugin.evaluation.benchmark import machine_description, series_windows
 from aiops_plugin.windows import Windows
 
 SEASON_SECONDS = 86400.0
@@ -146,13 +146,7 @@ def evaluate_series(
     assert isinstance(detector, ForecasterDetector)
 
     def windows(values: np.ndarray) -> Windows:
-        return Windows.from_array(
-            values[None],
-            group=series.dataset,
-            step=series.step_seconds,
-            entities=[{"entity": series.entity}],
-            features=list(series.feature_names),
-        )
+        return series_windows(series, values)
 
     started = time.perf_counter()
     detector.fit(windows(series.train))
