@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
@@ -33,6 +34,7 @@ ENV_PROMETHEUS_TOKEN = "AIOPS_PROMETHEUS_TOKEN"
 ENV_STORE_URL = "AIOPS_STORE_URL"
 ENV_LOGS_TOKEN = "AIOPS_LOGS_TOKEN"
 ENV_GRAFANA_TOKEN = "AIOPS_GRAFANA_TOKEN"
+ENV_FEEDBACK_TOKEN = "AIOPS_FEEDBACK_TOKEN"
 
 #: Labels the exporter adds itself; an entity may not be identified by one of them.
 RESERVED_LABELS = frozenset(
@@ -133,6 +135,20 @@ class SuppressionRule(_Strict):
     )
 
 
+class SloThreshold(_Strict):
+    """A service-level threshold on a raw metric the early warning forecasts against, e.g.
+    ``cpu_busy`` above 0.9: P(the forecast crosses it within the horizon) joins the warning."""
+
+    above: float | None = Field(None, description="the metric is in breach above this value")
+    below: float | None = Field(None, description="the metric is in breach below this value")
+
+    @model_validator(mode="after")
+    def _one_side(self) -> SloThreshold:
+        if (self.above is None) == (self.below is None):
+            raise ValueError("set exactly one of above and below")
+        return self
+
+
 class EntityGroupConfig(_Strict):
     """A set of entities that share one metric set and therefore one model.
 
@@ -150,6 +166,10 @@ class EntityGroupConfig(_Strict):
         default_factory=dict,
         description="query name -> rule under which that query's anomalies are not raised",
     )
+    slo: dict[str, SloThreshold] = Field(
+        default_factory=dict,
+        description="query name -> service-level threshold the early warning forecasts against",
+    )
 
     @field_validator("labels")
     @classmethod
@@ -161,12 +181,13 @@ class EntityGroupConfig(_Strict):
 
     @model_validator(mode="after")
     def _suppress_names_queries(self) -> EntityGroupConfig:
-        unknown = sorted(set(self.suppress) - set(self.queries))
-        if unknown:
-            raise ValueError(
-                f"suppress: {unknown} are no queries of this group "
-                f"(queries: {sorted(self.queries)})"
-            )
+        for section in ("suppress", "slo"):
+            unknown = sorted(set(getattr(self, section)) - set(self.queries))
+            if unknown:
+                raise ValueError(
+                    f"{section}: {unknown} are no queries of this group "
+                    f"(queries: {sorted(self.queries)})"
+                )
         return self
 
 
@@ -355,6 +376,102 @@ class CalibrationConfig(_Strict):
     )
 
 
+class EarlyWarningConfig(_Strict):
+    """``aiops_early_warning_probability{horizon}``: P(the entity becomes anomalous within the
+    horizon), from the forecaster's trajectory and interval, the SLO thresholds and the trend of
+    the fused score, held back where the models are unsure (:mod:`aiops_plugin.early_warning`)."""
+
+    enabled: bool = True
+    trend_steps: int = Field(
+        10, ge=3, description="recent steps of the fused score whose trend is extrapolated"
+    )
+    gate_quantile: float = Field(
+        0.95,
+        gt=0.5,
+        lt=1,
+        description="forecast uncertainty above this quantile of the calibration slice's holds "
+        "the warning back toward the prior",
+    )
+
+
+class EventsConfig(_Strict):
+    """Anomaly events: opened at ``schedule.event_min_score``, closed with hysteresis."""
+
+    close_score: float = Field(
+        0.7, gt=0, description="an open event closes once the fused score stays below this"
+    )
+    close_after_steps: int = Field(
+        3, ge=1, description="consecutive scored steps below close_score that close an event"
+    )
+    top_metrics: int = Field(5, ge=1, le=50, description="contributing metrics kept per event")
+    top_log_templates: int = Field(5, ge=1, le=50, description="log templates kept per event")
+    root_cause_window: Duration = Field(
+        900.0,
+        description="how long before an event's start other entities' anomalies count toward "
+        "its root-cause ranking",
+    )
+    root_cause_top: int = Field(5, ge=1, le=50, description="ranked entities kept per event")
+    root_cause_join_labels: list[str] = Field(
+        default_factory=list,
+        description="labels that join entities of other groups into an event's root-cause "
+        "ranking when their values match (e.g. namespace); the event's own group always counts",
+    )
+
+
+class FeedbackConfig(_Strict):
+    """``POST /api/v1/anomalies/{id}/feedback``: labels an engineer gives events, used by the
+    next fit (fused weights, the labelled probability, confirmed incidents out of the data)."""
+
+    token: str | None = Field(
+        None, description=f"bearer token required to post feedback; or {ENV_FEEDBACK_TOKEN}"
+    )
+    min_labelled_events: int = Field(
+        10,
+        ge=2,
+        description="labelled events of a group (both kinds) before the probability is "
+        "calibrated on labels instead of the unlabelled mixture",
+    )
+
+
+class MaintenanceWindow(_Strict):
+    """A span whose data no fit trains or calibrates on (a planned change, a load test)."""
+
+    start: datetime
+    end: datetime
+    group: str | None = Field(None, description="only this entity group (default: all)")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="only entities with these label values (default: all)"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> MaintenanceWindow:
+        if self.start.tzinfo is None or self.end.tzinfo is None:
+            raise ValueError("start and end need a time zone (e.g. 2026-12-01T02:00:00Z)")
+        if self.end <= self.start:
+            raise ValueError("end must be after start")
+        return self
+
+
+class FitExclusionsConfig(_Strict):
+    """Periods left out of the fit and calibration windows so that no model learns an incident
+    (or planned maintenance) as normal."""
+
+    alerts: bool = Field(
+        True, description="exclude the periods during which the alerts below fired (ALERTS)"
+    )
+    alert_names: list[str] = Field(
+        default_factory=lambda: ["AiopsAnomalyDetected", "AiopsAnomalySevere"],
+        description="alerts whose firing periods (Prometheus' ALERTS series) are excluded",
+    )
+    confirmed_incidents: bool = Field(
+        True, description="exclude events labelled true_positive by feedback"
+    )
+    margin: Duration = Field(
+        300.0, description="also excluded before and after each period (an incident's edges)"
+    )
+    maintenance_windows: list[MaintenanceWindow] = Field(default_factory=list)
+
+
 class ScheduleConfig(_Strict):
     infer_every: Duration = 60.0
     fit_every: Duration = 86400.0
@@ -534,6 +651,10 @@ class Config(_Strict):
     server: ServerConfig = ServerConfig()
     logs: LogsConfig = LogsConfig()
     grafana: GrafanaConfig = GrafanaConfig()
+    early_warning: EarlyWarningConfig = EarlyWarningConfig()
+    events: EventsConfig = EventsConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
+    fit_exclusions: FitExclusionsConfig = FitExclusionsConfig()
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Config:
@@ -554,6 +675,17 @@ class Config(_Strict):
                     f"logs.entities.{i}.label: {mapping.label!r} is not an identifying label of "
                     f"group {mapping.group!r} ({groups[mapping.group].labels})"
                 )
+        for i, window in enumerate(self.fit_exclusions.maintenance_windows):
+            if window.group is not None and window.group not in groups:
+                raise ValueError(
+                    f"fit_exclusions.maintenance_windows.{i}.group: no entity group named "
+                    f"{window.group!r}"
+                )
+        if self.events.close_score > self.schedule.event_min_score:
+            raise ValueError(
+                f"events.close_score ({self.events.close_score}) must not exceed "
+                f"schedule.event_min_score ({self.schedule.event_min_score})"
+            )
         if self.schedule.fit_window < 10 * self.prometheus.step:
             raise ValueError("schedule.fit_window must cover at least 10 prometheus steps")
         return self
@@ -597,7 +729,7 @@ class Config(_Strict):
             "settings": settings.model_dump(
                 mode="json", exclude=set(getattr(settings, "runtime_fields", ()))
             ),
-            "group": self.group(group).model_dump(mode="json", exclude={"suppress"}),
+            "group": self.group(group).model_dump(mode="json", exclude={"suppress", "slo"}),
             "step": self.prometheus.step,
             "calibration_fraction": self.calibration.calibration_fraction,
         }
@@ -611,6 +743,9 @@ class Config(_Strict):
             "model_versions": model_versions,
             "tail_fraction": self.calibration.tail_fraction,
             "recent_p_values": self.calibration.recent_p_values,
+            "horizons": self.calibration.horizons,
+            "early_warning": self.early_warning.model_dump(mode="json"),
+            "slo": {k: v.model_dump(mode="json") for k, v in self.group(group).slo.items()},
         }
         return _digest(payload)
 
@@ -628,6 +763,8 @@ def _apply_environment(config: Config) -> Config:
         config.logs.intake.token = token
     if token := os.environ.get(ENV_GRAFANA_TOKEN):
         config.grafana.token = token
+    if token := os.environ.get(ENV_FEEDBACK_TOKEN):
+        config.feedback.token = token
     return config
 
 

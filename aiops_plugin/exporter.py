@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
+from aiops_plugin.store.repo import FEEDBACK_LABELS
 from aiops_plugin.suppression import SUPPRESSION_REASONS
 from aiops_plugin.windows import EntityLabels, entity_display_name
 
@@ -73,6 +74,8 @@ class GroupSnapshot:
         contributions: ``(entities, features)`` shares of the fused score, or None.
         forecast: forecasts made at ``timestamp`` for the configured metrics (original units),
             entities in the order of ``entities``, or None.
+        early_warning: ``(entities, horizons)`` P(the entity becomes anomalous within each of
+            ``horizons_seconds``), NaN where undefined, or None.
     """
 
     group: str
@@ -84,6 +87,18 @@ class GroupSnapshot:
     contributions: np.ndarray | None = None
     forecast: Forecast | None = None
     probability: np.ndarray | None = None
+    early_warning: np.ndarray | None = None
+    horizons_seconds: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RootCauseRank:
+    """An entity's place in the root-cause ranking of an open anomaly event (1 = went first)."""
+
+    group: str
+    labels: EntityLabels
+    rank: int
+    lead_seconds: float | None
 
 
 class _SnapshotCollector(Collector):
@@ -126,8 +141,15 @@ class _SnapshotCollector(Collector):
                 ("upper", "_upper", "Upper bound of the central forecast interval"),
             )
         }
+        early_warning = Metric(
+            "aiops_early_warning_probability",
+            "Probability that the entity becomes anomalous within the horizon (forecast, SLO "
+            "thresholds and the fused score's trend, held back where the models are unsure).",
+            "gauge",
+        )
         top_k = self.exporter.top_k_contributions
         for snapshot in snapshots:
+            horizons = [horizon_label(seconds) for seconds in snapshot.horizons_seconds]
             for i, labels in enumerate(snapshot.entities):
                 base = entity_series_labels(snapshot.group, labels)
                 if snapshot.forecast is not None:
@@ -141,6 +163,15 @@ class _SnapshotCollector(Collector):
                     probability.add_sample(
                         "aiops_anomaly_probability", base, float(snapshot.probability[i])
                     )
+                if snapshot.early_warning is not None:
+                    for k, horizon in enumerate(horizons):
+                        value = snapshot.early_warning[i, k]
+                        if np.isfinite(value):
+                            early_warning.add_sample(
+                                "aiops_early_warning_probability",
+                                {**base, "horizon": horizon},
+                                float(value),
+                            )
                 for detector, values in snapshot.uncertainty.items():
                     if np.isfinite(values[i]):
                         uncertainty.add_sample(
@@ -161,6 +192,9 @@ class _SnapshotCollector(Collector):
         yield score
         if probability.samples:
             yield probability
+        if early_warning.samples:
+            yield early_warning
+        yield from self.exporter.root_cause_metrics()
         log_score = Metric(
             "aiops_log_anomaly_score",
             "Log-side anomaly score per entity (template rarity and semantic novelty, severity); "
@@ -294,8 +328,54 @@ class Exporter:
             ["entity_group"],
             registry=self.registry,
         )
+        self.feedback = Counter(
+            "aiops_feedback",
+            "Feedback labels engineers posted on anomaly events (POST "
+            "/api/v1/anomalies/{id}/feedback), by label; a changed label counts again.",
+            ["label"],
+            registry=self.registry,
+        )
+        for label in FEEDBACK_LABELS:
+            self.feedback.labels(label=label)
         self._log_scores: dict[str, tuple[list[EntityLabels], np.ndarray]] = {}
+        self._root_causes: list[RootCauseRank] = []
         self.registry.register(_SnapshotCollector(self))
+
+    def publish_root_causes(self, ranks: list[RootCauseRank]) -> None:
+        """Replace the ``aiops_root_cause_rank`` / ``_lead_seconds`` series: the ranked entities
+        of the anomaly events open now (an entity in several rankings keeps its best rank)."""
+        best: dict[tuple[str, str], RootCauseRank] = {}
+        for item in ranks:
+            key = (item.group, entity_display_name(item.labels))
+            if key not in best or item.rank < best[key].rank:
+                best[key] = item
+        with self._lock:
+            self._root_causes = list(best.values())
+
+    def root_cause_metrics(self) -> Iterator[Metric]:
+        with self._lock:
+            ranks = list(self._root_causes)
+        rank = Metric(
+            "aiops_root_cause_rank",
+            "Place of the entity in the root-cause ranking of an anomaly event open now (1 = "
+            "became anomalous first and strongest); absent for entities in no ranking.",
+            "gauge",
+        )
+        lead = Metric(
+            "aiops_root_cause_lead_seconds",
+            "How long before the event's start the ranked entity became anomalous (negative: "
+            "after it).",
+            "gauge",
+        )
+        for item in ranks:
+            base = entity_series_labels(item.group, item.labels)
+            rank.add_sample("aiops_root_cause_rank", base, float(item.rank))
+            if item.lead_seconds is not None:
+                lead.add_sample("aiops_root_cause_lead_seconds", base, float(item.lead_seconds))
+        if rank.samples:
+            yield rank
+        if lead.samples:
+            yield lead
 
     def publish_model_state(self, group: str, detector_name: str, detector: Detector) -> None:
         """Export the learned state a detector offers (:meth:`Detector.model_gauges`) for the

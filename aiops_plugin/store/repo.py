@@ -43,6 +43,8 @@ FINISHED_STATUSES = ("succeeded", "failed", "interrupted")
 INTERRUPTED_ERROR = "the agent stopped before the job finished"
 #: values of ``list_anomaly_events(state=...)``: open while ``end_at`` is NULL
 EVENT_STATES = ("open", "closed")
+#: What an engineer may say of an anomaly event (``POST /api/v1/anomalies/{id}/feedback``).
+FEEDBACK_LABELS = ("true_positive", "false_positive")
 
 # Largest integer primary key a driver accepts (SQLite: 64-bit rowid).
 _MAX_ROW_ID = 2**63 - 1
