@@ -37,6 +37,7 @@ from cloudcoil.models.prometheus_operator.v1 import PrometheusRule, ServiceMonit
 from pydantic import BaseModel
 
 from aiops_plugin.config import (
+    ENV_FEEDBACK_TOKEN,
     ENV_GRAFANA_TOKEN,
     ENV_LOGS_TOKEN,
     ENV_PROMETHEUS_TOKEN,
@@ -358,7 +359,13 @@ def test_rendered_agent_config_passes_the_agents_validation(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    for variable in (ENV_PROMETHEUS_TOKEN, ENV_LOGS_TOKEN, ENV_STORE_URL, ENV_GRAFANA_TOKEN):
+    for variable in (
+        ENV_PROMETHEUS_TOKEN,
+        ENV_LOGS_TOKEN,
+        ENV_STORE_URL,
+        ENV_GRAFANA_TOKEN,
+        ENV_FEEDBACK_TOKEN,
+    ):
         monkeypatch.delenv(variable, raising=False)
     documents = rendered_sets[value_set]
     configmap = next(d for d in documents if d["metadata"]["name"] == FULLNAME and "data" in d)
@@ -489,6 +496,11 @@ def test_existing_secret_is_referenced_and_no_secret_is_created(
         ENV_GRAFANA_TOKEN: {
             "name": "aiops-credentials",
             "key": "grafana-token",
+            "optional": True,
+        },
+        ENV_FEEDBACK_TOKEN: {
+            "name": "aiops-credentials",
+            "key": "feedback-token",
             "optional": True,
         },
         ENV_STORE_URL: {"name": "aiops-credentials", "key": "store-url"},

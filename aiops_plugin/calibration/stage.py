@@ -37,13 +37,17 @@ from typing import Any
 import numpy as np
 
 from aiops_plugin.calibration.fused import FUSED, FusedCalibrator, with_log_evidence
-from aiops_plugin.calibration.probability import BetaUniformMixture
+from aiops_plugin.calibration.probability import BetaUniformMixture, LabelledProbability
 from aiops_plugin.calibration.tail import TAIL_METHOD, TailCalibrator
 
 STATE_VERSION = 1
 #: Method recorded with each calibration version.
 METHOD = f"{TAIL_METHOD}; fused: Cauchy combination recalibrated out-of-fold"
 PROBABILITY_METHOD = "beta-uniform mixture of the group's recent fused p-values (MAP)"
+LABELLED_PROBABILITY_METHOD = (
+    "isotonic regression of feedback labels (events' peak fused p-values; the calibration "
+    "slice as normal) on -log p"
+)
 #: Fewest calibration steps (per entity, on average) a slice must have to be split in two folds.
 MIN_FOLD_STEPS = 20
 
@@ -198,6 +202,8 @@ class RecentProbability:
         self.mixture_settings = dict(mixture)
         self.recent: deque[float] = deque(maxlen=self.capacity)
         self.model = BetaUniformMixture(**mixture)
+        #: learnt from feedback labels; when set it answers instead of the mixture
+        self.labelled: LabelledProbability | None = None
 
     def seed(self, p: np.ndarray) -> RecentProbability:
         """Start the buffer from calibration p-values (the most recent ones kept) and fit."""
@@ -214,10 +220,19 @@ class RecentProbability:
         values = np.asarray(p, dtype=np.float64)
         self.recent.extend(values[np.isfinite(values)].tolist())
         self.model.fit(np.fromiter(self.recent, dtype=np.float64))
-        return self.model.probability(values)
+        return self.probability(values)
 
     def probability(self, p: np.ndarray) -> np.ndarray:
+        if self.labelled is not None:
+            return self.labelled.probability(p)
         return self.model.probability(p)
 
+    @property
+    def method(self) -> str:
+        return LABELLED_PROBABILITY_METHOD if self.labelled is not None else PROBABILITY_METHOD
+
     def state_dict(self) -> dict[str, Any]:
-        return {"method": PROBABILITY_METHOD, "capacity": self.capacity, **self.model.state_dict()}
+        state = {"method": self.method, "capacity": self.capacity, **self.model.state_dict()}
+        if self.labelled is not None:
+            state["labelled"] = self.labelled.state_dict()
+        return state

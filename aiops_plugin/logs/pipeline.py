@@ -39,7 +39,7 @@ from aiops_plugin.logs.features import LogBatch, LogProfile, LogStepFeatures, st
 from aiops_plugin.logs.templates import LogTemplateMiner, template_vectors
 from aiops_plugin.sources.prometheus import align_start
 from aiops_plugin.store import Store
-from aiops_plugin.store.models import LogRecordRow
+from aiops_plugin.store.models import LogRecordRow, LogTemplateRow
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,9 @@ class LogPipeline:
         self.groups = sorted({mapping.group for mapping in config.logs.entities})
         #: per group, entity key -> the log p-value of the last scoring (for the fused score)
         self.latest_p: dict[str, dict[str, float]] = {}
+        #: per group, entity key -> the most anomalous templates of the last scored step
+        #: (``[{"template", "count", "score"}]``, for the anomaly events)
+        self.latest_templates: dict[str, dict[str, list[dict]]] = {}
 
     @property
     def embedder(self) -> TemplateEmbedder:
@@ -259,7 +262,49 @@ class LogPipeline:
         p = model.calibrator.p_values(statistic, keys)
         steps.score = p[:, None].astype(np.float64)
         self.latest_p[group] = dict(zip(keys, p.tolist(), strict=True))
+        latest = batch.select(batch.timestamps > align_start(now, step) - step)
+        self.latest_templates[group] = self._top_templates(latest, model.profile)
         return steps
+
+    def _top_templates(self, batch: LogBatch, profile: LogProfile) -> dict[str, list[dict]]:
+        """Per entity, its templates in ``batch`` with their count and highest record score
+        (template surprisal + severity, nats), most anomalous first, ``top_log_templates``
+        of them; the texts are read in one query."""
+        if not len(batch):
+            return {}
+        scores = profile.record_scores(batch.template_id, batch.severity_number, self._vectors)
+        pairs, inverse, counts = np.unique(
+            np.stack([np.unique(batch.entity_keys, return_inverse=True)[1], batch.template_id]),
+            axis=1,
+            return_inverse=True,
+            return_counts=True,
+        )
+        inverse = inverse.ravel()
+        best = np.full(pairs.shape[1], -np.inf)
+        np.maximum.at(best, inverse, scores)
+        entity_names = np.unique(batch.entity_keys)
+        ids = sorted({int(t) for t in pairs[1]})
+        with Session(self.store.engine) as session:
+            texts = dict(
+                session.execute(
+                    select(LogTemplateRow.id, LogTemplateRow.template).where(
+                        LogTemplateRow.id.in_(ids)
+                    )
+                ).all()
+            )
+        limit = self.config.events.top_log_templates
+        top: dict[str, list[dict]] = {}
+        for j in np.lexsort((-counts, -best)):
+            entry = top.setdefault(str(entity_names[pairs[0, j]]), [])
+            if len(entry) < limit:
+                entry.append(
+                    {
+                        "template": texts.get(int(pairs[1, j]), f"template {int(pairs[1, j])}"),
+                        "count": int(counts[j]),
+                        "score": float(best[j]) if np.isfinite(best[j]) else 0.0,
+                    }
+                )
+        return top
 
     def p_values(self, group: str, keys: list[str]) -> np.ndarray | None:
         """The last scoring's log p-values for the metric entities ``keys`` (NaN: no logs);

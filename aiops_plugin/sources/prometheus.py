@@ -223,6 +223,28 @@ class PrometheusReader:
         tries = self.config.retries + 1
         return f" ({tries} tries)" if tries > 1 else ""
 
+    def alert_series(self, alert_names: list[str], start: float, end: float) -> list[dict]:
+        """The firing ``ALERTS`` series of ``alert_names`` over ``[start, end]`` (Prometheus
+        records every active alert as one): ``[{"metric": labels, "values": [[t, "1"], ...]}]``.
+
+        Raises :class:`SourceUnavailable` when Prometheus cannot be reached."""
+        if not alert_names:
+            return []
+        names = "|".join(re.escape(name) for name in alert_names)
+        promql = f'ALERTS{{alertname=~"{names}", alertstate="firing"}}'
+        step = self.config.step
+        chunks = plan_chunks(
+            align_start(start, step),
+            align_start(end, step),
+            step,
+            self.config.max_points_per_request,
+        )
+        return [
+            item
+            for chunk_start, chunk_end in chunks
+            for item in self._query_range(promql, chunk_start, chunk_end)
+        ]
+
     def read_range(self, group: EntityGroupConfig, start: float, end: float) -> ReadResult:
         """All queries of ``group`` over ``[start, end]`` on the step grid.
 

@@ -71,14 +71,15 @@ app.kubernetes.io/component: agent
 {{/*
 Environment variable -> Secret key -> value in values, for the secrets the agent reads from its
 environment (aiops_plugin.config: AIOPS_PROMETHEUS_TOKEN, AIOPS_LOGS_TOKEN, AIOPS_GRAFANA_TOKEN,
-AIOPS_STORE_URL). A list of [env, key, value, required] as JSON.
+AIOPS_FEEDBACK_TOKEN, AIOPS_STORE_URL). A list of [env, key, value, required] as JSON.
 */}}
 {{- define "aiops-plugin.secretEntries" -}}
 {{- $postgresql := eq .Values.store.type "postgresql" }}
 {{- $entries := list
   (list "AIOPS_PROMETHEUS_TOKEN" "prometheus-token" .Values.secrets.prometheusToken false)
   (list "AIOPS_LOGS_TOKEN" "logs-token" .Values.secrets.logsToken false)
-  (list "AIOPS_GRAFANA_TOKEN" "grafana-token" .Values.secrets.grafanaToken false) }}
+  (list "AIOPS_GRAFANA_TOKEN" "grafana-token" .Values.secrets.grafanaToken false)
+  (list "AIOPS_FEEDBACK_TOKEN" "feedback-token" .Values.secrets.feedbackToken false) }}
 {{- if $postgresql }}
 {{- $entries = append $entries (list "AIOPS_STORE_URL" "store-url" .Values.store.postgresql.url true) }}
 {{- end }}
