@@ -97,6 +97,14 @@ def test_shipped_config_passes_amtool_check_config(amtool: str) -> None:
             "aiops-pager",
         ),
         (
+            {"alertname": "AiopsEarlyWarning", "severity": "warning", "entity_group": "pods"},
+            "aiops-anomaly",
+        ),
+        (
+            {"alertname": "AiopsEarlyWarning", "severity": "warning", "entity_group": "node"},
+            "aiops-infra",
+        ),
+        (
             {"alertname": "AiopsSourceDown", "severity": "warning", "source": "prometheus"},
             "aiops-agent-health",
         ),
@@ -134,7 +142,7 @@ def test_inhibit_rules_silence_the_anomaly_alerts_an_agent_alert_makes_meaningle
         (tuple(rule["source_matchers"]), tuple(rule["target_matchers"]), tuple(rule["equal"]))
         for rule in _shipped()["inhibit_rules"]
     }
-    anomalies = ('alertname=~"AiopsAnomaly(Detected|Severe)"',)
+    anomalies = ('alertname=~"AiopsAnomaly(Detected|Severe)|AiopsEarlyWarning"',)
     assert rules == {
         (('alertname="AiopsAnomalySevere"',), ('alertname="AiopsAnomalyDetected"',),
          ("entity_group", "entity")),

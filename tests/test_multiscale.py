@@ -171,6 +171,12 @@ def test_a_fully_masked_last_step_is_not_scored(fitted, smd) -> None:
     assert np.isfinite(scores.score[0, WINDOW - 1 : 120]).all()
 
 
+def test_windows_shorter_than_the_network_reads_score_nothing_and_do_not_fail(fitted, smd):
+    """A buffer still filling up after a restart: every step is unscored, none raises."""
+    scores = fitted.score(Windows.from_array(smd.test[: WINDOW - 1], features=smd.feature_names))
+    assert scores.score.shape == (1, WINDOW - 1) and np.isnan(scores.score).all()
+
+
 def test_a_mostly_missing_context_is_not_scored(fitted, smd) -> None:
     values = smd.test[:200].copy()
     values[100:160, :] = np.nan

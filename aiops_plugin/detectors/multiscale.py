@@ -344,9 +344,8 @@ class MultiscaleDetector(WindowedDeepDetector):
     def score(self, windows: Windows) -> Scores:
         """Per-step surprise from the network, averaged over the last ``score_steps`` steps."""
         steps = super().score(windows)
-        if self.score_steps == 1:
-            return steps
-        assert steps.uncertainty is not None and steps.contributions is not None
+        if self.score_steps == 1 or steps.uncertainty is None or steps.contributions is None:
+            return steps  # nothing to pool (windows shorter than the network reads: all NaN)
         score = trailing_mean(steps.score, self.score_steps)
         weighted = trailing_mean(steps.contributions * steps.score[..., None], self.score_steps)
         with np.errstate(invalid="ignore", divide="ignore"):
