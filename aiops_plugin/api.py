@@ -1,6 +1,6 @@
-"""HTTP: ``/metrics`` (the exporter's registry), ``/healthz``, ``/readyz``, the read-only
-anomaly events API (``/api/v1/anomalies``) and, when logs are enabled, the OTLP log receiver's
-``/v1/logs``.
+"""HTTP: ``/metrics`` (the exporter's registry), ``/healthz``, ``/readyz``, the anomaly events
+API (``/api/v1/anomalies``, feedback included) and, when logs are enabled, the OTLP log
+receiver's ``/v1/logs``.
 
 Served by uvicorn in a background thread so the scheduler and the signal handling stay in the
 main thread.
@@ -40,7 +40,12 @@ def create_app(agent: Agent) -> FastAPI:
         ready, reason = agent.readiness()
         return JSONResponse({"ready": ready, "reason": reason}, status_code=200 if ready else 503)
 
-    register_anomaly_api(app, agent.store)
+    def count_feedback(label: str) -> None:
+        agent.exporter.feedback.labels(label=label).inc()
+
+    register_anomaly_api(
+        app, agent.store, feedback_token=agent.config.feedback.token, on_feedback=count_feedback
+    )
     if agent.config.logs.enabled:
         if agent.log_intake is None:
             raise RuntimeError("logs are enabled: call Agent.open_log_intake() before create_app")

@@ -1,10 +1,13 @@
-"""The read-only anomaly events API (``/api/v1/anomalies``) over the real HTTP server and the real
-store (SQLite and PostgreSQL): filters, ordering, keyset pagination, one event, the 400 / 404 /
-503 answers, and the older endpoints left as they were."""
+"""The anomaly events API (``/api/v1/anomalies``) over the real HTTP server and the real store
+(SQLite and PostgreSQL): filters, ordering, keyset pagination, one event with its details and
+feedback, posting feedback (201 / 200 / 400 / 401 / 404 / 503), and the older endpoints left as
+they were."""
 
 from __future__ import annotations
 
 import base64
+import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -68,7 +71,10 @@ N2 = Expected("n1:9100/node", "node", 5, None)
 ALL = [N2, W1, A2, N1, D1, A1]
 
 
-def make_config(store_url: str, port: int) -> Config:
+TOKEN = "s3cret-feedback-token"
+
+
+def make_config(store_url: str, port: int, feedback_token: str | None = None) -> Config:
     return Config.model_validate(
         {
             "prometheus": {"step": "1s"},
@@ -78,6 +84,7 @@ def make_config(store_url: str, port: int) -> Config:
             ],
             "store": {"url": store_url},
             "server": {"host": "127.0.0.1", "port": port},
+            "feedback": {"token": feedback_token},
         }
     )
 
@@ -93,12 +100,11 @@ def track(agent: Agent, minutes: float, group: str, scores: dict[str, float]) ->
     )
 
 
-@pytest.fixture
-def served(store_url: str) -> Iterator[tuple[Agent, str]]:
+def serve_steps(store_url: str, feedback_token: str | None) -> Iterator[tuple[Agent, str]]:
     """An agent whose store holds the events of STEPS, and its HTTP server (no Prometheus: no
     cycle runs)."""
     port = free_port()
-    agent = Agent(make_config(store_url, port))
+    agent = Agent(make_config(store_url, port, feedback_token))
     for minutes, svc, node in STEPS:
         if svc:
             track(agent, minutes, "svc", svc)
@@ -106,6 +112,18 @@ def served(store_url: str) -> Iterator[tuple[Agent, str]]:
             track(agent, minutes, "node", node)
     with serving(agent, port) as url:
         yield agent, url
+
+
+@pytest.fixture
+def served(store_url: str) -> Iterator[tuple[Agent, str]]:
+    """The events of STEPS served; no feedback token configured."""
+    yield from serve_steps(store_url, None)
+
+
+@pytest.fixture
+def served_with_token(store_url: str) -> Iterator[tuple[Agent, str]]:
+    """The events of STEPS served, feedback accepted with ``TOKEN``."""
+    yield from serve_steps(store_url, TOKEN)
 
 
 def get(url: str, path: str, **params: str | int) -> requests.Response:
@@ -163,7 +181,13 @@ def test_event_fields(served: tuple[Agent, str]) -> None:
         "end": z(2),
         "peak_at": z(1),  # raised from 2.0 at 0 to 3.0 at 1
         "peak_score": 3.0,
+        "peak_probability": None,
         "duration_seconds": 120.0,
+        "n_steps": 2,
+        "top_metrics": [],
+        "detector_scores": {},
+        "log_templates": [],
+        "root_cause": [],
     }
     node = events[N2]
     assert node["labels"] == {"instance": "n1:9100", "job": "node"}
@@ -259,11 +283,15 @@ def test_one_event(served: tuple[Agent, str]) -> None:
     for event in get(url, API, state="closed").json()["anomalies"]:
         response = get(url, f"{API}/{event['id']}")
         assert response.status_code == 200
-        assert response.json() == event
+        assert response.json() == {**event, "feedback": []}
     open_event = get(url, API, limit=1).json()["anomalies"][0]
     one = get(url, f"{API}/{open_event['id']}").json()
     assert one["duration_seconds"] >= open_event["duration_seconds"]
-    assert {**one, "duration_seconds": 0} == {**open_event, "duration_seconds": 0}
+    assert {**one, "duration_seconds": 0} == {
+        **open_event,
+        "duration_seconds": 0,
+        "feedback": [],
+    }
 
 
 @pytest.mark.parametrize("event_id", ["999999", "0", str(2**31), str(2**70)])
@@ -376,9 +404,11 @@ def test_existing_endpoints_still_behave(served: tuple[Agent, str]) -> None:
     assert "aiops_" in metrics.text
     missing = get(url, "/api/v1/nothing")
     assert missing.status_code == 404 and missing.json() == {"detail": "Not Found"}
-    # only GET: the API is read-only
+    # events are read, never written, over HTTP (only feedback is posted)
     assert requests.post(f"{url}{API}", timeout=10).status_code == 405
+    assert requests.post(f"{url}{API}/1", timeout=10).status_code == 405
     assert requests.delete(f"{url}{API}/1", timeout=10).status_code == 405
+    assert requests.get(f"{url}{API}/1/feedback", timeout=10).status_code == 405
 
 
 def test_store_methods(served: tuple[Agent, str]) -> None:
@@ -401,3 +431,206 @@ def test_store_methods(served: tuple[Agent, str]) -> None:
         store.list_anomaly_events(limit=0)
     with pytest.raises(ValueError, match="naive"):
         store.list_anomaly_events(since=datetime(2024, 5, 1))  # noqa: DTZ001
+
+
+def test_one_event_shows_its_details_and_root_cause(served: tuple[Agent, str]) -> None:
+    agent, url = served
+    key = entity_key(SVC["db"])
+    [event] = agent.store.track_anomaly_events(
+        group="svc",
+        detector="fused",
+        timestamp=at(7),
+        scores={key: 4.0},
+        labels={key: SVC["db"]},
+        details={
+            key: {
+                "probability": 0.97,
+                "contributions": {"latency": 0.6, "errors": 0.3, "cpu": 0.1},
+                "detector_scores": {"mad": 4.5, "pca": 2.0},
+                "log_templates": [{"template": "timeout after <*> ms", "count": 7, "score": 2.5}],
+            }
+        },
+    )
+    ranking = [{"entity": "api", "entity_group": "svc", "rank": 1, "lead_seconds": 60.0}]
+    agent.store.set_event_root_cause(event.id, ranking)
+    body = get(url, f"{API}/{event.id}").json()
+    assert body["peak_probability"] == 0.97 and body["n_steps"] == 1
+    assert [item["metric"] for item in body["top_metrics"]] == ["latency", "errors", "cpu"]
+    assert [item["share"] for item in body["top_metrics"]] == pytest.approx([0.6, 0.3, 0.1])
+    assert body["detector_scores"] == {"mad": 4.5, "pca": 2.0}
+    assert body["log_templates"] == [{"template": "timeout after <*> ms", "count": 7, "score": 2.5}]
+    assert body["root_cause"] == ranking
+    listed_event = get(url, API, limit=1).json()["anomalies"][0]
+    assert listed_event["root_cause"] == ranking and "feedback" not in listed_event
+
+
+def post_feedback(
+    url: str, event_id: int | str, body: object, token: str | None = TOKEN, **headers: str
+) -> requests.Response:
+    if token is not None:
+        headers.setdefault("Authorization", f"Bearer {token}")
+    data = body if isinstance(body, str | bytes) else json.dumps(body)
+    return requests.post(f"{url}{API}/{event_id}/feedback", data=data, headers=headers, timeout=10)
+
+
+def feedback_count(url: str, label: str) -> float:
+    metrics = get(url, "/metrics").text
+    [value] = re.findall(rf'^aiops_feedback_total\{{label="{label}"\}} (\S+)$', metrics, re.M)
+    return float(value)
+
+
+def closed_event_id(url: str) -> int:
+    return get(url, API, state="closed", limit=1).json()["anomalies"][0]["id"]
+
+
+def test_feedback_is_created_then_updated(served_with_token: tuple[Agent, str]) -> None:
+    agent, url = served_with_token
+    event_id = closed_event_id(url)
+    body = {"label": "true_positive", "user": "alice", "comment": "disk filled up"}
+    created = post_feedback(url, event_id, body)
+    assert created.status_code == 201, created.text
+    stored = created.json()
+    assert {key: stored[key] for key in ("event_id", "user", "label", "comment")} == {
+        "event_id": event_id,
+        "user": "alice",
+        "label": "true_positive",
+        "comment": "disk filled up",
+    }
+    assert stored["created_at"] == stored["updated_at"] and stored["created_at"].endswith("Z")
+    assert feedback_count(url, "true_positive") == 1
+
+    again = post_feedback(url, event_id, body)
+    assert again.status_code == 200
+    assert again.json()["id"] == stored["id"] and again.json()["updated_at"] > stored["updated_at"]
+    assert feedback_count(url, "true_positive") == 1  # the same label again is not counted
+
+    changed = post_feedback(url, event_id, {"label": "false_positive", "user": "alice"})
+    assert changed.status_code == 200 and changed.json()["label"] == "false_positive"
+    assert changed.json()["comment"] is None
+    assert feedback_count(url, "false_positive") == 1
+
+    assert (
+        post_feedback(url, event_id, {"label": "true_positive", "user": "bob"}).status_code == 201
+    )
+    assert feedback_count(url, "true_positive") == 2
+    event = get(url, f"{API}/{event_id}").json()
+    assert [(item["user"], item["label"]) for item in event["feedback"]] == [
+        ("alice", "false_positive"),
+        ("bob", "true_positive"),
+    ]
+    assert event["feedback"][0]["updated_at"] == changed.json()["updated_at"]
+    assert [e.id for e, _ in agent.store.labelled_events(event["entity_group"])] == [event_id]
+
+
+@pytest.mark.parametrize(
+    ("body", "parameter"),
+    [
+        ("{not json", "body"),
+        ('["true_positive"]', "body"),
+        ("", "body"),
+        (b"\xff\xfe", "body"),
+        ("[" * 100_000, "body"),
+        ({"label": "true_positive", "user": "a", "labels": "x"}, "labels"),
+        ({"label": "true_positive", "user": "a", "by": "x", "at": 1}, "at"),
+        ({"user": "alice"}, "label"),
+        ({"label": "true_positive"}, "user"),
+        ({"label": "maybe", "user": "alice"}, "label"),
+        ({"label": 1, "user": "alice"}, "label"),
+        ({"label": "true_positive", "user": ""}, "user"),
+        ({"label": "true_positive", "user": "u" * 201}, "user"),
+        ({"label": "true_positive", "user": ["alice"]}, "user"),
+        ({"label": "true_positive", "user": "alice", "comment": "c" * 2001}, "comment"),
+        ({"label": "true_positive", "user": "alice", "comment": {"text": "x"}}, "comment"),
+    ],
+)
+def test_bad_feedback_is_400_naming_the_field(
+    served_with_token: tuple[Agent, str], body: object, parameter: str
+) -> None:
+    agent, url = served_with_token
+    response = post_feedback(url, closed_event_id(url), body)
+    assert response.status_code == 400, response.text
+    answer = response.json()
+    assert answer["parameter"] == parameter
+    assert answer["error"].startswith(f"{parameter}: ")
+    assert len(answer["error"]) < 400
+    assert agent.store.labelled_events("svc") == []
+
+
+def test_feedback_error_messages(served_with_token: tuple[Agent, str]) -> None:
+    _, url = served_with_token
+    event_id = closed_event_id(url)
+    unknown = post_feedback(url, event_id, {"label": "true_positive", "user": "a", "b": 1, "c": 2})
+    assert unknown.json()["error"] == (
+        "b: unknown fields b, c (known: label, comment, user), got '1'"
+    )
+    missing = post_feedback(url, event_id, {"label": "true_positive"})
+    assert missing.json() == {"error": "user: is required", "parameter": "user", "value": None}
+    label = post_feedback(url, event_id, {"label": "maybe", "user": "a"})
+    assert (
+        label.json()["error"] == "label: must be one of true_positive, false_positive, got 'maybe'"
+    )
+    bad_id = post_feedback(url, "abc", {"label": "true_positive", "user": "a"})
+    assert bad_id.status_code == 400 and bad_id.json()["parameter"] == "id"
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "Bearer wrong", f"Bearer {TOKEN}x", f"Basic {TOKEN}", TOKEN, "Bearer"],
+)
+def test_feedback_without_the_token_is_401(
+    served_with_token: tuple[Agent, str], authorization: str | None
+) -> None:
+    agent, url = served_with_token
+    headers = {} if authorization is None else {"Authorization": authorization}
+    response = post_feedback(
+        url, closed_event_id(url), {"label": "true_positive", "user": "a"}, None, **headers
+    )
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert TOKEN not in response.text
+    assert agent.store.labelled_events("svc") == []
+    assert feedback_count(url, "true_positive") == 0
+
+
+def test_the_bearer_scheme_is_case_insensitive(served_with_token: tuple[Agent, str]) -> None:
+    _, url = served_with_token
+    body = {"label": "false_positive", "user": "a"}
+    response = post_feedback(url, closed_event_id(url), body, None, Authorization=f"bearer {TOKEN}")
+    assert response.status_code == 201
+
+
+@pytest.mark.parametrize("event_id", ["999999", "0", str(2**70)])
+def test_feedback_on_an_absent_event_is_404(
+    served_with_token: tuple[Agent, str], event_id: str
+) -> None:
+    _, url = served_with_token
+    response = post_feedback(url, event_id, {"label": "true_positive", "user": "alice"})
+    assert response.status_code == 404
+    assert response.json() == {"error": f"no anomaly event {int(event_id)}"}
+
+
+def test_feedback_without_a_configured_token_is_503(served: tuple[Agent, str]) -> None:
+    _, url = served
+    response = post_feedback(url, closed_event_id(url), {"label": "true_positive", "user": "a"})
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert "feedback.token" in error and "AIOPS_FEEDBACK_TOKEN" in error
+
+
+def test_feedback_with_a_failing_store_is_503(served_with_token: tuple[Agent, str]) -> None:
+    agent, url = served_with_token
+    event_id = closed_event_id(url)
+    with agent.store.engine.begin() as connection:
+        connection.execute(text("ALTER TABLE anomaly_feedback RENAME TO anomaly_feedback_away"))
+    try:
+        response = post_feedback(url, event_id, {"label": "true_positive", "user": "a"})
+        assert response.status_code == 503
+        error = response.json()["error"]
+        assert error.startswith(
+            f"the store is unavailable: saving feedback on anomaly event {event_id}"
+        )
+        assert agent.store.display_url in error
+    finally:
+        with agent.store.engine.begin() as connection:
+            connection.execute(text("ALTER TABLE anomaly_feedback_away RENAME TO anomaly_feedback"))
+    assert post_feedback(url, event_id, {"label": "true_positive", "user": "a"}).status_code == 201

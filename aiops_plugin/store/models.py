@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -115,8 +116,13 @@ class JobRun(Base):
 
 
 class AnomalyEventRow(Base):
-    """A span during which an entity's score stayed at or above the threshold; open while end_at is
-    NULL."""
+    """A span during which an entity was anomalous; open while end_at is NULL.
+
+    Opened when the score reaches the threshold, closed (hysteresis) after ``close_after_steps``
+    consecutive scored steps below ``close_score``: ``below_since`` / ``below_steps`` are that
+    run of quiet steps so far, and ``end_at`` becomes ``below_since`` when it completes. The JSON
+    columns accumulate what the steps said about the anomaly (see ``Store.track_anomaly_events``).
+    """
 
     __tablename__ = "anomaly_events"
     __table_args__ = (
@@ -132,6 +138,45 @@ class AnomalyEventRow(Base):
     end_at: Mapped[datetime | None]
     peak_score: Mapped[float] = mapped_column(Float)
     peak_at: Mapped[datetime]
+    peak_probability: Mapped[float | None] = mapped_column(Float)
+    below_since: Mapped[datetime | None] = mapped_column(
+        doc="first of the consecutive quiet steps while the event is open"
+    )
+    below_steps: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    n_steps: Mapped[int] = mapped_column(
+        Integer, default=1, server_default="1", doc="scored steps from start_at to the quiet run"
+    )
+    contributions: Mapped[dict[str, float]] = mapped_column(
+        JSON, default=dict, server_default=text("'{}'"), doc="metric -> sum of share x score"
+    )
+    detector_scores: Mapped[dict[str, float]] = mapped_column(
+        JSON, default=dict, server_default=text("'{}'"), doc="detector -> score at the peak"
+    )
+    log_templates: Mapped[list[dict[str, Any]]] = mapped_column(
+        JSON,
+        default=list,
+        server_default=text("'[]'"),
+        doc='[{"template", "count" (summed), "score" (max)}] over the event',
+    )
+    root_cause: Mapped[list[dict[str, Any]] | None] = mapped_column(
+        JSON, doc="ranked entities that went first, replaced as a whole"
+    )
+
+
+class AnomalyFeedbackRow(Base):
+    """What one user said of one anomaly event (true or false positive); one row per event and
+    user, so posting again updates it."""
+
+    __tablename__ = "anomaly_feedback"
+    __table_args__ = (UniqueConstraint("event_id", "user"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    event_id: Mapped[int] = mapped_column(ForeignKey("anomaly_events.id"))
+    user: Mapped[str] = mapped_column(String(200))
+    label: Mapped[str] = mapped_column(String(20), doc="one of repo.FEEDBACK_LABELS")
+    comment: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
 
 
 class LogTemplateRow(Base):

@@ -1,4 +1,5 @@
-"""The agent's state in SQL: entities, model and calibration versions, job runs, anomaly events.
+"""The agent's state in SQL: entities, model and calibration versions, job runs, anomaly events
+and the feedback engineers give on them.
 
 ``Store`` is the only place that opens sessions. Every public method is one transaction, so a
 crash leaves either all of a call's writes or none. Database failures surface as ``StoreError``
@@ -13,7 +14,7 @@ import math
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -22,7 +23,18 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from alembic.util.exc import CommandError
-from sqlalchemy import Connection, case, create_engine, delete, event, or_, select, text, update
+from sqlalchemy import (
+    Connection,
+    Select,
+    case,
+    create_engine,
+    delete,
+    event,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -31,6 +43,7 @@ from sqlalchemy.pool import StaticPool
 
 from aiops_plugin.store.models import (
     AnomalyEventRow,
+    AnomalyFeedbackRow,
     CalibrationVersionRow,
     Entity,
     JobRun,
@@ -45,6 +58,11 @@ INTERRUPTED_ERROR = "the agent stopped before the job finished"
 EVENT_STATES = ("open", "closed")
 #: What an engineer may say of an anomaly event (``POST /api/v1/anomalies/{id}/feedback``).
 FEEDBACK_LABELS = ("true_positive", "false_positive")
+#: Longest feedback ``user`` (like Alertmanager's silence ``createdBy``) and ``comment``.
+FEEDBACK_USER_MAX_CHARS = 200
+FEEDBACK_COMMENT_MAX_CHARS = 2000
+#: What ``track_anomaly_events(details=...)`` accepts per entity and step.
+EVENT_DETAIL_FIELDS = ("probability", "contributions", "detector_scores", "log_templates")
 
 # Largest integer primary key a driver accepts (SQLite: 64-bit rowid).
 _MAX_ROW_ID = 2**63 - 1
@@ -58,6 +76,27 @@ _ALEMBIC_LOCK = threading.Lock()
 
 class StoreError(Exception):
     """The store cannot be reached, migrated or written; the message names the masked URL."""
+
+
+class EventNotFound(KeyError):
+    """No anomaly event has this id: feedback or a root cause for it is refused."""
+
+    def __init__(self, event_id: int) -> None:
+        super().__init__(event_id)
+        self.event_id = event_id
+
+    def __str__(self) -> str:
+        return f"no anomaly event {self.event_id}"
+
+
+class InvalidFeedback(ValueError):
+    """A feedback field the store refuses; ``field`` names it, the message says why."""
+
+    def __init__(self, name: str, value: object, reason: str) -> None:
+        super().__init__(f"{name}: {reason}, got {value!r}")
+        self.field = name
+        self.value = value
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -98,8 +137,18 @@ class CalibrationVersion:
 
 @dataclass(frozen=True)
 class AnomalyEvent:
-    """A span during which an entity's score stayed at or above the threshold; open while
-    ``end_at`` is None."""
+    """A span during which an entity was anomalous; open while ``end_at`` is None.
+
+    ``n_steps`` counts the scored steps from ``start_at`` up to the run of quiet steps that
+    closed it (or is closing it). ``top_metrics`` (``[{"metric", "share"}]``: each metric's part
+    of the score-weighted contributions summed over the event, shares of all metrics, so the top
+    ones sum to at most 1) and ``log_templates`` (``[{"template", "count", "score"}]``, highest
+    score first, then most frequent) are cut to the store's ``event_top_metrics`` /
+    ``event_top_log_templates``. ``detector_scores`` are the detectors' scores at the peak step;
+    ``root_cause`` is the ranking last set by ``Store.set_event_root_cause``. ``feedback``
+    (``[{"user", "label", "comment", "created_at", "updated_at"}]``, oldest first) is filled by
+    ``Store.get_anomaly_event`` only and is empty in lists.
+    """
 
     id: int
     group_name: str
@@ -110,13 +159,71 @@ class AnomalyEvent:
     end_at: datetime | None
     peak_score: float
     peak_at: datetime
+    peak_probability: float | None = None
+    n_steps: int = 1
+    top_metrics: list[dict[str, Any]] = field(default_factory=list)
+    detector_scores: dict[str, float] = field(default_factory=dict)
+    log_templates: list[dict[str, Any]] = field(default_factory=list)
+    root_cause: list[dict[str, Any]] = field(default_factory=list)
+    feedback: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def duration_seconds(self) -> float | None:
+        """Seconds from start to end; None while open, so that a stored event does not change
+        with the clock (the HTTP API shows an open event's duration up to the request)."""
+        if self.end_at is None:
+            return None
+        return (self.end_at - self.start_at).total_seconds()
+
+
+@dataclass(frozen=True)
+class FeedbackLabel:
+    """One user's label on one anomaly event, as stored.
+
+    ``replaced_label`` is set by ``Store.save_feedback`` only: the label this write replaced
+    when it changed one, None when the row was created or the same label was posted again.
+    """
+
+    id: int
+    event_id: int
+    user: str
+    label: str
+    comment: str | None
+    created_at: datetime
+    updated_at: datetime
+    replaced_label: str | None = None
+
+
+@dataclass(frozen=True)
+class _StepDetails:
+    """What one scored step said about an entity's anomaly, finite values only."""
+
+    probability: float | None
+    contributions: dict[str, float]
+    detector_scores: dict[str, float]
+    log_templates: dict[str, tuple[int, float]]
 
 
 class Store:
-    """SQLite (default, one file) or PostgreSQL (a cluster of shards) through one interface."""
+    """SQLite (default, one file) or PostgreSQL (a cluster of shards) through one interface.
 
-    def __init__(self, url: str) -> None:
+    ``event_top_metrics`` / ``event_top_log_templates`` (``events.top_metrics`` /
+    ``events.top_log_templates``) cut every anomaly event read from the store, so the agent
+    and the HTTP API show the same events.
+    """
+
+    def __init__(
+        self, url: str, *, event_top_metrics: int = 5, event_top_log_templates: int = 5
+    ) -> None:
         """Create the engine; does not touch the schema (``open`` does)."""
+        for name, value in (
+            ("event_top_metrics", event_top_metrics),
+            ("event_top_log_templates", event_top_log_templates),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        self.event_top_metrics = event_top_metrics
+        self.event_top_log_templates = event_top_log_templates
         try:
             self.url: URL = make_url(url)
         except ArgumentError:
@@ -159,9 +266,15 @@ class Store:
             ) from exc
 
     @classmethod
-    def open(cls, url: str) -> Store:
+    def open(
+        cls, url: str, *, event_top_metrics: int = 5, event_top_log_templates: int = 5
+    ) -> Store:
         """A store whose schema is migrated to the newest version: what the agent starts with."""
-        store = cls(url)
+        store = cls(
+            url,
+            event_top_metrics=event_top_metrics,
+            event_top_log_templates=event_top_log_templates,
+        )
         try:
             store.upgrade()
         except BaseException:
@@ -428,17 +541,43 @@ class Store:
         scores: dict[str, float],
         labels: dict[str, dict[str, str]],
         threshold: float = 1.0,
+        close_score: float | None = None,
+        close_after_steps: int = 1,
+        details: dict[str, dict[str, Any]] | None = None,
     ) -> list[AnomalyEvent]:
         """Turn one step of scores into events, in one transaction; returns events opened or
         closed now.
 
-        Per entity key in ``scores``: at or above ``threshold`` opens an event (or raises the
-        open one's peak), below closes the open one. Entities absent from ``scores``, or with a
-        NaN score (no data says nothing), keep their events as they are. Entities are upserted
-        from ``labels``; a key that is neither in ``labels`` nor already stored is a ValueError.
+        Per entity key in ``scores``, with hysteresis so that a score flapping around the
+        threshold stays one event: at or above ``threshold`` opens an event. While it is open, a
+        score below ``close_score`` (default: ``threshold``) starts or extends a run of quiet
+        steps and one at or above it ends the run; ``close_after_steps`` quiet steps in a row
+        close the event with ``end_at`` = the first of them (when it went quiet, not when that
+        became sure). The defaults close at the first step below the threshold. Entities absent
+        from ``scores``, or with a NaN score (no data says nothing), keep their events as they
+        are. Entities are upserted from ``labels``; a key that is neither in ``labels`` nor
+        already stored is a ValueError.
+
+        ``details`` (entity key -> any of ``EVENT_DETAIL_FIELDS``) is what this step says about
+        each anomaly: ``"probability"``, ``"contributions"`` (metric -> share of the score),
+        ``"detector_scores"`` (detector -> score) and ``"log_templates"`` (``[{"template",
+        "count", "score"}]``). Steps at or above ``close_score`` add theirs to the open event:
+        the highest probability is kept, detector scores are those of the peak step,
+        contributions are summed weighted by the step's score (a step whose score is infinite
+        adds none), log templates are merged by text (counts summed, the highest score kept).
+        Quiet steps add nothing. NaN and infinite values are dropped; an unknown field or a
+        value that is not a number is a ValueError.
         """
+        if close_after_steps < 1:
+            raise ValueError(f"close_after_steps must be at least 1, got {close_after_steps}")
+        close_at = threshold if close_score is None else close_score
+        if close_at > threshold:
+            raise ValueError(f"close_score ({close_at}) must not exceed threshold ({threshold})")
         timestamp = _as_utc(timestamp, "timestamp")
         scored = {key: float(score) for key, score in scores.items() if not math.isnan(score)}
+        steps = {
+            key: _step_details(key, raw) for key, raw in (details or {}).items() if key in scored
+        }
         action = f"tracking {detector!r} anomaly events of group {group!r}"
         with self._transaction(action) as session:
             ids = self._entity_ids(session, group, scored, labels, timestamp)
@@ -455,25 +594,114 @@ class Store:
             changed: list[AnomalyEventRow] = []
             for key, score in scored.items():
                 row = open_by_entity.get(ids[key])
-                if score >= threshold and row is None:
-                    row = AnomalyEventRow(
-                        entity_id=ids[key],
-                        group_name=group,
-                        detector=detector,
-                        start_at=timestamp,
-                        peak_score=score,
-                        peak_at=timestamp,
-                    )
-                    session.add(row)
-                    changed.append(row)
-                elif score >= threshold and row is not None and score > row.peak_score:
-                    row.peak_score = score
-                    row.peak_at = timestamp
-                elif score < threshold and row is not None:
-                    row.end_at = timestamp
-                    changed.append(row)
+                if row is None:
+                    if score >= threshold:
+                        row = _opened_event(ids[key], group, detector, timestamp, score)
+                        _add_active_step(row, timestamp, score, steps.get(key), opening=True)
+                        session.add(row)
+                        changed.append(row)
+                elif score >= close_at:
+                    row.n_steps += row.below_steps + 1
+                    row.below_steps = 0
+                    row.below_since = None
+                    _add_active_step(row, timestamp, score, steps.get(key), opening=False)
+                else:
+                    row.below_steps += 1
+                    if row.below_since is None:
+                        row.below_since = timestamp
+                    if row.below_steps >= close_after_steps:
+                        row.end_at = row.below_since
+                        changed.append(row)
             session.flush()
             return self._events_by_id(session, [row.id for row in changed])
+
+    def set_event_root_cause(self, event_id: int, ranking: list[dict]) -> None:
+        """Replace the event's root-cause ranking as a whole (the entities that went first).
+
+        ``ranking`` must be plain JSON like a calibration state (no NaN, no numpy scalars): a
+        ValueError naming the event and the place is raised before the database is touched.
+        An unknown event is ``EventNotFound``.
+        """
+        ranking = [dict(item) for item in ranking]
+        _check_plain_json(ranking, f"root cause of anomaly event {event_id}")
+        if not 0 < event_id <= _MAX_ROW_ID:
+            raise EventNotFound(event_id)
+        with self._transaction(f"setting the root cause of anomaly event {event_id}") as session:
+            result = session.execute(
+                update(AnomalyEventRow)
+                .where(AnomalyEventRow.id == event_id)
+                .values(root_cause=ranking)
+            )
+            if result.rowcount == 0:
+                raise EventNotFound(event_id)
+
+    def save_feedback(
+        self, event_id: int, user: str, label: str, comment: str | None = None
+    ) -> tuple[FeedbackLabel, bool]:
+        """Record ``user``'s label on an event; returns the stored label and True when created.
+
+        Idempotent per (event, user): posting again updates that user's row, whose label and
+        comment become the posted ones; the same label again changes only ``updated_at``
+        (``replaced_label`` None), a different one replaces it (``replaced_label`` the old one).
+        A bad field is ``InvalidFeedback`` (a ValueError naming it), an unknown event
+        ``EventNotFound``; ``user`` is stripped of surrounding blanks, an empty comment is None.
+        """
+        user, label, comment = _checked_feedback(user, label, comment)
+        if not 0 < event_id <= _MAX_ROW_ID:
+            raise EventNotFound(event_id)
+        now = _now()
+        with self._transaction(f"saving feedback on anomaly event {event_id}") as session:
+            # FOR UPDATE on the event (PostgreSQL) serialises two posts of one user, which
+            # would otherwise both find no row and both insert.
+            found = session.scalar(
+                select(AnomalyEventRow.id).where(AnomalyEventRow.id == event_id).with_for_update()
+            )
+            if found is None:
+                raise EventNotFound(event_id)
+            row = session.scalars(
+                select(AnomalyFeedbackRow).where(
+                    AnomalyFeedbackRow.event_id == event_id, AnomalyFeedbackRow.user == user
+                )
+            ).first()
+            if row is None:
+                row = AnomalyFeedbackRow(
+                    event_id=event_id,
+                    user=user,
+                    label=label,
+                    comment=comment,
+                    created_at=now,
+                    updated_at=now,
+                )
+                session.add(row)
+                session.flush()
+                return _feedback_label(row, None), True
+            replaced = row.label if row.label != label else None
+            row.label, row.comment, row.updated_at = label, comment, now
+            session.flush()
+            return _feedback_label(row, replaced), False
+
+    def labelled_events(
+        self, group: str, since: datetime | None = None, until: datetime | None = None
+    ) -> list[tuple[AnomalyEvent, str]]:
+        """The group's events that have feedback and overlap [since, until], oldest first, each
+        with its label, for the next fit: where users disagree, the label updated last wins
+        (the newest judgement, e.g. after a postmortem). One query."""
+        query = (
+            select(AnomalyEventRow, Entity, AnomalyFeedbackRow.label)
+            .join(Entity, AnomalyEventRow.entity_id == Entity.id)
+            .join(AnomalyFeedbackRow, AnomalyFeedbackRow.event_id == AnomalyEventRow.id)
+            .where(AnomalyEventRow.group_name == group)
+        )
+        query = _overlapping(query, since, until).order_by(
+            AnomalyEventRow.start_at,
+            AnomalyEventRow.id,
+            AnomalyFeedbackRow.updated_at,
+            AnomalyFeedbackRow.id,
+        )
+        with self._transaction(f"reading labelled anomaly events of group {group!r}") as session:
+            # Rows come per feedback, latest last: the last row of an event holds its label.
+            latest = {row.id: (row, entity, label) for row, entity, label in session.execute(query)}
+            return [(self._event(row, entity), label) for row, entity, label in latest.values()]
 
     def open_anomaly_events(self, group: str | None = None) -> list[AnomalyEvent]:
         """Events still open (the entity is anomalous now), oldest first."""
@@ -482,7 +710,7 @@ class Store:
             query = query.where(AnomalyEventRow.group_name == group)
         query = query.order_by(AnomalyEventRow.start_at, AnomalyEventRow.id)
         with self._transaction("reading open anomaly events") as session:
-            return [_anomaly_event(row, entity) for row, entity in session.execute(query)]
+            return [self._event(row, entity) for row, entity in session.execute(query)]
 
     def anomaly_events(
         self, *, since: datetime | None = None, limit: int = 100
@@ -496,9 +724,7 @@ class Store:
             )
         query = query.order_by(AnomalyEventRow.start_at.desc(), AnomalyEventRow.id.desc())
         with self._transaction("reading anomaly events") as session:
-            return [
-                _anomaly_event(row, entity) for row, entity in session.execute(query.limit(limit))
-            ]
+            return [self._event(row, entity) for row, entity in session.execute(query.limit(limit))]
 
     def list_anomaly_events(
         self,
@@ -527,14 +753,7 @@ class Store:
         query = select(AnomalyEventRow, Entity).join(Entity)
         if group is not None:
             query = query.where(AnomalyEventRow.group_name == group)
-        if since is not None:
-            since = _as_utc(since, "since")
-            query = query.where(
-                or_(AnomalyEventRow.end_at.is_(None), AnomalyEventRow.end_at >= since)
-            )
-        if until is not None:
-            until = _as_utc(until, "until")
-            query = query.where(AnomalyEventRow.start_at <= until)
+        query = _overlapping(query, since, until)
         if state == "open":
             query = query.where(AnomalyEventRow.end_at.is_(None))
         elif state == "closed":
@@ -564,17 +783,25 @@ class Store:
                     return []
                 query = query.where(AnomalyEventRow.entity_id.in_(entity_ids))
             return [
-                _anomaly_event(row, entity_row)
+                self._event(row, entity_row)
                 for row, entity_row in session.execute(query.limit(limit))
             ]
 
     def get_anomaly_event(self, event_id: int) -> AnomalyEvent | None:
-        """One event with its entity, or None when there is no such event."""
+        """One event with its entity and its feedback (oldest first), or None when there is no
+        such event."""
         if not 0 < event_id <= _MAX_ROW_ID:
             return None  # no row has it, and drivers refuse integers beyond 64 bits
         with self._transaction(f"reading anomaly event {event_id}") as session:
             events = self._events_by_id(session, [event_id])
-        return events[0] if events else None
+            if not events:
+                return None
+            feedback = session.scalars(
+                select(AnomalyFeedbackRow)
+                .where(AnomalyFeedbackRow.event_id == event_id)
+                .order_by(AnomalyFeedbackRow.created_at, AnomalyFeedbackRow.id)
+            )
+            return replace(events[0], feedback=[_feedback_json(row) for row in feedback])
 
     @contextmanager
     def _transaction(self, action: str) -> Iterator[Session]:
@@ -653,8 +880,7 @@ class Store:
             raise ValueError(f"no labels given for unknown entities of group {group!r}: {unknown}")
         return ids
 
-    @staticmethod
-    def _events_by_id(session: Session, event_ids: list[int]) -> list[AnomalyEvent]:
+    def _events_by_id(self, session: Session, event_ids: list[int]) -> list[AnomalyEvent]:
         if not event_ids:
             return []
         rows = session.execute(
@@ -663,7 +889,27 @@ class Store:
             .where(AnomalyEventRow.id.in_(event_ids))
             .order_by(AnomalyEventRow.id)
         )
-        return [_anomaly_event(row, entity) for row, entity in rows]
+        return [self._event(row, entity) for row, entity in rows]
+
+    def _event(self, row: AnomalyEventRow, entity: Entity) -> AnomalyEvent:
+        """The event as callers see it: details ranked and cut to the store's limits."""
+        return AnomalyEvent(
+            id=row.id,
+            group_name=row.group_name,
+            entity_key=entity.key,
+            entity_labels=dict(entity.labels),
+            detector=row.detector,
+            start_at=row.start_at,
+            end_at=row.end_at,
+            peak_score=row.peak_score,
+            peak_at=row.peak_at,
+            peak_probability=row.peak_probability,
+            n_steps=row.n_steps,
+            top_metrics=_top_metrics(row.contributions, self.event_top_metrics),
+            detector_scores=dict(row.detector_scores),
+            log_templates=copy.deepcopy(row.log_templates[: self.event_top_log_templates]),
+            root_cause=copy.deepcopy(row.root_cause or []),
+        )
 
 
 def _lock_for_migration(connection: Connection) -> None:
@@ -747,15 +993,183 @@ def _calibration_version(row: CalibrationVersionRow) -> CalibrationVersion:
     )
 
 
-def _anomaly_event(row: AnomalyEventRow, entity: Entity) -> AnomalyEvent:
-    return AnomalyEvent(
-        id=row.id,
-        group_name=row.group_name,
-        entity_key=entity.key,
-        entity_labels=dict(entity.labels),
-        detector=row.detector,
-        start_at=row.start_at,
-        end_at=row.end_at,
-        peak_score=row.peak_score,
-        peak_at=row.peak_at,
+def _overlapping(query: Select, since: datetime | None, until: datetime | None) -> Select:
+    """Keep the events that overlap [since, until]; an open event lasts until now and beyond."""
+    if since is not None:
+        since = _as_utc(since, "since")
+        query = query.where(or_(AnomalyEventRow.end_at.is_(None), AnomalyEventRow.end_at >= since))
+    if until is not None:
+        until = _as_utc(until, "until")
+        query = query.where(AnomalyEventRow.start_at <= until)
+    return query
+
+
+def _opened_event(
+    entity_id: int, group: str, detector: str, timestamp: datetime, score: float
+) -> AnomalyEventRow:
+    return AnomalyEventRow(
+        entity_id=entity_id,
+        group_name=group,
+        detector=detector,
+        start_at=timestamp,
+        peak_score=score,
+        peak_at=timestamp,
+        peak_probability=None,
+        below_steps=0,
+        n_steps=1,
+        contributions={},
+        detector_scores={},
+        log_templates=[],
     )
+
+
+def _add_active_step(
+    row: AnomalyEventRow,
+    timestamp: datetime,
+    score: float,
+    step: _StepDetails | None,
+    *,
+    opening: bool,
+) -> None:
+    """A step at or above close_score: raise the peak, add the step's details to the event.
+
+    The JSON columns are assigned new objects: SQLAlchemy does not see changes made in place.
+    """
+    if opening or score > row.peak_score:
+        row.peak_score = score
+        row.peak_at = timestamp
+        row.detector_scores = dict(step.detector_scores) if step is not None else {}
+    if step is None:
+        return
+    if step.probability is not None and (
+        row.peak_probability is None or step.probability > row.peak_probability
+    ):
+        row.peak_probability = step.probability
+    if step.contributions and math.isfinite(score):
+        summed = dict(row.contributions)
+        for metric, share in step.contributions.items():
+            summed[metric] = summed.get(metric, 0.0) + share * score
+        row.contributions = summed
+    if step.log_templates:
+        stored = {item["template"]: (item["count"], item["score"]) for item in row.log_templates}
+        row.log_templates = _ranked_templates(_merge_templates(stored, step.log_templates))
+
+
+def _merge_templates(
+    into: dict[str, tuple[int, float]], more: dict[str, tuple[int, float]]
+) -> dict[str, tuple[int, float]]:
+    """Template text -> (count, score): counts summed, the highest score kept."""
+    merged = dict(into)
+    for template, (count, score) in more.items():
+        before_count, before_score = merged.get(template, (0, score))
+        merged[template] = (before_count + count, max(before_score, score))
+    return merged
+
+
+def _ranked_templates(templates: dict[str, tuple[int, float]]) -> list[dict[str, Any]]:
+    """Highest score first, then most frequent, then by text (a stable order)."""
+    ranked = sorted(templates.items(), key=lambda item: (-item[1][1], -item[1][0], item[0]))
+    return [
+        {"template": template, "count": count, "score": score}
+        for template, (count, score) in ranked
+    ]
+
+
+def _top_metrics(contributions: dict[str, float], top: int) -> list[dict[str, Any]]:
+    """The ``top`` metrics by summed contribution, as shares of all metrics' (summing to 1 when
+    every metric is kept)."""
+    positive = {metric: value for metric, value in contributions.items() if value > 0}
+    total = math.fsum(positive.values())
+    if not total > 0:
+        return []
+    ranked = sorted(positive.items(), key=lambda item: (-item[1], item[0]))[:top]
+    return [{"metric": metric, "share": value / total} for metric, value in ranked]
+
+
+def _step_details(key: str, raw: dict[str, Any]) -> _StepDetails:
+    """One entity's ``details`` of a step, checked, with NaN and infinite values dropped."""
+    where = f"details[{key!r}]"
+    unknown = sorted(set(raw) - set(EVENT_DETAIL_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown fields {unknown} (known: {', '.join(EVENT_DETAIL_FIELDS)})"
+        )
+    probability = raw.get("probability")
+    if probability is not None:
+        probability = _number(probability, f"{where}['probability']")
+        if not math.isfinite(probability):
+            probability = None
+    templates: dict[str, tuple[int, float]] = {}
+    for index, item in enumerate(raw.get("log_templates") or []):
+        place = f"{where}['log_templates'][{index}]"
+        missing = [name for name in ("template", "count", "score") if name not in item]
+        if missing:
+            raise ValueError(f"{place} lacks {', '.join(missing)}")
+        score = _number(item["score"], f"{place}['score']")
+        count = _number(item["count"], f"{place}['count']")
+        if math.isfinite(score) and math.isfinite(count) and count >= 0:
+            templates = _merge_templates(templates, {str(item["template"]): (int(count), score)})
+    return _StepDetails(
+        probability=probability,
+        contributions=_finite_values(raw.get("contributions"), f"{where}['contributions']"),
+        detector_scores=_finite_values(raw.get("detector_scores"), f"{where}['detector_scores']"),
+        log_templates=templates,
+    )
+
+
+def _finite_values(values: dict[str, Any] | None, where: str) -> dict[str, float]:
+    numbers = {
+        str(name): _number(value, f"{where}[{name!r}]") for name, value in (values or {}).items()
+    }
+    return {name: value for name, value in numbers.items() if math.isfinite(value)}
+
+
+def _number(value: Any, where: str) -> float:
+    """``value`` as a float (numpy scalars included); a ValueError naming ``where`` if it is
+    not a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} is {value!r}, not a number") from None
+
+
+def _checked_feedback(user: object, label: object, comment: object) -> tuple[str, str, str | None]:
+    """The fields of a feedback post, validated: ``InvalidFeedback`` names the first bad one."""
+    if not isinstance(label, str) or label not in FEEDBACK_LABELS:
+        raise InvalidFeedback("label", label, f"must be one of {', '.join(FEEDBACK_LABELS)}")
+    if not isinstance(user, str) or not 1 <= len(user.strip()) <= FEEDBACK_USER_MAX_CHARS:
+        raise InvalidFeedback(
+            "user", user, f"must be a string of 1 to {FEEDBACK_USER_MAX_CHARS} characters"
+        )
+    if comment is not None and (
+        not isinstance(comment, str) or len(comment) > FEEDBACK_COMMENT_MAX_CHARS
+    ):
+        raise InvalidFeedback(
+            "comment",
+            comment,
+            f"must be a string of at most {FEEDBACK_COMMENT_MAX_CHARS} characters",
+        )
+    return user.strip(), label, comment or None
+
+
+def _feedback_label(row: AnomalyFeedbackRow, replaced_label: str | None) -> FeedbackLabel:
+    return FeedbackLabel(
+        id=row.id,
+        event_id=row.event_id,
+        user=row.user,
+        label=row.label,
+        comment=row.comment,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        replaced_label=replaced_label,
+    )
+
+
+def _feedback_json(row: AnomalyFeedbackRow) -> dict[str, Any]:
+    return {
+        "user": row.user,
+        "label": row.label,
+        "comment": row.comment,
+        "created_at": row.created_at,
+        "updated_at": row.updated_at,
+    }
