@@ -16,6 +16,7 @@ from aiops_plugin.calibration import TailCalibrator, score_from_p
 from aiops_plugin.config import Config, DetectorsConfig
 from aiops_plugin.demo import DemoSample, load_demo_sample
 from aiops_plugin.detectors.forecaster import (
+    MIN_SIGMA,
     ForecasterDetector,
     LongShortForecaster,
     gaussian_nll,
@@ -215,6 +216,82 @@ def test_no_forecast_without_exported_metrics(fitted: FittedModel, smd: DemoSamp
         assert fitted.score(windows(smd, smd.test[:60])).forecast is None
     finally:
         detector.export_metrics = EXPORTED
+
+
+def test_forecast_distribution_covers_every_feature_whatever_is_exported(
+    fitted: FittedModel, smd: DemoSample
+) -> None:
+    """The early warning needs the forecasts of all features; ``export_metrics`` only bounds
+    the exported series, and those are this distribution mapped back to original units."""
+    detector = fitted.detector
+    assert isinstance(detector, ForecasterDetector)
+    history = windows(smd, np.concatenate([smd.train[-100:], smd.test[:100]]))
+    detector.export_metrics = []
+    try:
+        assert detector.forecast(history) is None
+        distribution = detector.forecast_distribution(history)
+    finally:
+        detector.export_metrics = EXPORTED
+    assert distribution.features == smd.feature_names
+    assert distribution.mean.shape == distribution.sigma.shape == (1, 1, 15, 38)
+    np.testing.assert_array_equal(distribution.origins, [199])
+    assert distribution.valid.all() and (distribution.sigma >= MIN_SIGMA * 0.999).all()
+    standard, mask = detector.scaler_.transform(history)
+    context = detector.context
+    mean, sigma = detector.predict(standard[:, -context:], mask[:, -context:])
+    np.testing.assert_allclose(distribution.mean[:, 0], mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(distribution.sigma[:, 0], sigma, rtol=1e-5)
+    forecast = detector.forecast(history)
+    assert forecast is not None
+    columns = [smd.feature_names.index(name) for name in EXPORTED]
+    rows = np.array(detector.horizon_steps) - 1
+    center = distribution.center[:, None, columns]
+    scale = distribution.scale[:, None, columns]
+    at_horizons = distribution.mean[:, 0][:, rows][:, :, columns]
+    np.testing.assert_allclose(forecast.mean, center + scale * at_horizons, rtol=1e-6)
+
+
+def test_forecasts_at_every_step_come_in_bounded_chunks(
+    fitted: FittedModel, smd: DemoSample
+) -> None:
+    detector = fitted.detector
+    assert isinstance(detector, ForecasterDetector)
+    history = windows(smd, np.concatenate([smd.train[-60:], smd.test[:60]]))
+    per_step = max(detector.context, detector.horizon) * len(smd.feature_names)
+    chunks = list(detector.forecast_distributions(history, first=50, max_elements=7 * per_step))
+    assert [chunk.origins.size for chunk in chunks] == [7] * 10
+    origins = np.concatenate([chunk.origins for chunk in chunks])
+    np.testing.assert_array_equal(origins, np.arange(50, 120))
+    at_once = detector.forecast_distribution(history, origins)
+    np.testing.assert_allclose(
+        np.concatenate([chunk.mean for chunk in chunks], axis=1),
+        at_once.mean,
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    # the forecast made at step 80 of a long window is the one made at the end of its first 81
+    cut = detector.forecast_distribution(history.head(81))
+    np.testing.assert_allclose(cut.mean[:, 0], at_once.mean[:, 30], rtol=1e-5, atol=1e-5)
+    # before a full context there is no forecast to make
+    starts = [chunk.origins[0] for chunk in detector.forecast_distributions(history)]
+    assert starts[0] == detector.context - 1
+    with pytest.raises(ValueError, match="full 23-step context"):
+        detector.forecast_distribution(history, np.array([10]))
+
+
+def test_no_forecast_from_a_step_or_context_without_data(
+    fitted: FittedModel, smd: DemoSample
+) -> None:
+    detector = fitted.detector
+    assert isinstance(detector, ForecasterDetector)
+    values = smd.test[:80].copy()
+    values[-1] = np.nan
+    values[:, 4] = np.nan
+    distribution = detector.forecast_distribution(windows(smd, values), np.array([78, 79]))
+    np.testing.assert_array_equal(distribution.valid, [[True, False]])
+    assert np.isnan(distribution.mean[0, 1]).all() and np.isfinite(distribution.mean[0, 0]).all()
+    # a feature never observed in the context is forecast, but flagged as imputed
+    assert not distribution.observed[0, 0, 4] and distribution.observed[0, 0, 3]
 
 
 def test_checkpoint_round_trip_through_the_store(

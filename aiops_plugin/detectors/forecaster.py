@@ -46,16 +46,26 @@ Where the paper is silent:
   robust-scale units (1.0 = the feature's typical spread on the fit window): how wide the model
   expected those steps to be, i.e. the spread the residuals were divided by. On export it is
   divided by the same per-entity threshold as the score, like every detector's uncertainty.
-- Forecast: at the last step ``t`` the network reads ``t - L + 1 .. t`` and forecasts
-  ``t + 1 .. t + H``; the horizons in ``horizon_steps`` are kept, ``mu +- q * sigma`` with ``q``
-  the normal quantile of the central ``interval``, mapped back to the metric's original units with
-  the entity's own robust center and scale. Only the features in ``export_metrics`` are forecast
-  (nothing when it is empty), which bounds the exported series.
+- Forecast: a forecast made at step ``t`` reads ``t - L + 1 .. t`` and predicts ``t + 1 .. t + H``.
+  :meth:`ForecasterDetector.forecast_distribution` gives the Gaussian predictive distribution
+  (mean and sigma per step ahead and feature, robust-scale units, with each entity's robust center
+  and scale to map it back) for every feature of the model, at the last step or at any steps of
+  a window; :meth:`ForecasterDetector.forecast_distributions` yields it in chunks of steps over
+  a long window, so a caller that needs the forecast made at every step (the early warning's
+  calibration, :mod:`aiops_plugin.early_warning`) reduces each chunk before the next is made and
+  memory stays bounded (entities x steps x H x features is large). Neither depends on
+  ``export_metrics``. The exported series (:meth:`ForecasterDetector.forecast`) are built from
+  the last step's distribution: only the features in ``export_metrics`` (nothing when it is
+  empty, which bounds the series), the horizons in ``horizon_steps``, ``mu +- q * sigma`` with
+  ``q`` the normal quantile of the central ``interval``, mapped back to the metric's original
+  units with the entity's own robust center and scale.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any, ClassVar, NamedTuple
 
@@ -64,7 +74,12 @@ import torch
 from torch import nn
 
 from aiops_plugin.detectors.base import Forecast, Scores
-from aiops_plugin.detectors.deep import MAX_STANDARD, WindowedDeepDetector, WindowScores
+from aiops_plugin.detectors.deep import (
+    MAX_STANDARD,
+    WindowedDeepDetector,
+    WindowScores,
+    sliding_windows,
+)
 from aiops_plugin.detectors.scaling import RobustScaler
 from aiops_plugin.detectors.training import TrainingSettings, autocast
 from aiops_plugin.windows import Windows
@@ -72,6 +87,10 @@ from aiops_plugin.windows import Windows
 #: Floor of the predicted standard deviation, robust-scale units: a feature that never moved in
 #: the fit window would otherwise get sigma -> 0 and turn any wiggle into an infinite score.
 MIN_SIGMA = 0.05
+#: Bound on the elements of one chunk of :meth:`ForecasterDetector.forecast_distributions`
+#: (entities x steps x max(context, H) x features), so a long window never needs more memory
+#: than ~100 MB of float32 at a time however many entities the group has.
+MAX_CHUNK_ELEMENTS = 1 << 23
 
 
 class ForecastOutput(NamedTuple):
@@ -86,6 +105,36 @@ class ForecastOutput(NamedTuple):
     mean: torch.Tensor
     log_var: torch.Tensor
     gate: torch.Tensor
+
+
+@dataclass
+class ForecastDistribution:
+    """Gaussian predictive distributions of the forecasts made at some steps of a window, for
+    every feature of the model.
+
+    Attributes:
+        features: the model's features (last axis).
+        origins: ``(steps,)`` indices into the windows' time axis of the steps the forecasts were
+            made at (the last step each one read).
+        mean: ``(entities, steps, H, features)`` float32, predicted standardised values of steps
+            ``1..H`` after each origin (robust-scale units); NaN where ``valid`` is False.
+        sigma: the same shape, predictive standard deviation (at least ``MIN_SIGMA``).
+        observed: ``(entities, steps, features)`` bool, the feature was observed at least once in
+            the context the forecast read: where it was not, its forecast is an imputation.
+        valid: ``(entities, steps)`` bool, a forecast was made: the origin step and its context
+            hold an observed value.
+        center: ``(entities, features)`` each entity's robust center, original units.
+        scale: ``(entities, features)`` its robust scale: ``original = center + scale * z``.
+    """
+
+    features: list[str]
+    origins: np.ndarray
+    mean: np.ndarray
+    sigma: np.ndarray
+    observed: np.ndarray
+    valid: np.ndarray
+    center: np.ndarray
+    scale: np.ndarray
 
 
 class LongShortForecaster(nn.Module):
@@ -313,6 +362,86 @@ class ForecasterDetector(WindowedDeepDetector):
             sigmas.append(torch.exp(0.5 * output.log_var.float()).cpu())
         return torch.cat(means).numpy(), torch.cat(sigmas).numpy()
 
+    def forecast_distribution(
+        self, windows: Windows, steps: np.ndarray | None = None
+    ) -> ForecastDistribution:
+        """Predictive distributions of the forecasts made at ``steps`` of ``windows``.
+
+        ``steps``: indices into ``windows``' time axis (default: the last step), each at least
+        ``context - 1`` so that a full context precedes it. All the model's features are
+        forecast, whatever ``export_metrics`` holds.
+        """
+        features = self._require_fitted()
+        n_time = len(windows.timestamps)
+        origins = np.array([n_time - 1]) if steps is None else np.asarray(steps, dtype=np.int64)
+        if origins.size and (origins.min() < self.context - 1 or origins.max() >= n_time):
+            raise ValueError(
+                f"forecast origins must lie in [{self.context - 1}, {n_time - 1}] "
+                f"(a full {self.context}-step context before each), got "
+                f"[{origins.min()}, {origins.max()}]"
+            )
+        begin = int(origins.min()) - self.context + 1 if origins.size else 0
+        end = int(origins.max()) + 1 if origins.size else 0
+        span = windows.reindex_features(features).tail(n_time - begin).head(end - begin)
+        standard, mask = self.scaler_.transform(span, clip=MAX_STANDARD)
+        return self._distribution(span.keys, features, standard, mask, origins - begin, begin)
+
+    def forecast_distributions(
+        self, windows: Windows, first: int = 0, max_elements: int = MAX_CHUNK_ELEMENTS
+    ) -> Iterator[ForecastDistribution]:
+        """The forecasts made at every step from ``first`` (and ``context - 1`` at the earliest)
+        to the last of ``windows``, in chunks of consecutive steps of at most ``max_elements``
+        elements (entities x steps x max(context, H) x features) each, in time order."""
+        features = self._require_fitted()
+        windows = windows.reindex_features(features)
+        standard, mask = self.scaler_.transform(windows, clip=MAX_STANDARD)
+        n_entities, n_time, n_features = standard.shape
+        origins = np.arange(max(first, self.context - 1), n_time)
+        per_step = max(1, n_entities * max(self.context, self.horizon) * n_features)
+        chunk = max(1, max_elements // per_step)
+        keys = windows.keys
+        for start in range(0, origins.size, chunk):
+            yield self._distribution(keys, features, standard, mask, origins[start : start + chunk])
+
+    def _distribution(
+        self,
+        keys: list[str],
+        features: list[str],
+        standard: np.ndarray,
+        mask: np.ndarray,
+        origins: np.ndarray,
+        offset: int = 0,
+    ) -> ForecastDistribution:
+        """Forecasts made at ``origins`` (indices into ``standard``'s time axis, each with a
+        full context) of standardised ``(entities, time, features)`` values and their mask;
+        ``offset`` is added to the origins reported."""
+        n_entities, _, n_features = standard.shape
+        n_steps = origins.size
+        starts = torch.from_numpy(origins - self.context + 1)
+        values = sliding_windows(torch.from_numpy(standard), self.context)[:, starts]
+        masks = sliding_windows(torch.from_numpy(mask), self.context)[:, starts]
+        shape = (n_entities * n_steps, self.context, n_features)
+        mean, sigma = self.predict(
+            values.reshape(shape).contiguous().numpy(), masks.reshape(shape).contiguous().numpy()
+        )
+        mean = mean.reshape(n_entities, n_steps, self.horizon, n_features)
+        sigma = sigma.reshape(n_entities, n_steps, self.horizon, n_features)
+        observed = masks.numpy().any(axis=2)
+        valid = mask[:, origins].any(axis=2) & observed.any(axis=2)
+        mean = np.where(valid[:, :, None, None], mean, np.nan).astype(np.float32)
+        sigma = np.where(valid[:, :, None, None], sigma, np.nan).astype(np.float32)
+        centers, scales = _entity_parameters(self.scaler_, keys)
+        return ForecastDistribution(
+            features=list(features),
+            origins=origins + offset,
+            mean=mean,
+            sigma=sigma,
+            observed=observed,
+            valid=valid,
+            center=centers,
+            scale=scales,
+        )
+
     def forecast(self, windows: Windows) -> Forecast | None:
         """Forecasts made at the last step of ``windows`` for ``export_metrics``, in original
         units; None when nothing is to be forecast or the windows are shorter than the context."""
@@ -320,19 +449,16 @@ class ForecasterDetector(WindowedDeepDetector):
         exported = [name for name in self.export_metrics if name in features]
         if not exported or len(windows.timestamps) < self.context:
             return None
-        windows = windows.reindex_features(features).tail(self.context)
-        standard, mask = self.scaler_.transform(windows, clip=MAX_STANDARD)
-        mean, sigma = self.predict(standard, mask)
+        distribution = self.forecast_distribution(windows)
         rows = np.array(self.horizon_steps) - 1
         columns = np.array([features.index(name) for name in exported])
-        mean, sigma = mean[:, rows][:, :, columns], sigma[:, rows][:, :, columns]
+        mean = distribution.mean[:, 0][:, rows][:, :, columns]
+        sigma = distribution.sigma[:, 0][:, rows][:, :, columns]
         quantile = NormalDist().inv_cdf(0.5 + self.interval / 2.0)
-        centers, scales = _entity_parameters(self.scaler_, windows.keys)
-        center = centers[:, None, columns]
-        scale = scales[:, None, columns]
-        unforecastable = ~windows.observed[:, -1].any(axis=1) | ~windows.observed.any(axis=(1, 2))
+        center = distribution.center[:, None, columns]
+        scale = distribution.scale[:, None, columns]
         result = [
-            np.where(unforecastable[:, None, None], np.nan, center + scale * part)
+            center + scale * part
             for part in (mean, mean - quantile * sigma, mean + quantile * sigma)
         ]
         return Forecast(
