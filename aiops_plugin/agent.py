@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import threading
 import time
@@ -45,17 +46,30 @@ import numpy as np
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from aiops_plugin.calibration import score_from_p
+from aiops_plugin.calibration.probability import LabelledProbability
 from aiops_plugin.calibration.stage import METHOD, GroupCalibration, RecentProbability
 from aiops_plugin.config import Config, EntityGroupConfig
 from aiops_plugin.detectors.base import choose_device
 from aiops_plugin.detectors.registry import FittedModel, build_detector
 from aiops_plugin.detectors.training import TrainingFailed, TrainingInterrupted
-from aiops_plugin.exporter import Exporter, GroupSnapshot
+from aiops_plugin.early_warning import GroupEarlyWarning
+from aiops_plugin.exporter import Exporter, GroupSnapshot, RootCauseRank
+from aiops_plugin.feedback import TRUE_POSITIVE, detector_weights, labelled_probability
+from aiops_plugin.fit_exclusions import (
+    ExcludedPeriod,
+    alert_periods,
+    exclusion_mask,
+    incident_periods,
+    maintenance_periods,
+    without_excluded,
+)
 from aiops_plugin.grafana import AnnotationWriter
 from aiops_plugin.logs.intake import LogIntake
 from aiops_plugin.logs.pipeline import LogPipeline
+from aiops_plugin.rootcause import joined_candidates, rank_root_causes
+from aiops_plugin.score_history import ScoreHistory
 from aiops_plugin.sources.prometheus import PrometheusReader, SourceUnavailable, merge_windows
-from aiops_plugin.store import Store, StoreError
+from aiops_plugin.store import AnomalyEvent, Store, StoreError
 from aiops_plugin.suppression import apply_suppression, expected_values, feature_rules
 from aiops_plugin.windows import Windows
 
@@ -112,6 +126,8 @@ class GroupResult:
     entities: list[dict[str, str]] = field(default_factory=list)
     scores: dict[str, np.ndarray] = field(default_factory=dict)
     probability: np.ndarray | None = None
+    #: ``(entities, horizons)`` P(anomalous within each of ``calibration.horizons``)
+    early_warning: np.ndarray | None = None
     timestamp: float | None = None
     skipped: dict[str, str] = field(default_factory=dict)
     error: str | None = None
@@ -129,7 +145,11 @@ class Agent:
     ) -> None:
         self.config = config
         self.device = choose_device(config.detectors.device)
-        self.store = store or Store.open(config.store.resolved_url())
+        self.store = store or Store.open(
+            config.store.resolved_url(),
+            event_top_metrics=config.events.top_metrics,
+            event_top_log_templates=config.events.top_log_templates,
+        )
         self.reader = reader or PrometheusReader(config.prometheus)
         self.exporter = exporter or Exporter()
         self.exporter.declare_groups([group.name for group in config.entities])
@@ -145,6 +165,10 @@ class Agent:
         self.calibrations: dict[str, GroupCalibration] = {}
         #: per group: the anomaly probability, refitted every cycle on recent fused p-values
         self.probabilities: dict[str, RecentProbability] = {}
+        #: per group: P(anomalous within each horizon), fitted with the calibration
+        self.early_warnings: dict[str, GroupEarlyWarning] = {}
+        #: per group: the recent cycles' fused scores (early-warning trend, root cause)
+        self.histories: dict[str, ScoreHistory] = {}
         self.buffers: dict[str, Windows] = {}
         #: entity keys seen at the last fit, so an entity whose series vanished is reported
         self.fitted_entities: dict[str, dict[str, dict[str, str]]] = {}
@@ -258,6 +282,12 @@ class Agent:
                 probability = self._new_probability().seed(
                     np.asarray(stored.state["probability_seed"], dtype=np.float64)
                 )
+                if "labelled_probability" in stored.state:
+                    probability.labelled = LabelledProbability()
+                    probability.labelled.load_state_dict(stored.state["labelled_probability"])
+                early_warning = None
+                if self.config.early_warning.enabled:
+                    early_warning = GroupEarlyWarning.from_state_dict(stored.state["early_warning"])
             except Exception:  # noqa: BLE001 - an unreadable calibration is redone, not fatal
                 log.exception(
                     "calibration version %d of group %r cannot be loaded; recalibrating",
@@ -265,7 +295,7 @@ class Agent:
                     group.name,
                 )
             else:
-                self._install_calibration(group.name, calibration, probability)
+                self._install_calibration(group.name, calibration, probability, early_warning)
                 return
         try:
             self.recalibrate(group, models, versions, now)
@@ -293,49 +323,101 @@ class Agent:
         first = int(np.searchsorted(read.timestamps, train_end, side="right"))
         if read.timestamps.size - first < 2:
             raise ValueError(f"only {read.timestamps.size - first} steps after the training")
-        raw = {name: model.score(read).score[:, first:] for name, model in models.items()}
-        slice_times = (float(read.timestamps[first]), float(read.timestamps[-1]))
-        return self._fit_calibration(group.name, raw, read.keys, versions, slice_times)
+        excluded, _ = exclusion_mask(
+            read, self._excluded_periods(group, read.timestamps[0], now), self._margin
+        )
+        read = without_excluded(read, excluded)
+        raw = {
+            name: np.where(excluded[:, first:], np.nan, model.score(read).score[:, first:])
+            for name, model in models.items()
+        }
+        return self._fit_calibration(
+            group, raw, read, first, versions, models, self._labelled_events(group, read, now)
+        )
 
     def _new_probability(self) -> RecentProbability:
         return RecentProbability(self.config.calibration.recent_p_values)
 
+    @property
+    def _margin(self) -> float:
+        return self.config.fit_exclusions.margin
+
+    def _horizon_steps(self) -> list[int]:
+        step = self.config.prometheus.step
+        return [max(1, math.ceil(h / step - 1e-9)) for h in self.config.calibration.horizons]
+
     def _fit_calibration(
         self,
-        group: str,
+        group: EntityGroupConfig,
         raw: dict[str, np.ndarray],
-        keys: list[str],
+        read: Windows,
+        first: int,
         versions: dict[str, int],
-        slice_times: tuple[float, float],
+        models: dict[str, FittedModel],
+        labelled: list[tuple[AnomalyEvent, str]],
     ) -> GroupCalibration:
-        """Fit, save (a calibration version) and install a group's calibration."""
+        """Fit, save (a calibration version) and install a group's calibration: the detectors'
+        and the fused one (weighted by feedback), the anomaly probability (labelled when there
+        are enough labels) and the early warning. ``raw``: the detectors' raw scores of the
+        slice ``read.timestamps[first:]``."""
+        rate = self.config.calibration.false_alarm_rate
+        weights = detector_weights(labelled, list(raw))
         calibration = GroupCalibration(
-            list(raw), tail_fraction=self.config.calibration.tail_fraction
-        ).fit(raw, keys)
+            list(raw), tail_fraction=self.config.calibration.tail_fraction, weights=weights
+        ).fit(raw, read.keys)
         probability = self._new_probability().seed(calibration.fused_calibration_p_)
+        probability.labelled = labelled_probability(
+            labelled,
+            rate,
+            calibration.fused_calibration_p_,
+            self.config.feedback.min_labelled_events,
+        )
+        state: dict = {
+            "calibration": calibration.state_dict(),
+            "probability": probability.state_dict(),
+            "probability_seed": list(probability.recent),
+            "feedback": {"labelled_events": len(labelled), "weights": weights},
+        }
+        if probability.labelled is not None:
+            state["labelled_probability"] = probability.labelled.state_dict()
+        method = f"{METHOD}; probability: {probability.method}"
+        early_warning = None
+        if self.config.early_warning.enabled:
+            forecaster = models.get("forecaster")
+            early_warning = GroupEarlyWarning(
+                self._horizon_steps(),
+                self.config.early_warning,
+                group.slo,
+                rate,
+                tail_fraction=self.config.calibration.tail_fraction,
+                recent_capacity=self.config.calibration.recent_p_values,
+            ).fit(
+                score_from_p(calibration.fused_calibration_p_, rate),
+                read,
+                first,
+                forecaster.detector if forecaster is not None else None,
+            )
+            state["early_warning"] = early_warning.state_dict()
+            method += f"; early warning: {early_warning.method}"
         self.store.save_calibration_version(
-            group=group,
+            group=group.name,
             detector=FUSED,
-            settings_hash=self.config.calibration_hash(group, versions),
+            settings_hash=self.config.calibration_hash(group.name, versions),
             model_versions=versions,
-            method=METHOD,
-            state={
-                "calibration": calibration.state_dict(),
-                "probability": probability.state_dict(),
-                "probability_seed": list(probability.recent),
-            },
-            slice_start=slice_times[0],
-            slice_end=slice_times[1],
+            method=method,
+            state=state,
+            slice_start=float(read.timestamps[first]),
+            slice_end=float(read.timestamps[-1]),
             n_steps=calibration.n_steps_,
         )
-        self.store.prune_calibration_versions(group, FUSED)
-        self._install_calibration(group, calibration, probability)
+        self.store.prune_calibration_versions(group.name, FUSED)
+        self._install_calibration(group.name, calibration, probability, early_warning)
         log.info(
-            "calibrated group %r on %d steps the detectors did not train on",
-            group,
+            "calibrated group %r on %d steps the detectors did not train on (%d labelled event(s))",
+            group.name,
             calibration.n_steps_,
+            len(labelled),
         )
-        rate = self.config.calibration.false_alarm_rate
         expected = rate * calibration.n_steps_
         if expected < MIN_EXPECTED_EXCEEDANCES:
             log.warning(
@@ -343,7 +425,7 @@ class Agent:
                 "threshold at false_alarm_rate %g; the threshold is extrapolated by the fitted "
                 "tail and alarms may come more often than configured (lengthen "
                 "schedule.fit_window or raise the rate)",
-                group,
+                group.name,
                 calibration.n_steps_,
                 expected,
                 rate,
@@ -351,11 +433,79 @@ class Agent:
         return calibration
 
     def _install_calibration(
-        self, group: str, calibration: GroupCalibration, probability: RecentProbability
+        self,
+        group: str,
+        calibration: GroupCalibration,
+        probability: RecentProbability,
+        early_warning: GroupEarlyWarning | None,
     ) -> None:
         with self._models_lock:
             self.calibrations[group] = calibration
             self.probabilities[group] = probability
+            if early_warning is not None:
+                self.early_warnings[group] = early_warning
+            else:
+                self.early_warnings.pop(group, None)
+
+    def _labelled_events(
+        self, group: EntityGroupConfig, read: Windows, now: float
+    ) -> list[tuple[AnomalyEvent, str]]:
+        """The group's events labelled by feedback within the fit window (none when the store
+        cannot say: the fit goes on unweighted rather than not at all)."""
+        try:
+            return self.store.labelled_events(
+                group.name,
+                since=datetime.fromtimestamp(float(read.timestamps[0]), UTC),
+                until=datetime.fromtimestamp(now, UTC),
+            )
+        except StoreError as exc:
+            log.error("group %r: feedback labels not read, fitting without them: %s", group, exc)
+            return []
+
+    def _excluded_periods(
+        self, group: EntityGroupConfig, start: float, end: float
+    ) -> list[ExcludedPeriod]:
+        """Periods of ``group`` no fit may learn from (:mod:`aiops_plugin.fit_exclusions`)."""
+        settings = self.config.fit_exclusions
+        periods = maintenance_periods(settings)
+        if settings.alerts and settings.alert_names:
+            try:
+                series = self.reader.alert_series(settings.alert_names, start, end)
+            except Exception as exc:  # noqa: BLE001 - no ALERTS is no reason not to fit
+                log.warning(
+                    "group %r: firing periods of %s not read (%s); fitting without excluding them",
+                    group.name,
+                    settings.alert_names,
+                    exc,
+                )
+            else:
+                periods += alert_periods(
+                    series, group.name, group.labels, self.config.prometheus.step
+                )
+        if settings.confirmed_incidents:
+            try:
+                labelled = self.store.labelled_events(
+                    group.name,
+                    since=datetime.fromtimestamp(start, UTC),
+                    until=datetime.fromtimestamp(end, UTC),
+                )
+            except StoreError as exc:
+                log.error("group %r: confirmed incidents not read: %s", group.name, exc)
+                labelled = []
+            periods += incident_periods(
+                [
+                    (
+                        event.start_at.timestamp(),
+                        None if event.end_at is None else event.end_at.timestamp(),
+                        event.group_name,
+                        event.entity_labels,
+                    )
+                    for event, label in labelled
+                    if label == TRUE_POSITIVE
+                ],
+                end,
+            )
+        return periods
 
     def _check_stop(self) -> None:
         if self.stop_event.is_set():
@@ -417,7 +567,7 @@ class Agent:
                     continue
                 self.fitted_entities[group.name] = dict(zip(read.keys, read.entities, strict=True))
                 self.store.upsert_entities(group.name, read.entities, datetime.now(UTC))
-                self._fit_group(group, read, summary.setdefault(group.name, {}))
+                self._fit_group(group, read, now, summary.setdefault(group.name, {}))
             if self.logs is not None:
                 for group in self.logs.groups:
                     if groups is not None and group not in groups:
@@ -430,10 +580,25 @@ class Agent:
             detail.update(summary)
         return summary
 
-    def _fit_group(self, group: EntityGroupConfig, read: Windows, summary: dict) -> None:
-        """Every detector on one group's history, then the group's calibration over the
+    def _fit_group(
+        self, group: EntityGroupConfig, read: Windows, now: float, summary: dict
+    ) -> None:
+        """Every detector on one group's history without its excluded periods (alerts that
+        fired, maintenance, confirmed incidents), then the group's calibration over the
         detectors that fitted. Nothing of the group is installed unless its calibration is."""
         fraction = self.config.calibration.calibration_fraction
+        excluded, counts = exclusion_mask(
+            read, self._excluded_periods(group, float(read.timestamps[0]), now), self._margin
+        )
+        if excluded.any():
+            summary["excluded_steps"] = {reason: n for reason, n in counts.items() if n}
+            log.info(
+                "group %r: %d entity-steps left out of the fit (%s)",
+                group.name,
+                int(excluded.sum()),
+                summary["excluded_steps"],
+            )
+        read = without_excluded(read, excluded)
         fitted: dict[str, FittedModel] = {}
         raw: dict[str, np.ndarray] = {}
         versions: dict[str, int] = {}
@@ -491,14 +656,15 @@ class Agent:
             return
         self._check_stop()
         calibration_start = read.timestamps.size - next(iter(raw.values())).shape[1]
-        self._fit_calibration(
-            group.name,
-            raw,
-            read.keys,
-            versions,
-            (float(read.timestamps[calibration_start]), float(read.timestamps[-1])),
-        )
-        summary["calibration"] = {"steps": int(read.timestamps.size - calibration_start)}
+        raw = {
+            name: np.where(excluded[:, calibration_start:], np.nan, raw[name]) for name in fitted
+        }
+        labelled = self._labelled_events(group, read, now)
+        self._fit_calibration(group, raw, read, calibration_start, versions, fitted, labelled)
+        summary["calibration"] = {
+            "steps": int(read.timestamps.size - calibration_start),
+            "labelled_events": len(labelled),
+        }
         with self._models_lock:
             for detector_name in list(self.models):
                 if detector_name[1] == group.name:
@@ -564,6 +730,8 @@ class Agent:
                     }
                 if self.logs is not None:
                     detail["logs"] = self._infer_logs(now, timer)
+                with timer.phase("export"):
+                    self._rank_root_causes(now)
                 if all(result.error for result in results):
                     raise CycleFailed(
                         "; ".join(f"group {result.group!r}: {result.error}" for result in results)
@@ -598,6 +766,7 @@ class Agent:
             }
             calibration = self.calibrations.get(group.name)
             probability = self.probabilities.get(group.name)
+            early_warning = self.early_warnings.get(group.name)
             if calibration is None or probability is None:
                 models = {}
         context = self._context_steps(group.name)
@@ -659,6 +828,21 @@ class Agent:
             contributions = self._fused_contributions(outputs, models, scored_windows, latest)
             forecast = next((o.forecast for o in outputs.values() if o.forecast is not None), None)
             self._suppress(group, scored_windows, latest, fused_probability, contributions)
+            history = self._history(group.name)
+            history.append(
+                float(scored_windows.timestamps[-1]),
+                scored_windows.keys,
+                scored_windows.entities,
+                latest[FUSED],
+            )
+            early = None
+            if early_warning is not None:
+                forecaster = models.get("forecaster")
+                early = early_warning.update(
+                    history.rows(scored_windows.keys, self.config.early_warning.trend_steps),
+                    scored_windows,
+                    forecaster.detector if forecaster is not None else None,
+                )
 
         with timer.phase("export"):
             snapshot = GroupSnapshot(
@@ -671,12 +855,24 @@ class Agent:
                 contributions=contributions,
                 forecast=forecast,
                 probability=fused_probability,
+                early_warning=early,
+                horizons_seconds=list(self.config.calibration.horizons)
+                if early is not None
+                else [],
             )
             self.exporter.publish(snapshot)
-            self._track_events(group.name, scored_windows, snapshot.timestamp, latest[FUSED])
+            self._track_events(
+                group.name,
+                scored_windows,
+                snapshot.timestamp,
+                latest,
+                fused_probability,
+                contributions,
+            )
         result.entities = scored_windows.entities
         result.scores = latest
         result.probability = fused_probability
+        result.early_warning = early
         result.timestamp = snapshot.timestamp
         return result
 
@@ -744,12 +940,68 @@ class Agent:
             suppressed = result.counts()
         self.exporter.count_suppression(group.name, int(anomalous.sum()), suppressed)
 
+    def _history(self, group: str) -> ScoreHistory:
+        history = self.histories.get(group)
+        if history is None:
+            step = self.config.prometheus.step
+            window_steps = math.ceil(self.config.events.root_cause_window / step)
+            capacity = max(self.config.early_warning.trend_steps, window_steps) + window_steps + 2
+            history = self.histories[group] = ScoreHistory(capacity)
+        return history
+
+    def _event_details(
+        self,
+        group: str,
+        windows: Windows,
+        latest: dict[str, np.ndarray],
+        probability: np.ndarray,
+        contributions: np.ndarray | None,
+    ) -> dict[str, dict]:
+        """What an event keeps of this step, for the entities that may be in one (fused score
+        at or above ``events.close_score``): probability, top metrics, detector scores and,
+        where the entity has logs, its most anomalous log templates of the step."""
+        fused = np.nan_to_num(latest[FUSED], nan=-np.inf)
+        rows = np.flatnonzero(fused >= self.config.events.close_score)
+        if not rows.size:
+            return {}
+        top = self.config.events.top_metrics
+        templates = self.logs.latest_templates.get(group, {}) if self.logs is not None else {}
+        details: dict[str, dict] = {}
+        detectors = [name for name in latest if name != FUSED]
+        order = None
+        if contributions is not None:
+            order = np.argsort(-np.nan_to_num(contributions[rows], nan=-1.0), axis=1)[:, :top]
+        for n, i in enumerate(rows):
+            key = windows.keys[i]
+            entry: dict = {
+                "probability": float(probability[i]),
+                "detector_scores": {name: float(latest[name][i]) for name in detectors},
+            }
+            if order is not None and contributions is not None:
+                entry["contributions"] = {
+                    windows.features[j]: float(contributions[i, j])
+                    for j in order[n]
+                    if np.isfinite(contributions[i, j]) and contributions[i, j] > 0
+                }
+            if key in templates:
+                entry["log_templates"] = templates[key]
+            details[key] = entry
+        return details
+
     def _track_events(
-        self, group: str, windows: Windows, timestamp: float, fused: np.ndarray
+        self,
+        group: str,
+        windows: Windows,
+        timestamp: float,
+        latest: dict[str, np.ndarray],
+        probability: np.ndarray,
+        contributions: np.ndarray | None,
     ) -> None:
-        """Open/close anomaly events in the store (and Grafana). The scores are already
-        exported; a store that refuses the write costs the events of this cycle, not them."""
+        """Open/close anomaly events in the store (and Grafana), with hysteresis and what each
+        event keeps of its steps. The scores are already exported; a store that refuses the
+        write costs the events of this cycle, not them."""
         keys = windows.keys
+        fused = latest[FUSED]
         try:
             events = self.store.track_anomaly_events(
                 group=group,
@@ -760,6 +1012,9 @@ class Agent:
                 },
                 labels=dict(zip(keys, windows.entities, strict=True)),
                 threshold=self.config.schedule.event_min_score,
+                close_score=self.config.events.close_score,
+                close_after_steps=self.config.events.close_after_steps,
+                details=self._event_details(group, windows, latest, probability, contributions),
             )
         except StoreError as exc:
             self.exporter.source_up.labels(source="store").set(0)
@@ -767,6 +1022,81 @@ class Agent:
             return
         if self.annotations is not None:
             self.annotations.write(events)
+
+    def _aligned_histories(
+        self,
+    ) -> tuple[np.ndarray, np.ndarray, list[str], list[dict[str, str]], list[str]]:
+        """Every group's score history on one time axis (the union of their cycles):
+        ``(timestamps, scores (rows, T), keys, labels, groups)``, one row per entity."""
+        parts = [(name, *history.window(), history) for name, history in self.histories.items()]
+        if not parts:
+            return np.zeros(0), np.zeros((0, 0), np.float32), [], [], []
+        times = np.unique(np.concatenate([part[1] for part in parts]))
+        times = times[np.isfinite(times)]
+        blocks, keys, labels, groups = [], [], [], []
+        for name, group_times, scores, history in parts:
+            block = np.full((scores.shape[0], times.size), np.nan, dtype=np.float32)
+            finite = np.isfinite(group_times)
+            block[:, np.searchsorted(times, group_times[finite])] = scores[:, finite]
+            blocks.append(block)
+            keys += history.keys
+            labels += history.labels
+            groups += [name] * len(history.keys)
+        return times, np.concatenate(blocks), keys, labels, groups
+
+    def _rank_root_causes(self, now: float) -> None:
+        """Rank the likely root causes of every anomaly event open now (the entities of its
+        group, and of groups joined by ``events.root_cause_join_labels``, by how early and how
+        strongly they became anomalous around its start). The ranking is refreshed while the
+        event is younger than ``events.root_cause_window`` and then kept; the ranked entities
+        of all open events are exported as ``aiops_root_cause_rank``."""
+        settings = self.config.events
+        try:
+            events = self.store.open_anomaly_events()
+        except StoreError as exc:
+            log.error("root causes not ranked this cycle: %s", exc)
+            return
+        ranks: list[RootCauseRank] = []
+        if events:
+            times, scores, keys, labels, groups = self._aligned_histories()
+            for event in events:
+                ranking = list(event.root_cause)
+                start = event.start_at.timestamp()
+                if times.size and now - start <= settings.root_cause_window:
+                    rows = np.flatnonzero(
+                        joined_candidates(
+                            event.entity_labels,
+                            event.group_name,
+                            labels,
+                            groups,
+                            settings.root_cause_join_labels,
+                        )
+                    )
+                    candidates = rank_root_causes(
+                        times,
+                        scores[rows],
+                        [keys[i] for i in rows],
+                        [labels[i] for i in rows],
+                        [groups[i] for i in rows],
+                        event_start=start,
+                        window=settings.root_cause_window,
+                        threshold=self.config.schedule.event_min_score,
+                        top=settings.root_cause_top,
+                    )
+                    ranking = [candidate.as_dict() for candidate in candidates]
+                    try:
+                        self.store.set_event_root_cause(event.id, ranking)
+                    except StoreError as exc:
+                        log.error("root cause of event %d not stored: %s", event.id, exc)
+                for place, item in enumerate(ranking, start=1):
+                    if item.get("onset_at") is None:
+                        continue  # never anomalous around the event: no cause to point at
+                    ranks.append(
+                        RootCauseRank(
+                            item["group"], item["entity_labels"], place, item.get("lead_seconds")
+                        )
+                    )
+        self.exporter.publish_root_causes(ranks)
 
     def _newly_vanished(self, group: str, present: set[str]) -> list[str]:
         """Entities of the last fit whose series are gone from the buffer (no data left in the

@@ -54,7 +54,7 @@ class ConfigError(Exception):
     """A configuration file that cannot be used; the message names the file and the field."""
 
 
-def parse_duration(value: Any) -> float:
+def parse_duration(value: Any, *, allow_zero: bool = False) -> float:
     """Seconds from a Prometheus-style duration (``30s``, ``5m``, ``2h``) or a bare number."""
     if isinstance(value, bool):
         raise ValueError(f"expected a duration like '30s' or '5m', got {value!r}")
@@ -65,12 +65,16 @@ def parse_duration(value: Any) -> float:
         if not match:
             raise ValueError(f"expected a duration like '30s' or '5m', got {value!r}")
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
-    if seconds <= 0:
+    if seconds < 0 or (seconds == 0 and not allow_zero):
         raise ValueError(f"duration must be positive, got {value!r}")
     return seconds
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+#: A duration that may be 0 (e.g. no margin).
+OptionalDuration = Annotated[
+    float, BeforeValidator(lambda value: parse_duration(value, allow_zero=True))
+]
 
 
 def check_http_url(value: str) -> str:
@@ -466,7 +470,7 @@ class FitExclusionsConfig(_Strict):
     confirmed_incidents: bool = Field(
         True, description="exclude events labelled true_positive by feedback"
     )
-    margin: Duration = Field(
+    margin: OptionalDuration = Field(
         300.0, description="also excluded before and after each period (an incident's edges)"
     )
     maintenance_windows: list[MaintenanceWindow] = Field(default_factory=list)
