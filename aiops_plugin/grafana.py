@@ -11,7 +11,10 @@ Annotations are organization annotations (no dashboard id), tagged ``aiops``, ``
 any dashboard can show them with a Grafana annotation query by tag (the entity dashboard asks for
 ``aiops-anomaly`` + ``entity:$entity``). An event that opens is a point at its start; when it
 closes the same annotation, found again by its ``aiops-event`` tag (so a restarted agent still
-closes what an earlier one opened), becomes a region from start to end.
+closes what an earlier one opened), becomes a region from start to end. Its text
+(:func:`event_text`) names the peak, the top contributing metrics and the root-cause ranking
+(which entities went first, and how long before); on close it is rewritten with the event's
+final numbers.
 """
 
 from __future__ import annotations
@@ -173,14 +176,67 @@ def event_tags(event: AnomalyEvent) -> list[str]:
 
 
 def event_text(event: AnomalyEvent) -> str:
+    """What an on-call reads on the annotation: the peak, the metrics that explain the event,
+    the entities that went first and, once closed, when it ended; rewritten on close so the
+    annotation ends with the event's final numbers."""
     entity = entity_display_name(event.entity_labels)
     text = (
         f"Anomaly on {entity} (group {event.group_name}): {event.detector} score peaked at "
         f"{event.peak_score:.2f} at {event.peak_at.isoformat()}"
     )
+    if event.peak_probability is not None:
+        text += f", P(anomalous) up to {_percent(event.peak_probability)}"
+    text += "."
+    if event.top_metrics:
+        shares = ", ".join(
+            f"{item['metric']} {_percent(item['share'])}" for item in event.top_metrics
+        )
+        text += f" Top metrics: {shares}."
+    if event.root_cause:
+        text += f" Root cause: {_root_cause_text(event.root_cause, event.group_name)}."
     if event.end_at is not None:
-        text += f"; back below the threshold at {event.end_at.isoformat()}"
+        steps = f"{event.n_steps} scored step{'' if event.n_steps == 1 else 's'}"
+        text += f" Back below the threshold at {event.end_at.isoformat()} after {steps}."
     return text
+
+
+def _percent(value: float) -> str:
+    """A share as Prometheus' humanizePercentage writes it (0.125 -> ``12.5%``), so an
+    annotation and an alert about the same event read alike."""
+    return f"{value * 100:.4g}%"
+
+
+def _root_cause_text(ranking: Sequence[dict[str, Any]], event_group: str) -> str:
+    """``a went first (3m before), then b (at the start), c (1m 30s after)``: the ranked
+    entities, best first, with when each became anomalous relative to the event's start."""
+    named = []
+    for place, item in enumerate(ranking):
+        name = entity_display_name(item["entity_labels"])
+        if item.get("group", event_group) != event_group:
+            name += f" of group {item['group']}"
+        if place == 0:
+            name += " went first"
+        lead = item.get("lead_seconds")
+        named.append(name if lead is None else f"{name} ({_lead_text(float(lead))})")
+    first, *rest = named
+    return first if not rest else f"{first}, then {', '.join(rest)}"
+
+
+def _lead_text(seconds: float) -> str:
+    """``3m before`` / ``1m 30s after`` / ``at the start``: the largest whole unit and, when it is
+    not zero, the next one."""
+    whole = round(abs(seconds))
+    if whole == 0:
+        return "at the start"
+    sizes = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+    top = next(k for k, (_, size) in enumerate(sizes) if whole >= size)
+    unit, size = sizes[top]
+    text = f"{whole // size}{unit}"
+    if top + 1 < len(sizes):
+        next_unit, next_size = sizes[top + 1]
+        if (whole % size) // next_size:
+            text += f" {(whole % size) // next_size}{next_unit}"
+    return f"{text} {'before' if seconds > 0 else 'after'}"
 
 
 class AnnotationWriter:

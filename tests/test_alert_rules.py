@@ -7,15 +7,20 @@ file is exactly what they exist to prevent.
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
 
 from aiops_plugin.alerting import RuleFileError, load_rules_with_for
+from aiops_plugin.anomaly_api import ANOMALIES_PARAMETERS, ANOMALIES_PATH
+from aiops_plugin.config import CalibrationConfig
+from aiops_plugin.exporter import horizon_label
 
 REPO_ROOT = Path(__file__).parents[1]
 RULES = REPO_ROOT / "alert_rules" / "aiops-plugin.rules.yml"
@@ -93,12 +98,56 @@ def test_anomaly_alerts_read_the_probability_and_carry_detector_fused() -> None:
         assert rule["labels"]["detector"] == "fused"
 
 
-def test_anomaly_alerts_link_to_the_entity_dashboard() -> None:
-    anomaly_rules = _anomaly_rules()
-    assert anomaly_rules
-    for rule in anomaly_rules:
+def _entity_rules() -> list[dict[str, Any]]:
+    """The alerts about one entity: the anomaly alerts and the early warning."""
+    return [*_anomaly_rules(), _rule("AiopsEarlyWarning")]
+
+
+def _rule(name: str) -> dict[str, Any]:
+    (rule,) = [rule for rule in _alert_rules(RULES) if rule["alert"] == name]
+    return rule
+
+
+_EARLY_WARNING = re.compile(
+    r'^aiops_early_warning_probability\{horizon="(?P<horizon>\w+)"\} > (?P<threshold>[0-9.]+)\n'
+    r"unless on\(entity_group, entity\) aiops_anomaly_probability > (?P<anomalous>[0-9.]+)$"
+)
+
+
+def test_early_warning_watches_a_default_horizon_and_not_what_is_already_anomalous() -> None:
+    """A warning is for what has not happened yet: it stops where AiopsAnomalyDetected's
+    threshold is crossed, and its horizon is one the agent exports by default."""
+    match = _EARLY_WARNING.match(_rule("AiopsEarlyWarning")["expr"].strip())
+    assert match, _rule("AiopsEarlyWarning")["expr"]
+    defaults = {horizon_label(seconds) for seconds in CalibrationConfig().horizons}
+    assert match["horizon"] in defaults
+    assert 0 < float(match["threshold"]) < 1
+    detected = _rule("AiopsAnomalyDetected")["expr"]
+    assert detected == f"aiops_anomaly_probability > {match['anomalous']}"
+
+
+def test_entity_alerts_link_to_the_entity_dashboard() -> None:
+    for rule in _entity_rules():
         dashboard = rule["annotations"].get("dashboard", "")
         assert dashboard.startswith("/d/aiops-entity/aiops-entity?var-entity="), rule["alert"]
+
+
+def test_entity_alerts_name_the_top_metrics_and_link_the_entity_events() -> None:
+    """``top_metrics`` queries the entity's contributions when the annotation is rendered (the
+    promtool tests check the text); ``events`` asks the agent's anomaly API only what it knows,
+    and the anomaly alerts ask for the open event."""
+    for rule in _entity_rules():
+        annotations = rule["annotations"]
+        assert "aiops_metric_contribution{entity_group=%q, entity=%q}" in annotations["top_metrics"]
+        assert "| query }}" in annotations["top_metrics"]
+        link = urlsplit(annotations["events"])
+        assert link.path == ANOMALIES_PATH, rule["alert"]
+        params = parse_qs(link.query)
+        assert set(params) <= set(ANOMALIES_PARAMETERS), rule["alert"]
+        assert params["group"] == ["{{ $labels.entity_group | urlquery }}"]
+        assert params["entity"] == ["{{ $labels.entity | urlquery }}"]
+        expected_state = ["open"] if rule["alert"].startswith("AiopsAnomaly") else None
+        assert params.get("state") == expected_state, rule["alert"]
 
 
 def test_every_alert_has_a_promtool_unit_test() -> None:

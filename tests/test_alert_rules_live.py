@@ -8,8 +8,10 @@ Two checks that a hand-written promtool series cannot make on its own:
    really publish for every configured (group, detector).
 2. Every ``aiops_*`` input series of the promtool unit tests has a label set the exporter
    really emits (same label names beyond the entity's own; detectors, sources and phases that
-   exist), checked against the ``/metrics`` of a fitted agent and of one that cannot fit; the
-   anomaly alerts' ``aiops_anomaly_probability`` series among them.
+   exist, horizons it exports), checked against the ``/metrics`` of a fitted agent and of one
+   that cannot fit; among them the anomaly alerts' ``aiops_anomaly_probability``, the early
+   warning's ``aiops_early_warning_probability`` and the ``aiops_metric_contribution`` their
+   ``top_metrics`` annotation queries.
 """
 
 from __future__ import annotations
@@ -141,7 +143,9 @@ def test_promtool_input_series_have_the_label_sets_the_exporter_emits(
     try:
         fitted.start_up()
         fitted.fit(now=history.end)
-        fitted.infer(now=history.end)
+        # the early warning's trend needs a few cycles of fused scores before it says anything
+        for back in (4.0, 2.0, 0.0):
+            fitted.infer(now=history.end - back)
         emitted: dict[str, list] = {}
         for agent in (fitted, unfitted_agent):
             for name, samples in _families(agent).items():
@@ -150,6 +154,12 @@ def test_promtool_input_series_have_the_label_sets_the_exporter_emits(
         known_values = {
             "detector": set(DETECTOR_NAMES) | {"fused", "logs"},
             "source": {s.labels["source"] for s in emitted["aiops_source_up"]},
+            "horizon": {
+                s.labels["horizon"]
+                for samples in emitted.values()
+                for s in samples
+                if "horizon" in s.labels
+            },
         }
         checked: list[str] = []
         for name, labels in _promtool_input_series():
@@ -167,6 +177,11 @@ def test_promtool_input_series_have_the_label_sets_the_exporter_emits(
                     assert labels[label] in allowed, f"{name}: no {label} {labels[label]!r}"
             checked.append(name)
         assert len(checked) >= 10
-        assert {"aiops_anomaly_probability", "aiops_anomaly_score"} <= set(checked)
+        assert {
+            "aiops_anomaly_probability",
+            "aiops_anomaly_score",
+            "aiops_early_warning_probability",
+            "aiops_metric_contribution",
+        } <= set(checked)
     finally:
         fitted.store.close()

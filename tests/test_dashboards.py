@@ -44,14 +44,11 @@ SCHEMA_DIR = Path(__file__).parent / "dashboard_schema"
 UIDS = {"aiops-overview", "aiops-entity", "aiops-detectors", "aiops-agent"}
 DASHBOARDS = {d.uid: d.model for d in load_dashboards()}
 
-#: Panels built on the metric contract for metrics the agent does not export yet (the early
-#: warning). The test asserts each metric is absent from the agent's /metrics (so this list cannot
-#: hide a real failure) and still runs the queries, which must parse; a panel's queries on other
-#: metrics (aiops_anomaly_probability) must return series. Key: (dashboard uid, panel title).
-WAITING_FOR_CALIBRATION: dict[tuple[str, str], tuple[str, ...]] = {
-    ("aiops-overview", "Entities by anomaly probability"): ("aiops_early_warning_probability",),
-    ("aiops-entity", "Anomaly and early-warning probability"): ("aiops_early_warning_probability",),
-}
+#: Panels built on the metric contract for metrics the agent does not export yet (none today).
+#: The test asserts each metric is absent from the agent's /metrics (so this list cannot hide a
+#: real failure) and still runs the queries, which must parse; a panel's queries on other metrics
+#: must return series. Key: (dashboard uid, panel title).
+WAITING_FOR_CALIBRATION: dict[tuple[str, str], tuple[str, ...]] = {}
 #: Every detector family of the scene's agent, the deep ones tiny (one epoch of a few hundred
 #: windows, a seconds-long fit on 2 CPU cores) so that their uncertainty, multi-scale weights
 #: and forecasts of two SMD features are exported and every panel on them returns series.
@@ -559,3 +556,46 @@ def test_agent_writes_the_anomaly_event_as_a_grafana_annotation(scene: Scene) ->
     first = min(found, key=lambda a: a["time"])
     assert abs(first["time"] / 1000 - scene.at) < 120
     assert not scene.grafana.rejected and not scene.grafana.unexpected
+    assert "Top metrics:" in first["text"], first["text"]
+
+
+@pytest.mark.e2e
+def test_firing_anomaly_alert_names_exported_top_metrics_and_links_the_entity_events(
+    scene: Scene,
+) -> None:
+    """The annotations as the real Prometheus renders them from what the real agent exports:
+    ``top_metrics`` names metrics the agent reported contributions for, and ``events`` is a
+    request the agent's anomaly API answers with the entity's open events only."""
+    (alert,) = [
+        alert
+        for alert in scene.api("alerts")["alerts"]
+        if alert["labels"]["alertname"] == "AiopsAnomalyDetected"
+        and alert["labels"]["entity"] == PREFERRED["entity"]
+        and alert["state"] == "firing"
+    ]
+    contributions = scene.api(
+        "series",
+        **{
+            "match[]": f'aiops_metric_contribution{{entity="{PREFERRED["entity"]}"}}',
+            "start": scene.at - 600,
+            "end": time.time(),
+        },
+    )
+    exported = {series["metric"] for series in contributions}
+    named = re.findall(r"(?:^|, )(.+?) \([0-9.e+-]+%\)", alert["annotations"]["top_metrics"])
+    assert named and set(named) <= exported, (alert["annotations"]["top_metrics"], exported)
+
+    link = alert["annotations"]["events"]
+    assert link.endswith("&state=open")
+    response = requests.get(f"{scene.stack.agent_url}{link}", timeout=10)
+    assert response.status_code == 200, response.text
+    for event in response.json()["anomalies"]:
+        assert (event["entity_group"], event["entity"]) == (
+            PREFERRED["entity_group"],
+            PREFERRED["entity"],
+        )
+        assert event["state"] == "open"
+    every_state = requests.get(
+        f"{scene.stack.agent_url}{link.removesuffix('&state=open')}", timeout=10
+    )
+    assert every_state.status_code == 200 and every_state.json()["anomalies"], every_state.text

@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -23,7 +24,7 @@ from aiops_plugin.config import ConfigError, load_config
 from aiops_plugin.dashboards import DASHBOARDS_DIR, load_dashboards
 from aiops_plugin.demo import free_port
 from aiops_plugin.grafana import AnnotationWriter, connect
-from aiops_plugin.store import Store
+from aiops_plugin.store import AnomalyEvent, Store
 from aiops_plugin.windows import entity_key
 from tests.grafana_standin import GrafanaStandIn
 
@@ -151,13 +152,17 @@ def store(tmp_path: Path) -> Iterator[Store]:
     store.close()
 
 
-def track(store: Store, at: datetime, score: float) -> list:
+def track(
+    store: Store, at: datetime, score: float, details: dict[str, Any] | None = None
+) -> list[AnomalyEvent]:
+    """One scored step of the entity (with what it says about the anomaly, if given)."""
     return store.track_anomaly_events(
         group="node",
         detector="fused",
         timestamp=at,
         scores={KEY: score},
         labels={KEY: ENTITY},
+        details={KEY: details} if details else None,
     )
 
 
@@ -188,13 +193,70 @@ def test_an_anomaly_event_is_a_point_annotation_then_a_region(
     assert region["time"] == int(start.timestamp() * 1000)
     assert region["timeEnd"] == int(end.timestamp() * 1000)
     assert region["tags"] == annotation["tags"]
-    assert "peaked at 2.50" in region["text"] and "back below the threshold" in region["text"]
+    assert "peaked at 2.50" in region["text"] and "Back below the threshold" in region["text"]
     assert [(r.method, r.path) for r in grafana.requests] == [
         ("POST", "/api/annotations"),
         ("GET", "/api/annotations"),
         ("PATCH", f"/api/annotations/{annotation['id']}"),
     ]
     assert grafana.requests[1].query["tags"] == [f"aiops-event:{opened.id}"]
+    assert_api_used_as_documented(grafana)
+
+
+def ranked(name: str, lead_seconds: float | None, group: str = "node") -> dict[str, Any]:
+    """One entry of an event's root-cause ranking, as the agent stores it."""
+    labels = {"instance": name}
+    return {
+        "group": group,
+        "entity_key": entity_key(labels),
+        "entity_labels": labels,
+        "onset_at": "2026-03-01T11:57:00Z",
+        "lead_seconds": lead_seconds,
+        "peak_score": 4.0,
+        "rank_score": 1.0,
+    }
+
+
+def test_an_event_annotation_names_top_metrics_and_root_cause_and_ends_with_final_numbers(
+    grafana: GrafanaStandIn, store: Store
+) -> None:
+    writer = AnnotationWriter(connect(grafana.url, TOKEN))
+    start = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    details = {"probability": 0.93, "contributions": {"cpu": 0.7, "mem": 0.3}}
+    (opened,) = track(store, start, 2.5, details)
+    ranking = [
+        ranked("machine-1-1", 180.0),
+        ranked("machine-1-2", 0.0),
+        ranked("db-1", -90.0, group="db"),
+        ranked("machine-1-4", None),
+    ]
+    store.set_event_root_cause(opened.id, ranking)
+    written = store.get_anomaly_event(opened.id)
+    assert written is not None
+    assert writer.write([written]) == 1
+    (annotation,) = grafana.annotations.values()
+    assert annotation["text"] == (
+        f"Anomaly on machine-1-2 (group node): fused score peaked at 2.50 at {start.isoformat()}, "
+        "P(anomalous) up to 93%. Top metrics: cpu 70%, mem 30%. Root cause: machine-1-1 went "
+        "first (3m before), then machine-1-2 (at the start), db-1 of group db (1m 30s after), "
+        "machine-1-4."
+    )
+
+    # a stronger step turns the metrics around: shares are score-weighted over the event
+    later = {"probability": 0.999, "contributions": {"cpu": 0.1, "mem": 0.9}}
+    assert track(store, datetime(2026, 3, 1, 12, 3, tzinfo=UTC), 5.0, later) == []
+    end = datetime(2026, 3, 1, 12, 7, tzinfo=UTC)
+    (closed,) = track(store, end, 0.2)
+    assert writer.write([closed]) == 1
+    (region,) = grafana.annotations.values()
+    assert region["id"] == annotation["id"]
+    assert region["text"] == (
+        "Anomaly on machine-1-2 (group node): fused score peaked at 5.00 at "
+        "2026-03-01T12:03:00+00:00, P(anomalous) up to 99.9%. Top metrics: mem 70%, cpu 30%. "
+        "Root cause: machine-1-1 went first (3m before), then machine-1-2 (at the start), db-1 "
+        f"of group db (1m 30s after), machine-1-4. Back below the threshold at {end.isoformat()} "
+        "after 2 scored steps."
+    )
     assert_api_used_as_documented(grafana)
 
 
