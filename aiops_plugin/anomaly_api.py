@@ -19,8 +19,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from aiops_plugin.config import ENV_FEEDBACK_TOKEN
 from aiops_plugin.store.repo import (
