@@ -1088,15 +1088,31 @@ class Agent:
                         self.store.set_event_root_cause(event.id, ranking)
                     except StoreError as exc:
                         log.error("root cause of event %d not stored: %s", event.id, exc)
-                for place, item in enumerate(ranking, start=1):
-                    if item.get("onset_at") is None:
-                        continue  # never anomalous around the event: no cause to point at
-                    ranks.append(
-                        RootCauseRank(
-                            item["group"], item["entity_labels"], place, item.get("lead_seconds")
-                        )
-                    )
+                ranks += self._exported_ranks(event, ranking)
         self.exporter.publish_root_causes(ranks)
+
+    @staticmethod
+    def _exported_ranks(event: AnomalyEvent, ranking: list[dict]) -> list[RootCauseRank]:
+        """The places of an event's ranking worth a series: entities that became anomalous
+        around it, and always the event's own entity (it crossed the threshold at the start by
+        definition, even before its run is long enough to count as an onset)."""
+        ranks: list[RootCauseRank] = []
+        own_listed = False
+        for place, item in enumerate(ranking, start=1):
+            own = item["group"] == event.group_name and item["entity_key"] == event.entity_key
+            own_listed |= own
+            if item.get("onset_at") is None and not own:
+                continue  # never anomalous around the event: no cause to point at
+            lead = item.get("lead_seconds")
+            ranks.append(
+                RootCauseRank(
+                    item["group"], item["entity_labels"], place, 0.0 if lead is None else lead
+                )
+            )
+        if not own_listed:
+            place = len(ranking) + 1
+            ranks.append(RootCauseRank(event.group_name, event.entity_labels, place, 0.0))
+        return ranks
 
     def _newly_vanished(self, group: str, present: set[str]) -> list[str]:
         """Entities of the last fit whose series are gone from the buffer (no data left in the

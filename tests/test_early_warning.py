@@ -1,0 +1,432 @@
+"""The early-warning probability on a real SMD slice (machine-1-2, eight of its metrics, the
+first 40 hours of its train split): fitted as the agent fits it (mad + pca trained on the earlier
+75 %, the fused calibration and the early warning on the rest, with and without a tiny
+forecaster), then fed the next hours with planted ramps. Plus the pieces by hand (the trend
+line, the SLO features, the gate) and the benchmark on a tiny NAB slice."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aiops_plugin.calibration import score_from_p
+from aiops_plugin.calibration.stage import GroupCalibration
+from aiops_plugin.config import DetectorsConfig, EarlyWarningConfig, SloThreshold
+from aiops_plugin.detectors.forecaster import ForecasterDetector
+from aiops_plugin.detectors.registry import FittedModel, build_detector
+from aiops_plugin.detectors.training import TrainingSettings
+from aiops_plugin.early_warning import (
+    SLO,
+    GroupEarlyWarning,
+    forecast_evidence,
+    gate,
+    slo_columns,
+    trend_extrapolation,
+)
+from aiops_plugin.evaluation import datasets
+from aiops_plugin.evaluation import early_warning_benchmark as benchmark
+from aiops_plugin.windows import Windows
+
+DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
+RATE = 0.001
+HORIZONS = [5, 15, 30]
+#: machine-1-2's metrics 0-6 and 23; 2-6 are smooth (lag-1 autocorrelation >= 0.95)
+COLUMNS = [0, 1, 2, 3, 4, 5, 6, 23]
+FIT_ROWS = 2400
+CONTEXT = 100
+#: test steps (after the context) at which the planted ramps start
+RAMP_START = 150
+#: mixtures refitted every this many steps in the replays (the equivalence test uses 1)
+REFIT = 20
+
+
+def machine_windows(values: np.ndarray, features: list[str]) -> Windows:
+    return Windows.from_array(
+        values, step=60.0, features=features, entities=[{"instance": "machine-1-2"}]
+    )
+
+
+@dataclass
+class Fitted:
+    """A group of one SMD machine fitted as the agent fits it."""
+
+    values: np.ndarray  # (FIT_ROWS + 400, features): the fit read and the hours after it
+    features: list[str]
+    models: dict[str, FittedModel]
+    calibration: GroupCalibration
+    fused_slice: np.ndarray
+    first: int
+    forecaster: ForecasterDetector
+
+    def windows(self, values: np.ndarray) -> Windows:
+        return machine_windows(values, self.features)
+
+    def fused(self, windows: Windows) -> np.ndarray:
+        raw = {name: model.score(windows).score for name, model in self.models.items()}
+        return score_from_p(self.calibration.p_values(raw, windows.keys)["fused"], RATE)
+
+    def early_warning(
+        self, with_forecaster: bool, slo: dict[str, SloThreshold] | None = None
+    ) -> GroupEarlyWarning:
+        return GroupEarlyWarning(HORIZONS, EarlyWarningConfig(), slo or {}, RATE).fit(
+            self.fused_slice,
+            self.windows(self.values[:FIT_ROWS]),
+            self.first,
+            self.forecaster if with_forecaster else None,
+        )
+
+    def after_fit(self) -> np.ndarray:
+        """The context and the 300 steps after the fit read, unplanted."""
+        return self.values[FIT_ROWS - CONTEXT : FIT_ROWS + 300].copy()
+
+    def replay(
+        self, warning: GroupEarlyWarning, values: np.ndarray, with_forecaster: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(probabilities (steps, horizons), fused scores (steps,))`` after the context, from
+        a copy of ``warning`` (its recent p-values are fed)."""
+        windows = self.windows(values)
+        fused = self.fused(windows)[:, CONTEXT:]
+        forecaster = self.forecaster if with_forecaster else None
+        probability = copy.deepcopy(warning).replay(fused, windows, CONTEXT, forecaster, REFIT)
+        return probability[0], fused[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """The tiny forecaster gains nothing from a second thread, and two threads spin against any
+    other busy process on a 2-core machine (its fit here: 2 s with one, 230 s with two)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def fitted() -> Fitted:
+    series = datasets.load("smd", "machine-1-2", DATA_ROOT)
+    values = series.train[: FIT_ROWS + 400, COLUMNS]
+    features = [series.feature_names[c] for c in COLUMNS]
+    history = machine_windows(values[:FIT_ROWS], features)
+    models, raw = {}, {}
+    for name in ("mad", "pca"):
+        detector = build_detector(name, DetectorsConfig(), torch.device("cpu"))
+        models[name], raw[name] = FittedModel.fit_split(detector, history, 0.25)
+    forecaster = ForecasterDetector(
+        window=32,
+        hidden=16,
+        heads=2,
+        horizon_steps=HORIZONS,
+        score_steps=3,
+        max_train_windows=2000,
+        training=TrainingSettings(epochs=5, batch_size=64, patience=10),
+    )
+    FittedModel.fit_split(forecaster, history, 0.25)
+    calibration = GroupCalibration(["mad", "pca"]).fit(raw, history.keys)
+    fused_slice = score_from_p(calibration.fused_calibration_p_, RATE)
+    return Fitted(
+        values,
+        features,
+        models,
+        calibration,
+        fused_slice,
+        FIT_ROWS - fused_slice.shape[1],
+        forecaster,
+    )
+
+
+@pytest.fixture(scope="module")
+def trend_only(fitted: Fitted) -> GroupEarlyWarning:
+    return fitted.early_warning(with_forecaster=False)
+
+
+@pytest.fixture(scope="module")
+def with_forecast(fitted: Fitted) -> GroupEarlyWarning:
+    return fitted.early_warning(with_forecaster=True)
+
+
+def plant_ramp(
+    fitted: Fitted, values: np.ndarray, features: list[int], length: int, beyond: float
+) -> np.ndarray:
+    """A linear ramp from each feature's value at ``RAMP_START`` to ``max + beyond * range`` of
+    its fit read, over ``length`` steps, held after; the other features untouched."""
+    planted = values.copy()
+    steps = np.arange(len(values))
+    start = CONTEXT + RAMP_START
+    share = np.clip((steps - start) / length, 0.0, 1.0)
+    for j in features:
+        fit = fitted.values[:FIT_ROWS, j]
+        target = fit.max() + beyond * (fit.max() - fit.min())
+        ramp = planted[start, j] + share * (target - planted[start, j])
+        planted[:, j] = np.where(steps >= start, ramp, planted[:, j])
+    return planted
+
+
+def first_at_or_above(values: np.ndarray, level: float) -> int | None:
+    hits = np.flatnonzero(values >= level)
+    return int(hits[0]) if hits.size else None
+
+
+# ---------------------------------------------------------------------------- the pieces
+def test_trend_is_a_nan_tolerant_least_squares_line_extrapolated() -> None:
+    y = 2.0 + 0.5 * np.arange(12, dtype=np.float64)
+    y[[3, 7]] = np.nan
+    line = trend_extrapolation(y[None], 5, [1, 10])
+    # step 11 sees steps 7..11, step 7 missing: the line through the other four
+    assert line[0, 11] == pytest.approx([2.0 + 0.5 * 12, 2.0 + 0.5 * 21])
+    noisy = np.array([[1.0, 3.0, 2.0, 4.0, np.nan]])
+    expected = np.polyfit(np.arange(4.0), noisy[0, :4], 1)
+    assert trend_extrapolation(noisy[:, :4], 10, [2])[0, 3, 0] == pytest.approx(
+        np.polyval(expected, 5.0)
+    )
+    # fewer than three finite values in the span: no trend
+    assert np.isnan(trend_extrapolation(noisy, 3, [1])[0, [0, 1, 4]]).all()
+
+
+def test_slo_thresholds_apply_to_every_feature_of_their_query() -> None:
+    features = ["cpu", 'cpu{mode="user"}', "cpu_busy", "mem"]
+    slo = {"cpu": SloThreshold(above=0.9), "mem": SloThreshold(below=1e9)}
+    columns, sign, threshold = slo_columns(features, slo)
+    np.testing.assert_array_equal(columns, [0, 1, 3])
+    np.testing.assert_array_equal(sign, [1.0, 1.0, -1.0])
+    np.testing.assert_array_equal(threshold, [0.9, 0.9, 1e9])
+
+
+def test_gate_tempers_the_evidence_toward_the_prior_in_proportion() -> None:
+    prior, threshold = 0.01, 2.0
+    p = np.array([0.9, 0.9, 0.9, 0.9, 0.001, np.nan])
+    u = np.array([1.0, 2.0, 4.0, 400.0, 4.0, 4.0])
+    gated = gate(p, prior, u, threshold)
+    assert gated[:2] == pytest.approx([0.9, 0.9])  # at or below the gate: all the evidence
+    logit = lambda q: math.log(q / (1 - q))  # noqa: E731
+    # twice the gate's uncertainty keeps half the log-odds above the prior
+    assert logit(gated[2]) - logit(prior) == pytest.approx((logit(0.9) - logit(prior)) / 2)
+    assert gated[3] == pytest.approx(prior, rel=0.05)  # almost nothing is left
+    assert prior > gated[4] > 0.001  # below the prior, it is pulled up toward it
+    assert np.isnan(gated[5])
+    np.testing.assert_array_equal(gate(p, prior, None, threshold), p)
+
+
+# ------------------------------------------------------------------- the planted ramps
+def test_stays_low_on_normal_data(
+    fitted: Fitted, trend_only: GroupEarlyWarning, with_forecast: GroupEarlyWarning
+) -> None:
+    values = fitted.after_fit()
+    for warning, forecasting in ((trend_only, False), (with_forecast, True)):
+        probability, fused = fitted.replay(warning, values, forecasting)
+        # the trend needs three scores: the replay's first two steps have only the forecast
+        assert np.isfinite(probability[2:]).all()
+        assert np.isfinite(probability[:2]).all() == forecasting
+        assert np.nanmax(probability) < 0.05, (warning.method, np.nanmax(probability, axis=0))
+    assert np.nanmax(fused) < 1.0  # the stretch is normal by the fused score too
+
+
+def test_forecast_warns_on_a_slow_ramp_before_the_fused_score_alarms(
+    fitted: Fitted, with_forecast: GroupEarlyWarning
+) -> None:
+    """Three smooth metrics (memory-like) climb over two hours to their fit maximum plus their
+    range: the forecast sees them leave the normal band while the fused score of mad + pca is
+    still below 1."""
+    assert with_forecast.method == "ew-forecast-trend-tail-cauchy-bum-gated-v1"
+    values = plant_ramp(fitted, fitted.after_fit(), [2, 3, 4], length=120, beyond=1.0)
+    probability, fused = fitted.replay(with_forecast, values, True)
+    assert np.nanmax(probability[:RAMP_START]) < 0.05
+    warned = first_at_or_above(probability[:, 2], 0.5)  # the 30-minute horizon
+    assert warned is not None and RAMP_START < warned < RAMP_START + 120
+    alarmed = first_at_or_above(fused, 1.0)
+    assert alarmed is None or alarmed > warned
+    assert probability[warned:, 2].min() > 0.5  # it holds while the level stays beyond
+
+
+def test_trend_alone_warns_while_the_fused_score_climbs(
+    fitted: Fitted, trend_only: GroupEarlyWarning
+) -> None:
+    """Without a forecaster only the fused score's trend is left: on a fast ramp of five
+    metrics to far beyond their range it warns during the climb."""
+    assert trend_only.method == "ew-trend-tail-bum-v1"
+    values = plant_ramp(fitted, fitted.after_fit(), [2, 3, 4, 5, 6], length=60, beyond=3.0)
+    probability, fused = fitted.replay(trend_only, values, False)
+    assert np.nanmax(probability[:RAMP_START]) < 0.05
+    warned = first_at_or_above(probability[:, 0], 0.5)
+    assert warned is not None and RAMP_START < warned < RAMP_START + 60
+    assert first_at_or_above(fused, 1.0) is not None
+
+
+def test_update_cycle_by_cycle_is_what_the_replay_gives(
+    fitted: Fitted, with_forecast: GroupEarlyWarning
+) -> None:
+    """The agent's path: one ``update`` per cycle with the recent fused scores and the scored
+    windows (only the forecaster's context), also while the history is shorter than the
+    trend; the benchmark's ``replay`` of the same steps gives the same probabilities."""
+    values = plant_ramp(fitted, fitted.after_fit(), [2, 3, 4], length=120, beyond=1.0)
+    windows = fitted.windows(values)
+    fused = fitted.fused(windows)
+    steps = range(CONTEXT + 200, CONTEXT + 215)
+    cycles = copy.deepcopy(with_forecast)
+    by_update = []
+    for i, step in enumerate(steps):
+        history = fused[:, max(CONTEXT + 200, step - 20) : step + 1]
+        if i == 0:
+            assert history.shape[1] < cycles.settings.trend_steps
+        scored = windows.head(step + 1).tail(fitted.forecaster.context_steps + 1)
+        by_update.append(cycles.update(history, scored, fitted.forecaster))
+    start = steps[0]
+    end = steps[-1] + 1
+    replayed = copy.deepcopy(with_forecast).replay(
+        fused[:, start:end], windows.head(end), start, fitted.forecaster, refit_every=1
+    )
+    np.testing.assert_allclose(np.stack(by_update, axis=1), replayed, rtol=1e-4, atol=1e-7)
+    assert np.asarray(by_update).shape == (15, 1, 3)
+
+
+def test_nothing_to_say_without_scores_or_forecasts(
+    fitted: Fitted, with_forecast: GroupEarlyWarning
+) -> None:
+    windows = fitted.windows(fitted.after_fit())
+    warning = copy.deepcopy(with_forecast)
+    nothing = warning.update(np.full((1, 4), np.nan), windows, None)
+    assert nothing.shape == (1, 3) and np.isnan(nothing).all()
+    # a forecaster alone is enough
+    forecast_only = warning.update(np.full((1, 4), np.nan), windows, fitted.forecaster)
+    assert np.isfinite(forecast_only).all()
+
+
+def test_gate_holds_back_warnings_when_the_forecast_is_unsure(
+    fitted: Fitted, with_forecast: GroupEarlyWarning
+) -> None:
+    """The same ramp, judged by a gate at a quarter of these forecasts' uncertainty (as if the
+    calibration slice's forecasts had been four times surer): every probability moves toward
+    the mixture's prior and the warning is held back; with the fitted gate these
+    forecasts are within the usual uncertainty and nothing is held back."""
+    values = plant_ramp(fitted, fitted.after_fit(), [2, 3, 4], length=120, beyond=1.0)
+    windows = fitted.windows(values)
+    distribution = fitted.forecaster.forecast_distribution(windows, np.arange(CONTEXT, 400))
+    _, _, uncertainty = forecast_evidence(distribution, with_forecast.band_, {}, HORIZONS)
+    assert with_forecast.gate_threshold_ is not None
+    assert (uncertainty[0] <= with_forecast.gate_threshold_).mean() > 0.95
+    open_gate = copy.deepcopy(with_forecast)
+    open_gate.gate_threshold_ = np.full(3, np.inf)
+    ungated, _ = fitted.replay(open_gate, values, True)
+    gated, _ = fitted.replay(with_forecast, values, True)
+    np.testing.assert_allclose(
+        gated[uncertainty[0] <= with_forecast.gate_threshold_],
+        ungated[uncertainty[0] <= with_forecast.gate_threshold_],
+    )
+    strict = copy.deepcopy(with_forecast)
+    strict.gate_threshold_ = uncertainty[0].min(axis=0) / 4.0
+    held, _ = fitted.replay(strict, values, True)
+    prior = np.array([recent.model.anomalous_share_ for recent in with_forecast.recent_])
+    assert (np.abs(held - prior) <= np.abs(ungated - prior) + 1e-9).all()
+    warned = first_at_or_above(ungated[:, 2], 0.5)
+    assert warned is not None and held[warned, 2] < 0.1
+    later = first_at_or_above(held[:, 2], 0.5)
+    assert later is None or later > warned + 10
+
+
+def test_slo_crossing_raises_the_probability_as_the_forecast_approaches(
+    fitted: Fitted, with_forecast: GroupEarlyWarning
+) -> None:
+    """``m03 above`` a threshold inside its normal band: climbing toward it (but staying below
+    it, and inside the band) raises the SLO evidence step by step and the warning with it;
+    without the SLO the same climb says nothing."""
+    j = fitted.features.index("m03")
+    key = fitted.windows(fitted.values[:1]).keys[0]
+    center = float(fitted.forecaster.scaler_.centers_[key][j])
+    scale = float(fitted.forecaster.scaler_.scales_[key][j])
+    assert with_forecast.band_["m03"] > 3.0
+    slo = {"m03": SloThreshold(above=center + 3.0 * scale)}
+    warning = fitted.early_warning(with_forecaster=True, slo=slo)
+    assert SLO in warning.evidence_ and "slo" in warning.method
+    values = fitted.after_fit()
+    start = CONTEXT + RAMP_START
+    target = center + 2.7 * scale
+    climb = np.clip((np.arange(len(values)) - start) / 100.0, 0.0, 1.0)
+    values[start:, j] = values[start, j] + climb[start:] * (target - values[start, j])
+    windows = fitted.windows(values)
+    distribution = fitted.forecaster.forecast_distribution(windows, np.arange(CONTEXT, 400))
+    _, breach, _ = forecast_evidence(distribution, warning.band_, slo, HORIZONS)
+    assert breach is not None
+    approach = breach[0, RAMP_START : RAMP_START + 100 : 10, 2]
+    assert (np.diff(approach) > -0.2).all() and approach[-1] - approach[0] > 1.5
+    with_slo, _ = fitted.replay(warning, values, True)
+    without, _ = fitted.replay(with_forecast, values, True)
+    assert with_slo[:RAMP_START].max() < 0.05
+    assert without.max() < 0.05 < 0.5 < with_slo[RAMP_START : RAMP_START + 100, 2].max()
+
+
+def test_state_round_trip_is_small_plain_json(
+    fitted: Fitted, with_forecast: GroupEarlyWarning
+) -> None:
+    text = json.dumps(with_forecast.state_dict(), allow_nan=False)
+    assert len(text) < 400_000
+    restored = GroupEarlyWarning.from_state_dict(json.loads(text))
+    assert restored.method == with_forecast.method
+    assert restored.band_ == with_forecast.band_
+    values = plant_ramp(fitted, fitted.after_fit(), [2, 3, 4], length=120, beyond=1.0)
+    before, _ = fitted.replay(with_forecast, values, True)
+    after, _ = fitted.replay(restored, values, True)
+    np.testing.assert_allclose(after, before, rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="version"):
+        GroupEarlyWarning.from_state_dict({**json.loads(text), "version": 99})
+
+
+# ------------------------------------------------------------------------- the benchmark
+def test_warning_threshold_is_matched_to_a_false_warning_rate_from_the_top_down() -> None:
+    """Two days, one event, three isolated false warnings at 0.9 above a 0.2 baseline."""
+    labels = np.zeros(2880, dtype=np.int8)
+    labels[2000:2010] = 1
+    signal = np.full(2880, 0.2)
+    signal[[100, 900, 1700]] = 0.9
+    signal[1990:2010] = 0.95
+    item = benchmark.EntityWarnings(
+        "x", "x", 60.0, labels, signal, signal, signal[:, None], [5], "m", 0.0
+    )
+    # one false warning per day allowed: the threshold stays above the three
+    assert benchmark.choose_threshold([signal], [item], 5, 1.0, 1.0) > 0.9
+    # 1.5 per day (3 in 2 days) lets them in, but not the baseline, whose alarms would merge
+    # into one endless run touching the event (no false warning, all the time in alarm)
+    chosen = benchmark.choose_threshold([signal], [item], 5, 1.5, 0.01)
+    assert 0.2 < chosen <= 0.9
+    assert benchmark.choose_threshold([signal], [item], 5, 0.0, 0.0) > 0.9
+    np.testing.assert_array_equal(
+        np.flatnonzero(benchmark.starts_within(labels, 5)), np.arange(1995, 2000)
+    )
+
+
+def test_benchmark_on_a_tiny_nab_slice(tmp_path: Path) -> None:
+    entities = [
+        "realAWSCloudwatch/ec2_cpu_utilization_24ae8d",
+        "realAWSCloudwatch/ec2_cpu_utilization_53ea38",
+    ]
+    run = benchmark.run_early_warning_benchmark(
+        ["nab"], entities=entities, data_root=DATA_ROOT, slice_rows=400, refit_seconds=3600
+    )
+    assert [item.entity for item in run.entities] == entities
+    assert {item.method for item in run.entities} == {"ew-trend-tail-bum-v1"}
+    for item in run.entities:
+        assert item.early_warning.shape == (400, 3) and item.horizons_steps == [1, 3, 6]
+        finite = item.early_warning[np.isfinite(item.early_warning)]
+        assert finite.size > 1000 and ((finite >= 0) & (finite <= 1)).all()
+    signals = (benchmark.FUSED_SCORE, benchmark.EARLY_WARNING, benchmark.EARLY_WARNING_TUNED)
+    assert [(row.horizon, row.signal) for row in run.lead] == [
+        (h, s) for h in ("5m", "15m", "30m") for s in signals
+    ]
+    fused = [row for row in run.lead if row.signal == benchmark.FUSED_SCORE]
+    assert all(row.thresholds == "1.000" and row.entity_days > 2.5 for row in fused)
+    # each half is evaluated at a threshold chosen on the other: one per half
+    warned = [row for row in run.lead if row.signal == benchmark.EARLY_WARNING]
+    assert all(len(row.thresholds.split(" / ")) == 2 for row in warned)
+    assert len(run.calibration) == 6
+    images = benchmark.plot_reliability(run, tmp_path)
+    assert [path.name for path in images] == ["early_warning_nab.png"]
+    text = benchmark.early_warning_markdown(run, {"nab": "img/early_warning_nab.png"})
+    assert text.startswith("## Early warning") and "Command: " in text
+    assert "| 30m (6 steps) | early warning |" in text and "early_warning_nab.png" in text
+    assert "### Reading" in text and "events warned before their start" in text
