@@ -67,6 +67,12 @@ def test_a_log_burst_raises_only_its_entitys_fused_score(
     metrics_only = metric_fused_scores(agent, result)
     assert fused[keys[NOISY]] > max(1.0, metrics_only[keys[NOISY]])
     assert fused[keys["holey"]] == pytest.approx(metrics_only[keys["holey"]], rel=1e-6)
+    # the anomaly event of the noisy entity keeps the log template that made it
+    (event,) = [
+        e for e in agent.store.open_anomaly_events("smd") if e.entity_labels["instance"] == NOISY
+    ]
+    top = event.log_templates[0]
+    assert "kernel panic" in top["template"] and top["count"] == 1 and top["score"] > 0
 
 
 def json_key(labels: dict[str, str]) -> str:

@@ -133,7 +133,7 @@ class LogPipeline:
         self.groups = sorted({mapping.group for mapping in config.logs.entities})
         #: per group, entity key -> the log p-value of the last scoring (for the fused score)
         self.latest_p: dict[str, dict[str, float]] = {}
-        #: per group, entity key -> the most anomalous templates of the last scored step
+        #: per group, entity key -> the most anomalous templates of the last scoring's window
         #: (``[{"template", "count", "score"}]``, for the anomaly events)
         self.latest_templates: dict[str, dict[str, list[dict]]] = {}
 
@@ -262,8 +262,8 @@ class LogPipeline:
         p = model.calibrator.p_values(statistic, keys)
         steps.score = p[:, None].astype(np.float64)
         self.latest_p[group] = dict(zip(keys, p.tolist(), strict=True))
-        latest = batch.select(batch.timestamps > align_start(now, step) - step)
-        self.latest_templates[group] = self._top_templates(latest, model.profile)
+        # the templates behind this log score: the records of its window
+        self.latest_templates[group] = self._top_templates(batch, model.profile)
         return steps
 
     def _top_templates(self, batch: LogBatch, profile: LogProfile) -> dict[str, list[dict]]:
