@@ -4,7 +4,7 @@ Detectors of one entity look at the same data, so their p-values are strongly de
 maximum of their scores (a min-p rule) alarms up to N times the configured rate. The Cauchy
 combination (:func:`cauchy_combination`) stays approximately valid under arbitrary dependence;
 its combined p-value is then calibrated once more (a :class:`TailCalibrator` on
-``-log(combined p)``) on the calibration slice's out-of-fold p-values, so ``detector="fused"``
+``-log(combined p)``) on the calibration slice's p-values, so ``detector="fused"``
 at 1.0 is at the configured false-alarm rate too, as measured on data no part of it was fitted
 on.
 
@@ -59,7 +59,7 @@ class FusedCalibrator:
         return np.stack([np.asarray(p_by_detector[name], np.float64) for name in self.detectors])
 
     def fit(self, p_by_detector: dict[str, np.ndarray], keys: list[str]) -> FusedCalibrator:
-        """``p_by_detector``: out-of-fold calibration p-values, each ``(entities, steps)``."""
+        """``p_by_detector``: the calibration slice's p-values, each ``(entities, steps)``."""
         statistic = combined_statistic(self._stack(p_by_detector), self._weights())
         self.calibrator_ = TailCalibrator(tail_fraction=self.tail_fraction).fit(statistic, keys)
         return self

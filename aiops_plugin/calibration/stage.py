@@ -16,11 +16,17 @@ is that the detectors train on 75 % of the history instead of all of it
   entity has the calibration steps for its own tail, shrunk toward the group's pooled tail
   otherwise; see that module), giving p-values ``P(S >= s)`` under normal behaviour;
 - the fused calibrator (:class:`~aiops_plugin.calibration.fused.FusedCalibrator`): the
-  detectors' p-values Cauchy-combined and that statistic calibrated again. It must see p-values
-  the way they will look on new data, not in-sample ones, so it is fitted on *out-of-fold*
-  p-values: the slice is cut in two halves in time, each half's p-values come from calibrators
-  fitted on the other half;
-- the probability model's starting point: the same out-of-fold fused p-values
+  detectors' p-values Cauchy-combined and that statistic calibrated again, on the slice's own
+  p-values from the calibrators above. Those are rank-like (about uniform on the slice), which
+  is how a new normal step's p-values look under the same calibrators, and they carry the
+  detectors' dependence, which is what the second calibration is for. An earlier version fitted
+  it on *out-of-fold* p-values (each half of the slice scored by calibrators fitted on the other
+  half): where the halves differ (drift, an unlabelled incident in one of them) the
+  half-calibrators' extrapolated tails gave p-values down to ``e^-95``, the fused calibrator
+  learned that such values are common, and a 6-sigma shift of every metric, beyond anything
+  either detector had seen, came out below the alarm (0.56 on an SMD machine; 1.2 with this
+  fit; ``tests/test_calibration_stage.py``);
+- the probability model's starting point: the same fused p-values of the slice
   (:class:`RecentProbability`), to which every cycle's fused p-values are added.
 
 The exported score is :func:`~aiops_plugin.calibration.tail.score_from_p` of the p-value:
@@ -42,14 +48,12 @@ from aiops_plugin.calibration.tail import TAIL_METHOD, TailCalibrator
 
 STATE_VERSION = 1
 #: Method recorded with each calibration version.
-METHOD = f"{TAIL_METHOD}; fused: Cauchy combination recalibrated out-of-fold"
+METHOD = f"{TAIL_METHOD}; fused: Cauchy combination recalibrated on the slice's p-values"
 PROBABILITY_METHOD = "beta-uniform mixture of the group's recent fused p-values (MAP)"
 LABELLED_PROBABILITY_METHOD = (
     "isotonic regression of feedback labels (events' peak fused p-values; the calibration "
     "slice as normal) on -log p"
 )
-#: Fewest calibration steps (per entity, on average) a slice must have to be split in two folds.
-MIN_FOLD_STEPS = 20
 
 
 def split_point(n_steps: int, calibration_fraction: float, min_train_steps: int) -> int:
@@ -87,7 +91,7 @@ class GroupCalibration:
         self.weights = dict(weights or {})
         self.calibrators_: dict[str, TailCalibrator] = {}
         self.fused_: FusedCalibrator | None = None
-        #: out-of-fold fused p-values of the slice, ``(entities, steps)``; not part of the state
+        #: fused p-values of the slice, ``(entities, steps)``; not part of the state
         self.fused_calibration_p_: np.ndarray | None = None
         self.n_steps_: int = 0
 
@@ -104,38 +108,15 @@ class GroupCalibration:
             name: TailCalibrator(tail_fraction=self.tail_fraction).fit(raw[name], keys)
             for name in self.detectors
         }
-        oof = self._out_of_fold(raw, keys, n_steps)
+        slice_p = {
+            name: self.calibrators_[name].p_values(raw[name], keys) for name in self.detectors
+        }
         self.fused_ = FusedCalibrator(self.detectors, self.weights, self.tail_fraction).fit(
-            oof, keys
+            slice_p, keys
         )
-        self.fused_calibration_p_ = self.fused_.p_values(oof, keys)
+        self.fused_calibration_p_ = self.fused_.p_values(slice_p, keys)
         self.n_steps_ = n_steps
         return self
-
-    def _out_of_fold(
-        self, raw: dict[str, np.ndarray], keys: list[str], n_steps: int
-    ) -> dict[str, np.ndarray]:
-        """Each half's p-values from calibrators fitted on the other half (in-sample p-values
-        where the slice is too short for two folds)."""
-        if n_steps < 2 * MIN_FOLD_STEPS:
-            return {name: self.calibrators_[name].p_values(raw[name], keys) for name in raw}
-        half = n_steps // 2
-        oof: dict[str, np.ndarray] = {}
-        for name in self.detectors:
-            scores = np.asarray(raw[name], dtype=np.float64)
-            first, second = scores[:, :half], scores[:, half:]
-            p = np.full(scores.shape, np.nan)
-            if np.isfinite(second).any() and np.isfinite(first).any():
-                p[:, :half] = (
-                    TailCalibrator(self.tail_fraction).fit(second, keys).p_values(first, keys)
-                )
-                p[:, half:] = (
-                    TailCalibrator(self.tail_fraction).fit(first, keys).p_values(second, keys)
-                )
-            else:
-                p = self.calibrators_[name].p_values(scores, keys)
-            oof[name] = p
-        return oof
 
     def p_values(
         self,
@@ -190,7 +171,7 @@ class RecentProbability:
 
     The mixture is refitted on a bounded buffer of the group's most recent fused p-values
     (``capacity`` of them, all entities together), started from the calibration slice's
-    out-of-fold p-values and fed every cycle. Under the model (normal p-values uniform,
+    fused p-values and fed every cycle. Under the model (normal p-values uniform,
     anomalous ones Beta(a, 1)) the posterior is calibrated; how well that holds on real data is
     measured by the benchmark (ECE, Brier).
     """

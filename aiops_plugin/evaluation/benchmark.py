@@ -11,7 +11,7 @@ calibrates a group (:mod:`aiops_plugin.calibration.stage`):
    from the end of the train split, exactly as the agent scores its buffer (the agent exports the
    last step of each cycle; scoring all test steps in one call gives the same numbers for these
    causal detectors, only faster), turned into p-values per detector and ``fused`` (Cauchy
-   combination recalibrated out-of-fold), and put on the exported scale with
+   combination recalibrated on the calibration slice), and put on the exported scale with
    :func:`score_from_p` (1.0 = the configured false-alarm rate). ``fused`` is one more row per
    entity, also with a single detector (then it is that detector recalibrated once more).
 
@@ -153,7 +153,7 @@ def probabilities(
     both ``(T,)`` and NaN before ``measured_from = T // 2``.
 
     Unlabelled: what the agent exports each cycle, :meth:`RecentProbability.update`'s answer for
-    the step, seeded from the calibration slice's out-of-fold fused p-values. ``calibration``
+    the step, seeded from the calibration slice's fused p-values. ``calibration``
     is the one calibration of the whole test split, or, with periodic refits, ``(first test
     step, calibration)`` per successful refit: like the agent, each refit seeds a new
     :class:`RecentProbability` from its own calibration slice, updated step by step until the
@@ -722,7 +722,7 @@ def markdown_report(run: BenchmarkRun) -> str:
         f"Machine: {run.machine}. Wall time: {run.wall_seconds:.0f} s. "
         f"{fitting}; a score is the p-value on "
         f"the exported scale at configured false_alarm_rate={run.false_alarm_rate}, and "
-        "`fused` is the group's Cauchy-combined p-value recalibrated out-of-fold. "
+        "`fused` is the group's Cauchy-combined p-value recalibrated on the calibration slice. "
         "'@1' = at the product's threshold, score >= 1.0; the realised false-alarm rate is the "
         "share of the test split's normal rows with score >= 1.0, to compare with the "
         "configured one. PA-F1 is point-adjusted F1, INFLATED: it credits a whole "
