@@ -42,7 +42,16 @@ RESERVED_LABELS = frozenset(
 )
 
 #: Every detector with a configuration section, in the order they are run.
-DETECTOR_NAMES = ("mad", "iforest", "pca", "cblof", "forecaster", "multiscale")
+DETECTOR_NAMES = (
+    "mad",
+    "iforest",
+    "pca",
+    "cblof",
+    "forecaster",
+    "multiscale",
+    "diffusion",
+    "fusion",
+)
 #: Bound on ``detectors.forecaster.export_metrics``: each adds entities x horizons x 3 series.
 MAX_FORECAST_METRICS = 16
 
@@ -238,6 +247,9 @@ class CblofConfig(_PointwiseDetectorConfig):
 class _DeepDetectorConfig(_Strict):
     """Settings every deep detector shares (the training loop and the window)."""
 
+    #: Read at scoring time, so changing them needs no refit (left out of the model hash).
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"score_batch_size"})
+
     enabled: bool = False
     window: int = Field(128, ge=8, description="steps the network reads; it scores the last one")
     epochs: int = Field(30, ge=1, description="training budget: passes over the windows")
@@ -262,13 +274,21 @@ class _DeepDetectorConfig(_Strict):
         lt=0.5,
         description="held-out share of each entity's last observed windows, for early stopping",
     )
+    score_batch_size: int = Field(
+        0,
+        ge=0,
+        description="windows per scoring forward pass; 0 = sized to the device (8192 on a "
+        "GPU, 1024 on a CPU); never changes a score",
+    )
 
 
 class ForecasterConfig(_DeepDetectorConfig):
     """Long/short-term dependency forecaster: one-step residual score + forecasts to export."""
 
     #: Read at scoring time, so changing them needs no refit (left out of the model hash).
-    runtime_fields: ClassVar[frozenset[str]] = frozenset({"export_metrics", "interval"})
+    runtime_fields: ClassVar[frozenset[str]] = frozenset(
+        {"export_metrics", "interval", "score_batch_size"}
+    )
 
     window: int = Field(64, ge=8, description="steps the network reads + the step it scores")
     epochs: int = Field(10, ge=1)
@@ -333,6 +353,58 @@ class MultiscaleConfig(_DeepDetectorConfig):
         return self
 
 
+class DiffusionConfig(_DeepDetectorConfig):
+    """Self-distilled multi-scale diffusion detector: reconstruction error after noising the
+    window to an intermediate step and denoising it back (DDIM); see detectors/diffusion.py."""
+
+    window: int = Field(64, ge=8, description="steps the network reads; it scores the last one")
+    scales: int = Field(3, ge=1, le=6, description="multi-scale Conv1D encoders (dilation 2**s)")
+    d_model: int = Field(32, ge=4, description="width of the encoder and the noise network")
+    diffusion_steps: int = Field(100, ge=2, description="T of the forward process")
+    beta_start: float = Field(1e-4, gt=0, lt=1)
+    beta_end: float = Field(0.02, gt=0, lt=1)
+    noise_step: int = Field(
+        30, ge=1, description="t0: the step the window is noised to before it is denoised back"
+    )
+    denoising_steps: int = Field(
+        5, ge=1, description="DDIM steps from t0 back to 0; cost of a score = this many passes"
+    )
+    ema_decay: float = Field(0.99, gt=0, lt=1, description="alpha of the EMA teacher")
+    distill_weight: float = Field(0.1, ge=0, description="lambda of the distillation loss")
+    score_steps: int = Field(5, ge=1, description="last steps of the window the score averages")
+    epochs: int = Field(3, ge=1)
+    max_train_windows: int = Field(3000, ge=10, description="training windows drawn per fit")
+
+    @model_validator(mode="after")
+    def _check_steps(self) -> DiffusionConfig:
+        if self.noise_step > self.diffusion_steps:
+            raise ValueError(
+                f"noise_step ({self.noise_step}) must not exceed diffusion_steps "
+                f"({self.diffusion_steps})"
+            )
+        if self.beta_start >= self.beta_end:
+            raise ValueError("beta_start must be below beta_end")
+        return self
+
+
+class FusionConfig(_DeepDetectorConfig):
+    """Metric + log-semantics fusion detector (CNN + BiLSTM, log branch, self-attention, RBF
+    one-class head, MC dropout); see detectors/fusion.py."""
+
+    window: int = Field(32, ge=8, description="steps the network reads; it scores the last one")
+    channels: int = Field(32, ge=4, description="width of each CNN kernel's output and tokens")
+    lstm_hidden: int = Field(32, ge=4, description="hidden size of each BiLSTM direction")
+    heads: int = Field(4, ge=1, description="attention heads of the fusion layer")
+    dropout: float = Field(0.1, gt=0, lt=1, description="also the Monte-Carlo dropout")
+    mc_samples: int = Field(16, ge=2, description="dropout samples for probability, confidence")
+    rff_features: int = Field(256, ge=8, description="random Fourier features of the RBF kernel")
+    log_branch: bool = Field(
+        True, description="read the entities' log features where they have logs (ablation: off)"
+    )
+    epochs: int = Field(3, ge=1)
+    max_train_windows: int = Field(3000, ge=10, description="training windows drawn per fit")
+
+
 class DetectorsConfig(_Strict):
     mad: MadDetectorConfig = MadDetectorConfig()
     iforest: IsolationForestConfig = IsolationForestConfig()
@@ -340,6 +412,8 @@ class DetectorsConfig(_Strict):
     cblof: CblofConfig = CblofConfig()
     forecaster: ForecasterConfig = ForecasterConfig()
     multiscale: MultiscaleConfig = MultiscaleConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    fusion: FusionConfig = FusionConfig()
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'")
 
     def enabled_names(self) -> list[str]:

@@ -7,7 +7,7 @@ so that no function takes five parallel arrays and no two of them drift out of o
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -25,6 +25,43 @@ def entity_display_name(labels: EntityLabels) -> str:
 
 
 @dataclass
+class LogInputs:
+    """Per-step log features of a :class:`Windows`' entities, on the same entity x step grid.
+
+    Built in the agent's ``features`` phase (and at fit time, after the group's log model) from
+    the log pipeline (:meth:`aiops_plugin.logs.pipeline.LogPipeline.step_inputs`), so a detector
+    that reads logs sees them aligned with the metrics, step for step.
+
+    Attributes:
+        values: float32 ``(entities, time, log_features)``: record counts (0 where no record
+            arrived), template divergence and the language-model embedding summary (NaN where
+            the step had no record: nothing to summarise).
+        features: names of axis 2.
+        has_logs: bool ``(entities,)``: the entity has a log model or records; a detector reads
+            the metrics alone for the others.
+    """
+
+    values: np.ndarray
+    features: list[str]
+    has_logs: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.values.ndim != 3 or self.values.shape[2] != len(self.features):
+            raise ValueError(
+                f"log inputs of shape {self.values.shape} do not match {len(self.features)} "
+                "log features"
+            )
+        if self.has_logs.shape != (self.values.shape[0],):
+            raise ValueError(f"has_logs shape {self.has_logs.shape} != ({self.values.shape[0]},)")
+
+    def steps(self, index: slice) -> LogInputs:
+        return LogInputs(self.values[:, index], self.features, self.has_logs)
+
+    def entities(self, indices: list[int]) -> LogInputs:
+        return LogInputs(self.values[indices], self.features, self.has_logs[indices])
+
+
+@dataclass
 class Windows:
     """Aligned multivariate series of one entity group.
 
@@ -37,6 +74,8 @@ class Windows:
         entities: identifying labels of each entity, in the order of axis 0.
         features: feature names, in the order of axis 2.
         step: seconds between grid points.
+        logs: the entities' log features on the same grid, or None (no log side for the
+            group, or no detector of it reads logs).
     """
 
     group: str
@@ -47,9 +86,15 @@ class Windows:
     features: list[str]
     step: float
     notes: dict[str, str] = field(default_factory=dict)
+    logs: LogInputs | None = None
 
     def __post_init__(self) -> None:
         n_entities, n_time, n_features = self.values.shape
+        if self.logs is not None and self.logs.values.shape[:2] != (n_entities, n_time):
+            raise ValueError(
+                f"log inputs cover {self.logs.values.shape[:2]} entity-steps, the metrics "
+                f"{(n_entities, n_time)}"
+            )
         if self.observed.shape != self.values.shape:
             raise ValueError(f"mask shape {self.observed.shape} != values {self.values.shape}")
         if self.timestamps.shape != (n_time,):
@@ -60,6 +105,10 @@ class Windows:
     @property
     def keys(self) -> list[str]:
         return [entity_key(labels) for labels in self.entities]
+
+    def with_logs(self, logs: LogInputs | None) -> Windows:
+        """The same metrics joined with ``logs`` (same entities and steps)."""
+        return replace(self, logs=logs)
 
     @classmethod
     def from_array(
@@ -97,6 +146,7 @@ class Windows:
             entities=[self.entities[i] for i in indices],
             features=self.features,
             step=self.step,
+            logs=self.logs.entities(indices) if self.logs is not None else None,
         )
 
     def head(self, steps: int) -> Windows:
@@ -109,6 +159,7 @@ class Windows:
             entities=self.entities,
             features=self.features,
             step=self.step,
+            logs=self.logs.steps(slice(None, steps)) if self.logs is not None else None,
         )
 
     def tail(self, steps: int) -> Windows:
@@ -120,6 +171,7 @@ class Windows:
             entities=self.entities,
             features=self.features,
             step=self.step,
+            logs=self.logs.steps(slice(-steps, None)) if self.logs is not None else None,
         )
 
     def reindex_features(self, features: list[str]) -> Windows:
@@ -141,4 +193,5 @@ class Windows:
             entities=self.entities,
             features=list(features),
             step=self.step,
+            logs=self.logs,
         )

@@ -58,12 +58,16 @@ class Scores:
             score (rows sum to 1 where defined), or None.
         forecast: forecasts of the next steps made at the last step, or None for detectors that
             do not forecast (or have nothing configured to forecast).
+        log_branch: bool ``(entities,)``, for detectors that read logs: whether the entity's
+            score used its logs (False: the metrics alone, the entity has no logs); None for
+            detectors that do not read logs.
     """
 
     score: np.ndarray
     uncertainty: np.ndarray | None = None
     contributions: np.ndarray | None = None
     forecast: Forecast | None = None
+    log_branch: np.ndarray | None = None
 
 
 @dataclass
@@ -96,6 +100,9 @@ class Detector(abc.ABC):
     """Scores windows of shape ``(entities, time, features)``; higher = more anomalous."""
 
     name: ClassVar[str]
+    #: True for detectors that read the entities' log features (``Windows.logs``); the agent
+    #: then fits the group's log model first and joins its features to the metrics
+    reads_logs: ClassVar[bool] = False
 
     def __init__(self, device: torch.device | None = None) -> None:
         self.device = device or torch.device("cpu")

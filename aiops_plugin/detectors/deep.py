@@ -11,6 +11,15 @@ whose own values are all missing is not scored.
 
 A subclass provides the network (:meth:`build_model`), its training loss (:meth:`loss`) and how a
 window's last step is scored (:meth:`score_batch`); shapes are ``(batch, window, features)``.
+Optionally: per-step inputs beside the metrics on the same grid (:meth:`side_inputs`, e.g. the
+entity's log features), windowed with them and passed to both after ``x, mask``; and
+:meth:`after_step`, run after every optimiser step (an EMA teacher's update).
+
+Scoring runs ``score_batch_size`` windows per forward pass (0: sized to the device, see
+:func:`default_score_batch_size`); it is read at scoring time and never changes a score. Any
+noise a score draws must not depend on the batch a window lands in: :func:`seeded_noise` draws it
+from a fixed seed, once, shared by every window, so a checkpoint round trip and any batching
+give identical scores.
 """
 
 from __future__ import annotations
@@ -45,6 +54,19 @@ class WindowScores:
     contributions: torch.Tensor | None = None
 
 
+def default_score_batch_size(device: torch.device) -> int:
+    """Windows per scoring forward pass when the setting is 0: 8192 on a GPU (kernels are
+    launch-bound below that), 1024 on a CPU (larger batches only grow memory there)."""
+    return 8192 if device.type == "cuda" else 1024
+
+
+def seeded_noise(shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
+    """Standard normal noise of ``shape`` from a fixed seed: the same tensor on every call,
+    for every batch and after a checkpoint round trip (drawn on the CPU, then moved)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator).to(device)
+
+
 def sliding_windows(values: torch.Tensor, window: int) -> torch.Tensor:
     """``(E, T, F)`` -> view ``(E, T - window + 1, window, F)`` of every full window."""
     return values.unfold(1, window, 1).permute(0, 1, 3, 2)
@@ -60,10 +82,12 @@ class WindowedDeepDetector(Detector):
         max_train_windows: int = 20000,
         validation_fraction: float = 0.1,
         min_observed_fraction: float = 0.5,
+        score_batch_size: int = 0,
         device: torch.device | None = None,
     ) -> None:
         super().__init__(device)
         self.window = window
+        self.score_batch_size = score_batch_size
         self.training = training or TrainingSettings()
         self.max_train_windows = max_train_windows
         self.validation_fraction = validation_fraction
@@ -94,12 +118,27 @@ class WindowedDeepDetector(Detector):
     def build_model(self, n_features: int) -> nn.Module:
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Training loss of a batch ``x``/``mask`` ``(B, W, F)``; must ignore masked values."""
+    def loss(
+        self, model: nn.Module, x: torch.Tensor, mask: torch.Tensor, *side: torch.Tensor
+    ) -> torch.Tensor:
+        """Training loss of a batch ``x``/``mask`` ``(B, W, F)`` (and the :meth:`side_inputs`'
+        windows); must ignore masked values."""
         raise NotImplementedError
 
-    def score_batch(self, model: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> WindowScores:
+    def score_batch(
+        self, model: nn.Module, x: torch.Tensor, mask: torch.Tensor, *side: torch.Tensor
+    ) -> WindowScores:
         raise NotImplementedError
+
+    def side_inputs(self, windows: Windows, fitting: bool) -> tuple[np.ndarray, ...]:
+        """Per-step inputs beside the metrics, each float32 ``(entities, time, channels)`` on the
+        grid of ``windows`` with no NaN; windowed like the metrics and passed after ``x, mask``
+        to :meth:`loss` and :meth:`score_batch` as ``(batch, window, channels)``. ``fitting``:
+        called from :meth:`fit` (learn any scaling here). None by default."""
+        return ()
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimiser step, under ``no_grad`` (default: nothing)."""
 
     def hyper_parameters(self) -> dict[str, Any]:
         """Constructor arguments of the subclass (besides the shared ones), for rebuilding."""
@@ -117,7 +156,7 @@ class WindowedDeepDetector(Detector):
         return self.window
 
     def _training_windows(
-        self, standard: np.ndarray, mask: np.ndarray
+        self, standard: np.ndarray, mask: np.ndarray, side: tuple[np.ndarray, ...] = ()
     ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """Pooled windows of all entities: train (subsampled to ``max_train_windows``) and
         validation, for early stopping.
@@ -137,6 +176,7 @@ class WindowedDeepDetector(Detector):
             )
         values = sliding_windows(torch.from_numpy(standard), window)
         masks = sliding_windows(torch.from_numpy(mask), window)
+        sides = [sliding_windows(torch.from_numpy(extra), window) for extra in side]
         n_windows = values.shape[1]
         observed = masks.mean(dim=(2, 3)) >= self.min_observed_fraction
         start = torch.arange(n_windows)[None, :]
@@ -154,7 +194,7 @@ class WindowedDeepDetector(Detector):
             if len(entity) > limit:
                 pick = torch.randperm(len(entity), generator=generator)[:limit].sort().values
                 entity, start = entity[pick], start[pick]
-            return values[entity, start].contiguous(), masks[entity, start].contiguous()
+            return tuple(part[entity, start].contiguous() for part in (values, masks, *sides))
 
         train_part = gather(is_train, self.max_train_windows)
         validation_part = gather(is_validation, max(self.max_train_windows // 5, 1))
@@ -188,7 +228,8 @@ class WindowedDeepDetector(Detector):
         features = list(windows.features)
         self.scaler_.fit(windows)
         standard, mask = self.scaler_.transform(windows, clip=MAX_STANDARD)
-        train_part, validation_part = self._training_windows(standard, mask)
+        side = self.side_inputs(windows, fitting=True)
+        train_part, validation_part = self._training_windows(standard, mask, side)
         model = self.build_model(len(features))
         stop = self.stop_event
         report = train(
@@ -200,6 +241,7 @@ class WindowedDeepDetector(Detector):
             self.device,
             should_stop=stop.is_set if stop is not None else None,
             label=f"detector {self.name!r}",
+            after_step=self.after_step,
         )
         self.model_, self.features_, self.n_features_ = model, features, len(features)
         finite_losses = [loss for loss in report.train_losses if math.isfinite(loss)]
@@ -234,6 +276,7 @@ class WindowedDeepDetector(Detector):
         assert self.model_ is not None
         windows = windows.reindex_features(features)
         standard, mask = self.scaler_.transform(windows, clip=MAX_STANDARD)
+        side = self.side_inputs(windows, fitting=False)
         n_entities, n_time, n_features = standard.shape
         score = np.full((n_entities, n_time), np.nan, dtype=np.float32)
         uncertainty = np.full((n_entities, n_time), np.nan, dtype=np.float32)
@@ -242,18 +285,20 @@ class WindowedDeepDetector(Detector):
         if n_time >= self.window:
             values = sliding_windows(torch.from_numpy(standard), self.window)
             masks = sliding_windows(torch.from_numpy(mask), self.window)
+            sides = [sliding_windows(torch.from_numpy(extra), self.window) for extra in side]
             n_windows = values.shape[1]
             total = n_entities * n_windows
             parts: list[WindowScores] = []
-            chunk = max(self.training.batch_size * 8, 256)
+            chunk = self.score_batch_size or default_score_batch_size(self.device)
             self.model_.eval()
             for start in range(0, total, chunk):
                 index = torch.arange(start, min(start + chunk, total))
                 entity, offset = index // n_windows, index % n_windows
                 x = values[entity, offset].to(self.device)
                 m = masks[entity, offset].to(self.device)
+                extra = [part[entity, offset].to(self.device) for part in sides]
                 with autocast(self.device):
-                    parts.append(self.score_batch(self.model_, x, m))
+                    parts.append(self.score_batch(self.model_, x, m, *extra))
             end = self.window - 1
             score[:, end:] = _joined([p.score for p in parts], (n_entities, n_windows))
             if parts[0].uncertainty is not None:

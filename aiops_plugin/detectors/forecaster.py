@@ -78,6 +78,7 @@ from aiops_plugin.detectors.deep import (
     MAX_STANDARD,
     WindowedDeepDetector,
     WindowScores,
+    default_score_batch_size,
     sliding_windows,
 )
 from aiops_plugin.detectors.scaling import RobustScaler
@@ -228,6 +229,7 @@ class ForecasterDetector(WindowedDeepDetector):
         max_train_windows: int = 20000,
         validation_fraction: float = 0.1,
         min_observed_fraction: float = 0.5,
+        score_batch_size: int = 0,
         device: torch.device | None = None,
     ) -> None:
         super().__init__(
@@ -236,6 +238,7 @@ class ForecasterDetector(WindowedDeepDetector):
             max_train_windows=max_train_windows,
             validation_fraction=validation_fraction,
             min_observed_fraction=min_observed_fraction,
+            score_batch_size=score_batch_size,
             device=device,
         )
         self.hidden = hidden
@@ -352,7 +355,7 @@ class ForecasterDetector(WindowedDeepDetector):
         assert self.model_ is not None
         self.model_.eval()
         means, sigmas = [], []
-        chunk = max(self.training.batch_size * 8, 256)
+        chunk = self.score_batch_size or default_score_batch_size(self.device)
         for start in range(0, len(values), chunk):
             x = torch.from_numpy(values[start : start + chunk]).to(self.device)
             m = torch.from_numpy(mask[start : start + chunk]).to(self.device)

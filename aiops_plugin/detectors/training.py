@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 #: loss_fn(model, *batch_tensors) -> scalar loss
 LossFunction = Callable[..., torch.Tensor]
+#: after_step(model): called after every optimiser step (an EMA teacher's update, say)
+StepHook = Callable[[nn.Module], None]
 
 
 class TrainingInterrupted(Exception):
@@ -116,8 +118,14 @@ def train(
     device: torch.device,
     should_stop: Callable[[], bool] | None = None,
     label: str | None = None,
+    after_step: StepHook | None = None,
 ) -> TrainingReport:
     """Train ``model`` in place; it ends with the weights of the epoch with the lowest loss.
+
+    Only parameters with ``requires_grad`` are optimised: a model may hold weights that follow
+    others instead of the gradient (an EMA teacher), updated by ``after_step`` once after every
+    optimiser step, outside the optimiser and so outside its weight decay. They are part of the
+    state dict, so the selected epoch's teacher is kept with its student.
 
     Weights are selected on the validation loss, or on the epoch's training loss when
     ``validation_tensors`` is empty. ``should_stop`` is polled before every batch; when it returns
@@ -132,7 +140,9 @@ def train(
     generator = torch.Generator().manual_seed(settings.seed)
     model.to(device)
     optimiser = torch.optim.AdamW(
-        model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
+        [parameter for parameter in model.parameters() if parameter.requires_grad],
+        lr=settings.learning_rate,
+        weight_decay=settings.weight_decay,
     )
     has_validation = validation_tensors[0].shape[0] > 0
     report = TrainingReport(
@@ -165,6 +175,9 @@ def train(
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             optimiser.step()
+            if after_step is not None:
+                with torch.no_grad():
+                    after_step(model)
             report.steps += 1
             total += value * batch[0].shape[0]
             count += batch[0].shape[0]
