@@ -50,7 +50,7 @@ from aiops_plugin.calibration.probability import LabelledProbability
 from aiops_plugin.calibration.stage import METHOD, GroupCalibration, RecentProbability
 from aiops_plugin.config import Config, EntityGroupConfig
 from aiops_plugin.detectors.base import choose_device
-from aiops_plugin.detectors.registry import FittedModel, build_detector
+from aiops_plugin.detectors.registry import DETECTORS, FittedModel, build_detector
 from aiops_plugin.detectors.training import TrainingFailed, TrainingInterrupted
 from aiops_plugin.early_warning import GroupEarlyWarning
 from aiops_plugin.exporter import Exporter, GroupSnapshot, RootCauseRank
@@ -556,6 +556,16 @@ class Agent:
         start = now - self.config.schedule.fit_window
         summary: dict[str, dict] = {}
         with self._job("fit") as detail:
+            # the log models first: the detectors that read logs train on their features
+            if self.logs is not None:
+                for group in self.logs.groups:
+                    if groups is not None and group not in groups:
+                        continue
+                    self._check_stop()
+                    model = self.logs.fit(group, start, now)
+                    summary.setdefault(group, {})["logs"] = (
+                        {"entities": len(model.entity_keys)} if model else {"error": "no records"}
+                    )
             for group in self.groups:
                 if groups is not None and group.name not in groups:
                     continue
@@ -568,15 +578,6 @@ class Agent:
                 self.fitted_entities[group.name] = dict(zip(read.keys, read.entities, strict=True))
                 self.store.upsert_entities(group.name, read.entities, datetime.now(UTC))
                 self._fit_group(group, read, now, summary.setdefault(group.name, {}))
-            if self.logs is not None:
-                for group in self.logs.groups:
-                    if groups is not None and group not in groups:
-                        continue
-                    self._check_stop()
-                    model = self.logs.fit(group, start, now)
-                    summary.setdefault(group, {})["logs"] = (
-                        {"entities": len(model.entity_keys)} if model else {"error": "no records"}
-                    )
             detail.update(summary)
         return summary
 
@@ -598,7 +599,7 @@ class Agent:
                 int(excluded.sum()),
                 summary["excluded_steps"],
             )
-        read = without_excluded(read, excluded)
+        read = self._with_logs(group.name, without_excluded(read, excluded), self.detector_names)
         fitted: dict[str, FittedModel] = {}
         raw: dict[str, np.ndarray] = {}
         versions: dict[str, int] = {}
@@ -677,6 +678,13 @@ class Agent:
                 entity_group=group.name, detector=detector_name
             ).set(time.time())
 
+    def _with_logs(self, group: str, windows: Windows, detectors: list[str]) -> Windows:
+        """``windows`` joined with the entities' log features on its grid, where one of
+        ``detectors`` reads logs and the group has a log model (unchanged otherwise)."""
+        if self.logs is None or not any(DETECTORS[name].reads_logs for name in detectors):
+            return windows
+        return windows.with_logs(self.logs.step_inputs(group, windows))
+
     def _read(self, group: EntityGroupConfig, start: float, end: float) -> Windows | None:
         try:
             result = self.reader.read_range(group, start, end)
@@ -710,6 +718,9 @@ class Agent:
         timer = PhaseTimer()
         try:
             with self._job("infer") as detail:
+                # the log side first, so this cycle's log p-values join this cycle's fused score
+                if self.logs is not None:
+                    detail["logs"] = self._infer_logs(now, timer)
                 for group in self.groups:
                     self._check_stop()
                     if unavailable is None:
@@ -728,8 +739,6 @@ class Agent:
                         "skipped": len(result.skipped),
                         **({"error": result.error} if result.error else {}),
                     }
-                if self.logs is not None:
-                    detail["logs"] = self._infer_logs(now, timer)
                 with timer.phase("export"):
                     self._rank_root_causes(now)
                 if all(result.error for result in results):
@@ -797,6 +806,8 @@ class Agent:
                 scored_windows = None
             else:
                 scored_windows, result.skipped = self._select_scorable(buffer, context)
+                if scored_windows is not None:
+                    scored_windows = self._with_logs(group.name, scored_windows, list(models))
             for key in self._newly_vanished(group.name, set(buffer.keys)):
                 result.skipped[key] = "no_recent_data: the entity's series returned nothing"
             for reason in result.skipped.values():
@@ -859,6 +870,11 @@ class Agent:
                 horizons_seconds=list(self.config.calibration.horizons)
                 if early is not None
                 else [],
+                log_branch={
+                    name: output.log_branch
+                    for name, output in outputs.items()
+                    if output.log_branch is not None
+                },
             )
             self.exporter.publish(snapshot)
             self._track_events(

@@ -361,8 +361,8 @@ class DiffusionConfig(_DeepDetectorConfig):
     scales: int = Field(3, ge=1, le=6, description="multi-scale Conv1D encoders (dilation 2**s)")
     d_model: int = Field(32, ge=4, description="width of the encoder and the noise network")
     diffusion_steps: int = Field(100, ge=2, description="T of the forward process")
-    beta_start: float = Field(1e-4, gt=0, lt=1)
-    beta_end: float = Field(0.02, gt=0, lt=1)
+    beta_start: float = Field(1e-3, gt=0, lt=1)
+    beta_end: float = Field(0.2, gt=0, lt=1)
     noise_step: int = Field(
         30, ge=1, description="t0: the step the window is noised to before it is denoised back"
     )
@@ -403,6 +403,14 @@ class FusionConfig(_DeepDetectorConfig):
     )
     epochs: int = Field(3, ge=1)
     max_train_windows: int = Field(3000, ge=10, description="training windows drawn per fit")
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> FusionConfig:
+        if self.channels % self.heads:
+            raise ValueError(
+                f"channels ({self.channels}) must be a multiple of heads ({self.heads})"
+            )
+        return self
 
 
 class DetectorsConfig(_Strict):

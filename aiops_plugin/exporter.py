@@ -76,6 +76,8 @@ class GroupSnapshot:
             entities in the order of ``entities``, or None.
         early_warning: ``(entities, horizons)`` P(the entity becomes anomalous within each of
             ``horizons_seconds``), NaN where undefined, or None.
+        log_branch: for detectors that read logs, ``(entities,)`` bool: the entity's score used
+            its logs (False: its metrics alone).
     """
 
     group: str
@@ -89,6 +91,7 @@ class GroupSnapshot:
     probability: np.ndarray | None = None
     early_warning: np.ndarray | None = None
     horizons_seconds: list[float] = field(default_factory=list)
+    log_branch: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -147,8 +150,23 @@ class _SnapshotCollector(Collector):
             "thresholds and the fused score's trend, held back where the models are unsure).",
             "gauge",
         )
+        inputs = Metric(
+            "aiops_detector_entities",
+            "Entities a log-reading detector scored this cycle, by what it read: "
+            'inputs="metrics+logs", or "metrics" for entities without logs (metric branch alone).',
+            "gauge",
+        )
         top_k = self.exporter.top_k_contributions
         for snapshot in snapshots:
+            for detector, used in snapshot.log_branch.items():
+                with_logs = int(np.count_nonzero(used))
+                counts = (("metrics+logs", with_logs), ("metrics", len(used) - with_logs))
+                for kind, count in counts:
+                    inputs.add_sample(
+                        "aiops_detector_entities",
+                        {"entity_group": snapshot.group, "detector": detector, "inputs": kind},
+                        float(count),
+                    )
             horizons = [horizon_label(seconds) for seconds in snapshot.horizons_seconds]
             for i, labels in enumerate(snapshot.entities):
                 base = entity_series_labels(snapshot.group, labels)
@@ -194,6 +212,8 @@ class _SnapshotCollector(Collector):
             yield probability
         if early_warning.samples:
             yield early_warning
+        if inputs.samples:
+            yield inputs
         yield from self.exporter.root_cause_metrics()
         log_score = Metric(
             "aiops_log_anomaly_score",

@@ -71,6 +71,25 @@ SCENE_DETECTORS: dict[str, Any] = {
         "hidden": 16,
         "export_metrics": ['smd{dim="m00"}', 'smd{dim="m05"}'],
     },
+    "diffusion": {
+        "enabled": True,
+        "window": 32,
+        "epochs": 1,
+        "max_train_windows": 300,
+        "d_model": 16,
+        "scales": 2,
+    },
+    "fusion": {
+        "enabled": True,
+        "window": 16,
+        "epochs": 1,
+        "max_train_windows": 300,
+        "channels": 8,
+        "lstm_hidden": 8,
+        "heads": 2,
+        "rff_features": 32,
+        "mc_samples": 4,
+    },
 }
 #: The values the semantic test picks where a variable offers them (the demo's one entity).
 PREFERRED = {"entity_group": "smd", "entity": "machine-1-7"}

@@ -17,7 +17,7 @@ from aiops_plugin.agent import FUSED, Agent
 from aiops_plugin.calibration import score_from_p
 from aiops_plugin.demo import free_port
 from tests.serving import serving
-from tests.test_agent import QUERY, History, history, make_config  # noqa: F401 - fixture
+from tests.test_agent import QUERY, History, exported, history, make_config  # noqa: F401 - fixture
 from tests.test_log_pipeline import normal_lines, send
 
 NOISY = "machine-1-7-shifted"
@@ -56,8 +56,8 @@ def test_a_log_burst_raises_only_its_entitys_fused_score(
     send(url, "machine-1-7", normal_lines(3, offset=5000), at=end - 3)
     panic = "kernel panic: unable to mount root fs on unknown-block(0,0)"
     send(url, NOISY, [(panic, SeverityNumber.FATAL)], at=end - 2)
-    agent.infer(now=end)  # the log side runs after the metric groups: scores the logs
-    (result,) = agent.infer(now=end)  # this cycle's fused score takes them in
+    # the log side is scored first in a cycle, so this cycle's fused score takes it in
+    (result,) = agent.infer(now=end)
     keys = {labels["instance"]: i for i, labels in enumerate(result.entities)}
     log_p = agent.logs.p_values("smd", [json_key(labels) for labels in result.entities])
     assert log_p is not None
@@ -94,3 +94,55 @@ def metric_fused_scores(agent: Agent, result) -> np.ndarray:  # noqa: ANN001
     }
     p = agent.calibrations["smd"].p_values(raw, keys)[FUSED][:, 0]
     return score_from_p(p, agent.config.calibration.false_alarm_rate)
+
+
+TINY_FUSION = {
+    "enabled": True,
+    "window": 16,
+    "channels": 8,
+    "lstm_hidden": 8,
+    "heads": 2,
+    "rff_features": 32,
+    "mc_samples": 4,
+    "epochs": 1,
+    "max_train_windows": 300,
+}
+
+
+def test_the_fusion_detector_reads_the_logs_of_entities_that_have_them(
+    history: History,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The log model is fitted before the detectors, the fusion detector trains on the joined
+    metric + log grid, and each cycle says which entities it scored with their logs."""
+    port = free_port()
+    config = make_config(
+        history.prometheus.url,
+        tmp_path,
+        server={"host": "127.0.0.1", "port": port},
+        detectors={"device": "cpu", "mad": {"window": 30}, "fusion": TINY_FUSION},
+        logs={
+            "enabled": True,
+            "entities": [{"group": "smd", "label": "instance", "attribute": "service.name"}],
+            "embedder": {"device": "cpu"},
+        },
+    )
+    agent = Agent(config)
+    agent.start_up()
+    agent.open_log_intake()
+    end = history.end
+    with serving(agent, port) as url:
+        for instance in ("machine-1-7", NOISY):
+            send(url, instance, normal_lines(600), at=end - 2000, spacing=3.0)
+        summary = agent.fit(now=end)
+        assert summary["smd"]["logs"]["entities"] == 2
+        detector = agent.models[("fusion", "smd")].detector
+        assert detector.log_features_, "the fusion model trained with log inputs"
+        assert any(name.startswith("log_embedding_") for name in detector.log_features_)
+        send(url, NOISY, [("kernel panic: unable to mount root fs", SeverityNumber.FATAL)], at=end)
+        (result,) = agent.infer(now=end)
+    assert result.scores["fusion"].shape == (3,) and np.isfinite(result.scores["fusion"]).all()
+    samples = exported(agent)["aiops_detector_entities"]
+    counts = {s.labels["inputs"]: s.value for s in samples if s.labels["detector"] == "fusion"}
+    assert counts == {"metrics+logs": 2.0, "metrics": 1.0}  # "holey" sent no logs
+    agent.store.close()

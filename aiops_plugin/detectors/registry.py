@@ -23,7 +23,9 @@ from aiops_plugin.detectors.baselines import (
     RollingMadDetector,
 )
 from aiops_plugin.detectors.deep import WindowedDeepDetector
+from aiops_plugin.detectors.diffusion import DiffusionDetector
 from aiops_plugin.detectors.forecaster import ForecasterDetector
+from aiops_plugin.detectors.fusion import FusionDetector
 from aiops_plugin.detectors.multiscale import MultiscaleDetector
 from aiops_plugin.windows import Windows
 
@@ -36,6 +38,8 @@ DETECTORS: dict[str, type[Detector]] = {
         ClusterOutlierDetector,
         ForecasterDetector,
         MultiscaleDetector,
+        DiffusionDetector,
+        FusionDetector,
     )
 }
 

@@ -40,6 +40,7 @@ from aiops_plugin.logs.templates import LogTemplateMiner, template_vectors
 from aiops_plugin.sources.prometheus import align_start
 from aiops_plugin.store import Store
 from aiops_plugin.store.models import LogRecordRow, LogTemplateRow
+from aiops_plugin.windows import LogInputs, Windows
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +306,22 @@ class LogPipeline:
                     }
                 )
         return top
+
+    def step_inputs(self, group: str, windows: Windows) -> LogInputs | None:
+        """The log features of ``windows``' entities on its step grid, for the detectors that
+        read logs (None: the group has no log model yet). An entity has logs when the log
+        model knows it or it has records in the span."""
+        model = self.models.get(group)
+        if model is None or not len(windows.timestamps):
+            return None
+        step = self.config.prometheus.step
+        timestamps = windows.timestamps
+        batch = load_log_batch(self.store, group, float(timestamps[0]) - step, timestamps[-1])
+        keys = windows.keys
+        steps = step_features(batch, model.profile, self._vectors, keys, timestamps, step)
+        known = set(model.entity_keys) | set(batch.entity_keys.tolist())
+        has_logs = np.array([key in known for key in keys], dtype=bool)
+        return LogInputs(steps.values, steps.features, has_logs)
 
     def p_values(self, group: str, keys: list[str]) -> np.ndarray | None:
         """The last scoring's log p-values for the metric entities ``keys`` (NaN: no logs);
