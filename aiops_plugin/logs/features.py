@@ -255,41 +255,64 @@ def step_features(
     flat_score = score.reshape(-1)
     flat_score[np.unique(cell)] = -np.inf
     np.maximum.at(flat_score, cell, record_scores.astype(np.float32))
-    reference = np.zeros(0)
-    if profile.total:
-        reference = profile.counts_ / profile.total
+    occupied, cell_index = np.unique(cell, return_inverse=True)
+    # (cell, template) pairs with their record counts: everything below is per pair, never a
+    # Python loop over cells or records
+    templates, template_index = np.unique(batch.template_id, return_inverse=True)
+    pairs, pair_counts = np.unique(
+        cell_index.astype(np.int64) * len(templates) + template_index, return_counts=True
+    )
+    pair_cell, pair_template = pairs // len(templates), pairs % len(templates)
+    flat[occupied, 7] = _js_divergences(
+        profile, templates, pair_cell, pair_template, pair_counts, len(occupied)
+    )
     dim = profile.vectors_.shape[1] if profile.vectors_.size else 0
-    for occupied in np.unique(cell):
-        members = batch.template_id[cell == occupied]
-        ids, counts = np.unique(members, return_counts=True)
-        flat[occupied, 7] = _js_divergence(profile, ids, counts, reference)
-        if k and dim:
-            summary = np.zeros(dim, dtype=np.float32)
-            weight = 0.0
-            for template, count in zip(ids, counts, strict=True):
-                vector = vectors.get(int(template))
-                if vector is not None:
-                    summary += count * vector
-                    weight += count
-            if weight:
-                flat[occupied, 8:] = profile.embedding_summary(summary / weight)
+    if k and dim:
+        table = np.zeros((len(templates), dim), dtype=np.float64)
+        known = np.zeros(len(templates), dtype=bool)
+        for j, template in enumerate(templates.tolist()):  # distinct templates, not records
+            vector = vectors.get(int(template))
+            if vector is not None:
+                table[j], known[j] = vector, True
+        weight = np.where(known[pair_template], pair_counts, 0).astype(np.float64)
+        total = np.bincount(pair_cell, weights=weight, minlength=len(occupied))
+        summed = np.zeros((len(occupied), dim), dtype=np.float64)
+        np.add.at(summed, pair_cell, weight[:, None] * table[pair_template])
+        has = total > 0
+        mean = (summed[has] / total[has, None]).astype(np.float32)
+        flat[occupied[has], 8:] = profile.embedding_summary(mean)
     return LogStepFeatures(list(entity_keys), timestamps, values, score, names)
 
 
-def _js_divergence(
-    profile: LogProfile, ids: np.ndarray, counts: np.ndarray, reference: np.ndarray
-) -> float:
-    """Jensen-Shannon divergence (nats, 0..ln 2) of a step's template distribution from the
-    fitted one; templates unseen at fit time share one extra bin."""
-    if not reference.size:
-        return float("nan")
-    position, seen = profile._lookup(ids)
-    step = np.zeros(len(reference) + 1)
-    np.add.at(step, np.where(seen, position, len(reference)), counts)
-    step /= step.sum()
-    fitted = np.append(reference, 0.0)
-    middle = 0.5 * (step + fitted)
+def _js_divergences(
+    profile: LogProfile,
+    templates: np.ndarray,
+    pair_cell: np.ndarray,
+    pair_template: np.ndarray,
+    pair_counts: np.ndarray,
+    n_cells: int,
+) -> np.ndarray:
+    """Jensen-Shannon divergence (nats, 0..ln 2) of each occupied cell's template distribution
+    from the fitted one, from its ``(cell, template, count)`` pairs; templates unseen at fit time
+    share one extra bin. NaN for every cell when the profile saw no record.
+
+    With ``p`` the cell's distribution, ``q`` the fitted one and ``m = (p + q) / 2``: ``KL(p||m)``
+    sums over the cell's bins only; ``KL(q||m)`` is ``ln 2`` (every fitted bin, ``m = q / 2``
+    where the cell has nothing) corrected on the bins the cell does have."""
+    if not profile.total:
+        return np.full(n_cells, np.nan)
+    reference = np.append(profile.counts_ / profile.total, 0.0)
+    position, seen = profile._lookup(templates)
+    template_bin = np.where(seen, position, len(reference) - 1)
+    key = pair_cell * len(reference) + template_bin[pair_template]
+    bins, inverse = np.unique(key, return_inverse=True)
+    counts = np.bincount(inverse, weights=pair_counts.astype(np.float64))
+    bin_cell, bin_index = bins // len(reference), bins % len(reference)
+    p = counts / np.bincount(bin_cell, weights=counts, minlength=n_cells)[bin_cell]
+    q = reference[bin_index]
+    m = 0.5 * (p + q)
+    left = np.bincount(bin_cell, weights=p * np.log(p / m), minlength=n_cells)
     with np.errstate(divide="ignore", invalid="ignore"):
-        left = np.where(step > 0, step * np.log(step / middle), 0.0).sum()
-        right = np.where(fitted > 0, fitted * np.log(fitted / middle), 0.0).sum()
-    return float(0.5 * (left + right))
+        correction = np.where(q > 0, q * np.log(q / m) - q * np.log(2.0), 0.0)
+    right = np.log(2.0) + np.bincount(bin_cell, weights=correction, minlength=n_cells)
+    return 0.5 * (left + right)
