@@ -21,6 +21,12 @@ from tests.test_agent import QUERY, History, exported, history, make_config  # n
 from tests.test_log_pipeline import normal_lines, send
 
 NOISY = "machine-1-7-shifted"
+#: The log side of the agent: the "smd" group's entities are the OTLP services of that name.
+LOGS = {
+    "enabled": True,
+    "entities": [{"group": "smd", "label": "instance", "attribute": "service.name"}],
+    "embedder": {"device": "cpu"},
+}
 
 
 @pytest.fixture
@@ -30,11 +36,7 @@ def agent_with_logs(history: History, tmp_path: Path) -> Iterator[tuple[Agent, s
         history.prometheus.url,
         tmp_path,
         server={"host": "127.0.0.1", "port": port},
-        logs={
-            "enabled": True,
-            "entities": [{"group": "smd", "label": "instance", "attribute": "service.name"}],
-            "embedder": {"device": "cpu"},
-        },
+        logs=LOGS,
     )
     agent = Agent(config)
     agent.start_up()
@@ -121,11 +123,7 @@ def test_the_fusion_detector_reads_the_logs_of_entities_that_have_them(
         tmp_path,
         server={"host": "127.0.0.1", "port": port},
         detectors={"device": "cpu", "mad": {"window": 30}, "fusion": TINY_FUSION},
-        logs={
-            "enabled": True,
-            "entities": [{"group": "smd", "label": "instance", "attribute": "service.name"}],
-            "embedder": {"device": "cpu"},
-        },
+        logs=LOGS,
     )
     agent = Agent(config)
     agent.start_up()
