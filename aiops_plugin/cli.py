@@ -210,6 +210,13 @@ def benchmark(
             "does (default: the train split's length)",
         ),
     ] = None,
+    fused_subsets: Annotated[
+        str | None,
+        typer.Option(
+            help="more fused rows over subsets of the detectors, from the same fits: "
+            "semicolon-separated comma lists, e.g. 'mad,pca;multiscale,forecaster'",
+        ),
+    ] = None,
 ) -> None:
     """Benchmark detectors on real labelled data through the agent's own scoring path."""
     from aiops_plugin.detectors.registry import DETECTORS
@@ -226,6 +233,19 @@ def benchmark(
         typer.echo(f"error: unknown detector(s) {unknown}; known: {sorted(DETECTORS)}", err=True)
         raise typer.Exit(EXIT_BAD_CONFIG)
     command = "aiops-plugin " + " ".join(sys.argv[1:])
+    names = [name.strip() for name in detectors.split(",") if name.strip()]
+    subsets = [
+        [name.strip() for name in subset.split(",") if name.strip()]
+        for subset in (fused_subsets or "").split(";")
+        if subset.strip()
+    ]
+    outside = sorted({name for subset in subsets for name in subset} - set(names))
+    if outside:
+        typer.echo(
+            f"error: --fused-subsets names {outside}, which are not in --detectors {names}",
+            err=True,
+        )
+        raise typer.Exit(EXIT_BAD_CONFIG)
     try:
         run = run_benchmark(
             dataset,
@@ -237,6 +257,7 @@ def benchmark(
             slice_rows=slice_rows,
             refit_every=refit_every,
             fit_window=fit_window,
+            fused_subsets=subsets,
         )
     except DatasetError as exc:
         typer.echo(f"error: {exc}", err=True)

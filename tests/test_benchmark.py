@@ -147,6 +147,39 @@ def test_benchmark_scores_through_the_agents_fitted_model_and_calibration(
     np.testing.assert_allclose(item.probability[half:], stepwise[half:], rtol=1e-9, atol=1e-12)
 
 
+def test_fused_subset_rows_equal_a_run_over_that_subset_alone(
+    short_series: datasets.LabelledSeries, scored_short: list[benchmark.ScoredEntity]
+) -> None:
+    """A ``fused(mad)`` row is exactly the fused row of a run whose only detector is ``mad``,
+    from the same fits; the other rows are unchanged by asking for it."""
+    with_subset = benchmark.score_series(
+        short_series,
+        ["mad", "pca"],
+        DetectorsConfig(),
+        0.001,
+        torch.device("cpu"),
+        fused_subsets=[["mad"]],
+    )
+    assert [item.detector for item in with_subset] == ["mad", "pca", "fused(mad)", "fused"]
+    [*_, mad_alone] = benchmark.score_series(
+        short_series, ["mad"], DetectorsConfig(), 0.001, torch.device("cpu")
+    )
+    subset = with_subset[2]
+    np.testing.assert_allclose(subset.p_values, mad_alone.p_values, rtol=1e-12)
+    assert subset.probability is None  # the exported probability belongs to `fused` alone
+    for before, after in zip(scored_short, [*with_subset[:2], with_subset[3]], strict=True):
+        np.testing.assert_array_equal(before.p_values, after.p_values)
+    with pytest.raises(ValueError, match="fused subset fused\\(iforest\\)"):
+        benchmark.score_series(
+            short_series,
+            ["mad"],
+            DetectorsConfig(),
+            0.001,
+            torch.device("cpu"),
+            fused_subsets=[["iforest"]],
+        )
+
+
 def test_new_columns_match_hand_computation(scored_short: list[benchmark.ScoredEntity]) -> None:
     for item in scored_short:
         row = benchmark.evaluate_entity(item)
@@ -402,3 +435,11 @@ def test_a_failed_refit_keeps_the_previous_models(
         # blocks [0, 150) and [150, 300) are both scored by the first fit, the single one
         np.testing.assert_array_equal(single.scores[:300], item.scores[:300])
         assert not np.array_equal(single.scores[300:], item.scores[300:])
+
+
+def test_cli_names_a_fused_subset_detector_that_is_not_run(data_root: Path) -> None:
+    done = run_cli(
+        "--dataset", "smd", "--detectors", "mad,pca", "--fused-subsets", "mad;pca,forecaster"
+    )
+    assert done.returncode != 0
+    assert "['forecaster']" in done.stderr and "--detectors" in done.stderr

@@ -227,6 +227,7 @@ def score_series(
     recent_p_values: int = _DEFAULT_CALIBRATION.recent_p_values,
     refit_every: int | None = None,
     fit_window: int | None = None,
+    fused_subsets: Sequence[Sequence[str]] = (),
 ) -> list[ScoredEntity]:
     """Fit and calibrate the detectors as one group, score the test split.
 
@@ -241,7 +242,13 @@ def score_series(
     rows before it. A refit whose window is too short for ``fit_split`` (ValueError) keeps the
     previous models and calibration for its block (the first fit must succeed).
 
-    One :class:`ScoredEntity` per detector, in order, then ``fused``. Timings: a detector's fit
+    ``fused_subsets``: more fused rows, one per subset of ``detector_names`` (named by
+    :func:`fused_subset_name`), each the same combination and recalibration over that subset
+    alone, from the same fits: which detectors pay their way in the fused score, measured
+    without fitting anything twice.
+
+    One :class:`ScoredEntity` per detector, in order, then one per fused subset, then ``fused``.
+    Timings: a detector's fit
     is :meth:`FittedModel.fit_split` (training and scoring its calibration slice), the mean per
     fit, its score the raw scoring of the test split; ``fused``'s fit is the group calibration
     (mean per fit), its score the p-values of every detector and the probabilities.
@@ -252,15 +259,21 @@ def score_series(
         raise ValueError(f"refit_every must be >= 1 row, got {refit_every}")
     if fit_window is not None and fit_window < 1:
         raise ValueError(f"fit_window must be >= 1 row, got {fit_window}")
+    subsets = {fused_subset_name(subset): list(subset) for subset in fused_subsets}
+    for name, subset in subsets.items():
+        if not subset or set(subset) - set(detector_names):
+            raise ValueError(f"fused subset {name}: detectors must be among {list(detector_names)}")
     keys = series_windows(series, series.train[:1]).keys
     n_train, n_test = len(series.train), len(series.test)
     window = fit_window or n_train
     block = refit_every or max(n_test, 1)
     full = np.concatenate([series.train, series.test])
-    fit_seconds: dict[str, list[float]] = {name: [] for name in [*detector_names, FUSED]}
-    score_seconds = dict.fromkeys([*detector_names, FUSED], 0.0)
-    p_blocks: dict[str, list[np.ndarray]] = {name: [] for name in [*detector_names, FUSED]}
+    row_names = [*detector_names, *subsets, FUSED]
+    fit_seconds: dict[str, list[float]] = {name: [] for name in row_names}
+    score_seconds = dict.fromkeys(row_names, 0.0)
+    p_blocks: dict[str, list[np.ndarray]] = {name: [] for name in row_names}
     refits: list[tuple[int, GroupCalibration]] = []
+    subset_calibrations: dict[str, GroupCalibration] = {}
     models: dict[str, FittedModel] = {}
     calibration: GroupCalibration | None = None
     kept: list[str] = []
@@ -285,6 +298,12 @@ def score_series(
             )
             fit_seconds[FUSED].append(time.perf_counter() - calibrating)
             refits.append((start, calibration))
+            for name, subset in subsets.items():
+                calibrating = time.perf_counter()
+                subset_calibrations[name] = GroupCalibration(subset, tail_fraction).fit(
+                    {detector: raw_calibration[detector] for detector in subset}, keys
+                )
+                fit_seconds[name].append(time.perf_counter() - calibrating)
         raw_block: dict[str, np.ndarray] = {}
         for name in detector_names:
             scoring = time.perf_counter()
@@ -297,6 +316,13 @@ def score_series(
         for name, p in calibration.p_values(raw_block, keys).items():
             p_blocks[name].append(np.asarray(p[0], dtype=np.float64))
         score_seconds[FUSED] += time.perf_counter() - scoring
+        for name, subset in subsets.items():
+            scoring = time.perf_counter()
+            p = subset_calibrations[name].p_values(
+                {detector: raw_block[detector] for detector in subset}, keys
+            )[FUSED]
+            p_blocks[name].append(np.asarray(p[0], dtype=np.float64))
+            score_seconds[name] += time.perf_counter() - scoring
     p_values = {name: np.concatenate(blocks) for name, blocks in p_blocks.items()}
     labels = series.test_labels.astype(np.int8)
     scoring = time.perf_counter()
@@ -311,7 +337,7 @@ def score_series(
         )
     notes += [f"refit before test row {why}; kept the previous models" for why in kept]
     scored = []
-    for name in [*detector_names, FUSED]:
+    for name in row_names:
         p = p_values[name]
         scored.append(
             ScoredEntity(
@@ -333,6 +359,11 @@ def score_series(
             )
         )
     return scored
+
+
+def fused_subset_name(subset: Sequence[str]) -> str:
+    """The row name of a fused subset: ``fused(multiscale+forecaster)``."""
+    return f"{FUSED}({'+'.join(subset)})"
 
 
 def _optional(value: float) -> float | None:
@@ -468,6 +499,8 @@ class BenchmarkRun:
     #: the train split's length, per entity)
     refit_every: int | None = None
     fit_window: int | None = None
+    #: subsets of ``detectors`` with a fused row of their own
+    fused_subsets: list[list[str]] = field(default_factory=list)
 
     @property
     def mode(self) -> str:
@@ -492,8 +525,8 @@ class BenchmarkRun:
 
     @property
     def rows_detectors(self) -> list[str]:
-        """The detectors of the rows: the requested ones, then ``fused``."""
-        return [*self.detectors, FUSED]
+        """The detectors of the rows: the requested ones, the fused subsets, then ``fused``."""
+        return [*self.detectors, *map(fused_subset_name, self.fused_subsets), FUSED]
 
 
 def _cpu_model() -> str:
@@ -556,6 +589,7 @@ def run_benchmark(
     recent_p_values: int = _DEFAULT_CALIBRATION.recent_p_values,
     refit_every: int | None = None,
     fit_window: int | None = None,
+    fused_subsets: Sequence[Sequence[str]] = (),
 ) -> BenchmarkRun:
     """Score every (dataset, entity) with all detectors and ``fused``, and evaluate it; seeds are
     fixed in the configs.
@@ -563,7 +597,8 @@ def run_benchmark(
     ``refit_every`` (rows; None = one fit on the train split): refit and recalibrate before every
     block of that many test rows on the trailing ``fit_window`` rows of history (default: the
     train split's length), as the agent's ``schedule.fit_every`` / ``fit_window`` do
-    (:func:`score_series`)."""
+    (:func:`score_series`). ``fused_subsets``: extra fused rows over subsets of the detectors.
+    """
     started = time.perf_counter()
     torch.manual_seed(0)
     detectors = detectors or DetectorsConfig()
@@ -587,6 +622,7 @@ def run_benchmark(
             recent_p_values,
             refit_every,
             fit_window,
+            fused_subsets,
         ):
             # NAB scores whole files; a short slice is not one
             nab_operating = (
@@ -618,6 +654,7 @@ def run_benchmark(
         },
         refit_every=refit_every,
         fit_window=fit_window,
+        fused_subsets=[list(subset) for subset in fused_subsets],
     )
 
 
@@ -722,8 +759,13 @@ def markdown_report(run: BenchmarkRun) -> str:
         f"Machine: {run.machine}. Wall time: {run.wall_seconds:.0f} s. "
         f"{fitting}; a score is the p-value on "
         f"the exported scale at configured false_alarm_rate={run.false_alarm_rate}, and "
-        "`fused` is the group's Cauchy-combined p-value recalibrated on the calibration slice. "
-        "'@1' = at the product's threshold, score >= 1.0; the realised false-alarm rate is the "
+        "`fused` is the group's Cauchy-combined p-value recalibrated on the calibration slice"
+        + (
+            "; `fused(a+b)` is the same over detectors a and b alone, from the same fits. "
+            if run.fused_subsets
+            else ". "
+        )
+        + "'@1' = at the product's threshold, score >= 1.0; the realised false-alarm rate is the "
         "share of the test split's normal rows with score >= 1.0, to compare with the "
         "configured one. PA-F1 is point-adjusted F1, INFLATED: it credits a whole "
         "labelled segment for a single detected point; shown only to compare with older papers.",
