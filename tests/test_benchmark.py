@@ -443,3 +443,14 @@ def test_cli_names_a_fused_subset_detector_that_is_not_run(data_root: Path) -> N
     )
     assert done.returncode != 0
     assert "['forecaster']" in done.stderr and "--detectors" in done.stderr
+
+
+def test_an_entity_a_detector_cannot_fit_is_left_out_for_all_and_named(data_root: Path) -> None:
+    """180 train rows are enough for ``mad`` and too few for the forecaster: the entity is
+    reported as left out (with the detector's reason), not scored by ``mad`` alone, no crash."""
+    run = benchmark.run_benchmark(
+        ["smd"], ["mad", "forecaster"], ["machine-1-2"], data_root, slice_rows=180, progress=False
+    )
+    assert run.rows == [] and len(run.skipped) == 1
+    assert run.skipped[0].startswith("smd machine-1-2, forecaster: ")
+    assert "Left out for every detector" in benchmark.markdown_report(run)

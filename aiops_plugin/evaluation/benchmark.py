@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import logging
 import math
 import os
 import platform
@@ -57,6 +58,8 @@ from aiops_plugin.config import CalibrationConfig, DetectorsConfig
 from aiops_plugin.detectors.registry import FittedModel, build_detector
 from aiops_plugin.evaluation import datasets, metrics
 from aiops_plugin.windows import Windows
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DETECTORS = ("mad", "iforest", "pca", "cblof")
 OPERATING_THRESHOLD = 1.0
@@ -501,6 +504,9 @@ class BenchmarkRun:
     fit_window: int | None = None
     #: subsets of ``detectors`` with a fused row of their own
     fused_subsets: list[list[str]] = field(default_factory=list)
+    #: entities left out, with why (a detector could not fit them):
+    #: ``"dataset entity, detector: why"``
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def mode(self) -> str:
@@ -610,20 +616,29 @@ def run_benchmark(
         all_series = [short_slice(series, slice_rows) for series in all_series]
     rows: list[EntityMetrics] = []
     scored_all: list[ScoredEntity] = []
+    skipped: list[str] = []
     for series in tqdm(all_series, desc="benchmark", unit="entity", disable=not progress):
-        for scored in score_series(
-            series,
-            detector_names,
-            detectors,
-            false_alarm_rate,
-            device,
-            calibration_fraction,
-            tail_fraction,
-            recent_p_values,
-            refit_every,
-            fit_window,
-            fused_subsets,
-        ):
+        try:
+            entity_scores = score_series(
+                series,
+                detector_names,
+                detectors,
+                false_alarm_rate,
+                device,
+                calibration_fraction,
+                tail_fraction,
+                recent_p_values,
+                refit_every,
+                fit_window,
+                fused_subsets,
+            )
+        except ValueError as exc:
+            # one detector cannot fit this entity (a file too short for its window): the entity
+            # is left out for every detector, so all rows are means over the same entities
+            log.warning("benchmark: %s left out: %s", series.entity, exc)
+            skipped.append(str(exc))
+            continue
+        for scored in entity_scores:
             # NAB scores whole files; a short slice is not one
             nab_operating = (
                 nab_file_score_at_operating_point(scored, data_root)
@@ -655,6 +670,7 @@ def run_benchmark(
         refit_every=refit_every,
         fit_window=fit_window,
         fused_subsets=[list(subset) for subset in fused_subsets],
+        skipped=skipped,
     )
 
 
@@ -784,6 +800,12 @@ def markdown_report(run: BenchmarkRun) -> str:
         "anomaly share, the reference a probability must beat to have any skill.",
         "",
     ]
+    if run.skipped:
+        lines += [
+            "Left out for every detector (a detector could not fit them): "
+            + " / ".join(run.skipped),
+            "",
+        ]
     for dataset in run.datasets:
         rows = [row for row in run.rows if row.dataset == dataset]
         if not rows:
