@@ -37,7 +37,7 @@ def _series(n_entities: int, n_features: int, n_time: int):
         key = entity_key(entity)
         labels[key] = entity
         for f in range(n_features):
-            series[(key, f'q{{cpu="{f}"}}')] = {t: float(e + f + t) for t in range(n_time)}
+            series[(key, f'q{{cpu="{f}"}}')] = np.arange(n_time, dtype=np.float32) + e + f
     return series, labels
 
 

@@ -159,6 +159,24 @@ def feature_name(
     return f"{query_name}{{{inner}}}"
 
 
+def decode_points(
+    values: list, start: float, step: float, n_time: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Grid indices and values of a range answer's ``[[time, "value"], ...]``, decoded as whole
+    arrays (about 0.4 us a point; a dict per point was 1.1 us and ~100 bytes kept per point).
+
+    Points off the grid ``[0, n_time)`` and non-finite values (``NaN``, ``+Inf``: a division by
+    zero in the user's PromQL) are left out, so they stay missing, never a number."""
+    count = len(values)
+    if count == 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+    times = np.fromiter((point[0] for point in values), dtype=np.float64, count=count)
+    samples = np.array([point[1] for point in values], dtype=np.float64)
+    index = np.rint((times - start) / step).astype(np.int64)
+    keep = (index >= 0) & (index < n_time) & np.isfinite(samples)
+    return index[keep], samples[keep].astype(np.float32)
+
+
 class PrometheusReader:
     """Range reads of entity groups through ``prometheus-api-client``."""
 
@@ -256,7 +274,7 @@ class PrometheusReader:
         end = align_start(end, step)
         n_time = int(round((end - start) / step)) + 1
         chunks = plan_chunks(start, end, step, self.config.max_points_per_request)
-        series: dict[tuple[str, str], dict[int, float]] = {}
+        series: dict[tuple[str, str], np.ndarray] = {}
         labels_by_key: dict[str, EntityLabels] = {}
         failures: list[QueryFailure] = []
         skipped_without_labels = 0
@@ -264,31 +282,35 @@ class PrometheusReader:
         identifying = frozenset(group.labels)
         for query_name, promql in group.queries.items():
             guarded = drop_stale_samples(promql, max_age)
+            # decoded chunk by chunk, so only one answer's JSON is held at a time; the query's
+            # rows join the group only when every chunk was read (a query is all or nothing)
+            rows: dict[tuple[str, str], np.ndarray] = {}
+            labels_here: dict[str, EntityLabels] = {}
             try:
-                results = [
-                    item
-                    for chunk_start, chunk_end in chunks
-                    for item in self._query_range(guarded, chunk_start, chunk_end)
-                ]
+                for chunk_start, chunk_end in chunks:
+                    answer = self._query_range(guarded, chunk_start, chunk_end)
+                    for item in answer:
+                        metric = item.get("metric", {})
+                        if any(label not in metric for label in group.labels):
+                            skipped_without_labels += 1
+                            continue
+                        labels = {label: metric[label] for label in group.labels}
+                        key = entity_key(labels)
+                        labels_here[key] = labels
+                        name = feature_name(query_name, metric, identifying)
+                        row = rows.get((key, name))
+                        if row is None:
+                            row = rows[(key, name)] = np.full(n_time, np.nan, dtype=np.float32)
+                        index, samples = decode_points(item.get("values", []), start, step, n_time)
+                        row[index] = samples
+                    del answer
             except PrometheusApiClientException as exc:
                 failure = QueryFailure(group.name, query_name, promql, str(exc))
                 log.error("query failed, its features are missing this cycle: %s", failure)
                 failures.append(failure)
                 continue
-            for item in results:
-                metric = item.get("metric", {})
-                if any(label not in metric for label in group.labels):
-                    skipped_without_labels += 1
-                    continue
-                labels = {label: metric[label] for label in group.labels}
-                key = entity_key(labels)
-                labels_by_key[key] = labels
-                points = series.setdefault((key, feature_name(query_name, metric, identifying)), {})
-                for timestamp, raw in item.get("values", []):
-                    index = int(round((float(timestamp) - start) / step))
-                    value = float(raw)
-                    if 0 <= index < n_time and math.isfinite(value):
-                        points[index] = value
+            series.update(rows)
+            labels_by_key.update(labels_here)
         if skipped_without_labels:
             log.warning(
                 "group %r: %d series lack an identifying label %s and were ignored",
@@ -302,7 +324,7 @@ class PrometheusReader:
 
 def assemble_windows(
     group: EntityGroupConfig,
-    series: dict[tuple[str, str], dict[int, float]],
+    series: dict[tuple[str, str], np.ndarray],
     labels_by_key: dict[str, EntityLabels],
     start: float,
     step: float,
@@ -310,7 +332,8 @@ def assemble_windows(
 ) -> tuple[Windows | None, int]:
     """The group's ``(entities, time, features)`` block from points keyed by (entity, feature).
 
-    ``series`` maps ``(entity key, feature)`` to ``{grid index: value}``. Entities and features
+    ``series`` maps ``(entity key, feature)`` to its float32 ``(n_time,)`` row on the grid (NaN
+    where no sample). Entities and features
     beyond the group's bounds are dropped (the count of dropped entities is returned). Linear in
     the number of series and points: at 10k entities x 40 features a read is 400k series.
     """
@@ -339,11 +362,9 @@ def assemble_windows(
     values = np.full((len(keys), n_time, len(features)), np.nan, dtype=np.float32)
     key_index = {key: i for i, key in enumerate(keys)}
     feature_index = {name: j for j, name in enumerate(features)}
-    for (key, feature), points in series.items():
-        if key in key_index and feature in feature_index and points:
-            indices = np.fromiter(points.keys(), dtype=np.int64, count=len(points))
-            samples = np.fromiter(points.values(), dtype=np.float32, count=len(points))
-            values[key_index[key], indices, feature_index[feature]] = samples
+    for (key, feature), row in series.items():
+        if key in key_index and feature in feature_index:
+            values[key_index[key], :, feature_index[feature]] = row
     windows = Windows(
         group=group.name,
         values=values,
