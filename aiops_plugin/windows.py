@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -102,8 +103,11 @@ class Windows:
         if len(self.entities) != n_entities or len(self.features) != n_features:
             raise ValueError("entity or feature names do not match the values' shape")
 
-    @property
+    @cached_property
     def keys(self) -> list[str]:
+        """:func:`entity_key` of each entity, computed once (50 ms at 10k entities, and read by
+        every phase of a cycle); ``entities`` is never changed in place, a new ``Windows`` is
+        made instead."""
         return [entity_key(labels) for labels in self.entities]
 
     def with_logs(self, logs: LogInputs | None) -> Windows:
