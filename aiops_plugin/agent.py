@@ -826,9 +826,10 @@ class Agent:
                 return result
 
         with timer.phase("infer"):
-            # each detector reads only the history its latest score depends on
+            # each detector reads only the history its latest score depends on, and scores
+            # the latest step alone
             outputs = {
-                name: model.score(scored_windows.tail(model.detector.context_steps + 1))
+                name: model.score_latest(scored_windows.tail(model.detector.context_steps + 1))
                 for name, model in models.items()
             }
 

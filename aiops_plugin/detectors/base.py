@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -68,6 +68,15 @@ class Scores:
     contributions: np.ndarray | None = None
     forecast: Forecast | None = None
     log_branch: np.ndarray | None = None
+
+    def last_step(self) -> Scores:
+        """The same output cut to its last step (a time axis of length 1)."""
+        return replace(
+            self,
+            score=self.score[:, -1:],
+            uncertainty=None if self.uncertainty is None else self.uncertainty[:, -1:],
+            contributions=None if self.contributions is None else self.contributions[:, -1:],
+        )
 
 
 @dataclass
@@ -129,6 +138,12 @@ class Detector(abc.ABC):
     def context_steps(self) -> int:
         """Steps of history before the scored step that a score depends on."""
         return 1
+
+    def score_latest(self, windows: Windows) -> Scores:
+        """Scores of the last step of ``windows`` alone (a time axis of length 1): what a cycle
+        exports. By default :meth:`score` of every step, cut; a detector whose cost grows with
+        the steps it scores computes the last one only."""
+        return self.score(windows).last_step()
 
     def model_gauges(self) -> list[ModelGauge]:
         """Learned state worth exporting (none by default); called once per fit or load."""

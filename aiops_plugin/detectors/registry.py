@@ -103,6 +103,10 @@ class FittedModel:
         """Raw scores ``(entities, time)`` (with the detector's extras) of ``windows``."""
         return self.detector.score(windows)
 
+    def score_latest(self, windows: Windows) -> Scores:
+        """Raw scores of the last step of ``windows`` alone, ``(entities, 1)``."""
+        return self.detector.score_latest(windows)
+
     def to_bytes(self) -> bytes:
         payload = {
             "detector": self.detector.name,
