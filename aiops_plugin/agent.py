@@ -741,6 +741,8 @@ class Agent:
                     }
                 with timer.phase("export"):
                     self._rank_root_causes(now)
+                    # the per-entity families rendered once, here, so scrapes are copies
+                    self.exporter.render()
                 if all(result.error for result in results):
                     raise CycleFailed(
                         "; ".join(f"group {result.group!r}: {result.error}" for result in results)

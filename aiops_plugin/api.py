@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from aiops_plugin.anomaly_api import register_anomaly_api
 from aiops_plugin.logs.receiver import register_log_receiver
@@ -29,7 +29,7 @@ def create_app(agent: Agent) -> FastAPI:
 
     @app.get("/metrics")
     def metrics() -> Response:
-        return Response(generate_latest(agent.exporter.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(agent.exporter.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

@@ -33,8 +33,9 @@ def _snapshot(probability: np.ndarray | None, group: str = "pods") -> GroupSnaps
 
 
 def _families(exporter: Exporter) -> dict[str, tuple[str, list[Sample]]]:
-    """Family name -> (help text, samples); a counter's family name drops ``_total``."""
-    text = generate_latest(exporter.registry).decode()
+    """Family name -> (help text, samples) of what ``/metrics`` serves; a counter's family name
+    drops ``_total``."""
+    text = exporter.exposition().decode()
     return {
         family.name: (family.documentation, family.samples)
         for family in text_string_to_metric_families(text)
@@ -155,3 +156,47 @@ def test_count_suppression_rejects_an_unknown_reason() -> None:
     with pytest.raises(ValueError, match="too_quiet"):
         exporter.count_suppression("pods", 1, {"too_quiet": 1})
     assert _counter(exporter, "aiops_anomalous_steps_total", entity_group="pods") is None
+
+
+def _parsed(text: bytes) -> dict[str, list[tuple]]:
+    """Family -> its samples as sorted (name, labels, value) tuples: order-free comparison."""
+    return {
+        family.name: sorted(
+            (sample.name, sorted(sample.labels.items()), sample.value) for sample in family.samples
+        )
+        for family in text_string_to_metric_families(text.decode())
+    }
+
+
+def test_a_scrape_serves_the_rendered_families_until_they_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The per-entity families are rendered once per change and copied into every scrape;
+    what a scrape serves is exactly what rendering everything now would give, before and after
+    a change, and self-monitoring values are always current."""
+    exporter = Exporter()
+    exporter.publish(_snapshot(np.array([0.97, 0.02, 0.5])))
+    exporter.render()
+    renders = []
+    original = exporter._entity_registry.collect
+    monkeypatch.setattr(
+        exporter._entity_registry, "collect", lambda: renders.append(1) or original()
+    )
+    first = exporter.exposition()
+    exporter.last_success.set(123.0)
+    second = exporter.exposition()
+    assert renders == []  # nothing changed: both scrapes copied the rendered bytes
+    everything_now = _parsed(generate_latest(exporter.registry))
+    assert _parsed(second) == everything_now
+    assert _parsed(first) | {"aiops_cycle_last_success_timestamp_seconds": []} == (
+        everything_now | {"aiops_cycle_last_success_timestamp_seconds": []}
+    )
+    renders.clear()
+    assert _parsed(second)["aiops_cycle_last_success_timestamp_seconds"][0][2] == 123.0
+    exporter.publish(_snapshot(np.array([0.5, 0.5, 0.5])))
+    third = exporter.exposition()  # changed and not rendered yet: rendered for this scrape
+    assert renders == [1]
+    assert _parsed(third) == _parsed(generate_latest(exporter.registry))
+    assert {value for *_, value in _parsed(third)["aiops_anomaly_probability"]} == {0.5}
+    exporter.withdraw("pods")
+    assert "aiops_anomaly_probability" not in _parsed(exporter.exposition())
