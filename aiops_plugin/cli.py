@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import os
+import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -232,7 +233,7 @@ def benchmark(
     if unknown:
         typer.echo(f"error: unknown detector(s) {unknown}; known: {sorted(DETECTORS)}", err=True)
         raise typer.Exit(EXIT_BAD_CONFIG)
-    command = "aiops-plugin " + " ".join(sys.argv[1:])
+    command = "aiops-plugin " + " ".join(map(shlex.quote, sys.argv[1:]))
     names = [name.strip() for name in detectors.split(",") if name.strip()]
     subsets = [
         [name.strip() for name in subset.split(",") if name.strip()]
@@ -287,7 +288,7 @@ def benchmark_logs(
     from aiops_plugin.evaluation.logs_benchmark import log_markdown, run_log_benchmark
 
     _setup_logging(False)
-    command = "aiops-plugin " + " ".join(sys.argv[1:])
+    command = "aiops-plugin " + " ".join(map(shlex.quote, sys.argv[1:]))
     try:
         result = run_log_benchmark(data_root, embedder_model=embedder, command=command)
     except DatasetError as exc:
@@ -320,7 +321,7 @@ def benchmark_forecast(
     from aiops_plugin.evaluation.forecasting import forecast_markdown, run_forecast_benchmark
 
     _setup_logging(False)
-    command = "aiops-plugin " + " ".join(sys.argv[1:])
+    command = "aiops-plugin " + " ".join(map(shlex.quote, sys.argv[1:]))
     try:
         run = run_forecast_benchmark(
             dataset,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -27,12 +28,15 @@ import torch
 from aiops_plugin.config import DiffusionConfig
 from aiops_plugin.detectors.base import choose_device
 from aiops_plugin.detectors.diffusion import DiffusionDetector
+from aiops_plugin.evaluation.benchmark import write_markdown_section
 from aiops_plugin.evaluation.datasets import list_entities, load
 from aiops_plugin.evaluation.metrics import auc_pr, vus_pr
 from aiops_plugin.windows import Windows
 
 STEPS = (1, 2, 5, 10, 20)
-SECTION = "## Diffusion: denoising steps against quality and speed"
+#: the named section of docs/benchmarks.md this benchmark writes (write_markdown_section)
+SECTION = "diffusion-steps"
+HEADING = "## Diffusion: denoising steps against quality and speed"
 
 
 def run(entities: Sequence[str], data_root: Path | None, device: torch.device, command: str) -> str:
@@ -64,7 +68,7 @@ def run(entities: Sequence[str], data_root: Path | None, device: torch.device, c
             )
         print(f"{entity}: done", file=sys.stderr)
     lines = [
-        SECTION,
+        HEADING,
         "",
         f"Command: `{command}`",
         "",
@@ -88,22 +92,6 @@ def run(entities: Sequence[str], data_root: Path | None, device: torch.device, c
     return "\n".join(lines) + "\n"
 
 
-def write_section(markdown: Path, section: str) -> None:
-    """Replace this benchmark's section of ``markdown`` (or append it)."""
-    text = markdown.read_text() if markdown.exists() else ""
-    if SECTION in text:
-        start = text.index(SECTION)
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[end + 1 :] if end != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    markdown.write_text(text)
-
-
-def argv_of(argv: Sequence[str] | None) -> list[str]:
-    return list(sys.argv[1:] if argv is None else argv)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, default=None)
@@ -114,12 +102,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     entities = list_entities("smd", args.data_root)
     entities = entities[: args.entities] if args.entities else entities
     command = " ".join(
-        ["python -m aiops_plugin.evaluation.diffusion_steps_benchmark", *argv_of(argv)]
+        [
+            "python -m aiops_plugin.evaluation.diffusion_steps_benchmark",
+            *map(shlex.quote, sys.argv[1:] if argv is None else argv),
+        ]
     )
     section = run(entities, args.data_root, choose_device(args.device), command)
     print(section)
     if args.markdown is not None:
-        write_section(args.markdown, section)
+        write_markdown_section(args.markdown, SECTION, section)
 
 
 if __name__ == "__main__":
