@@ -197,3 +197,31 @@ def test_an_entity_observed_for_barely_a_window_holds_out_a_seeded_random_share(
     assert reports[0]["train_windows"] == 16 and reports[0]["validation_windows"] == 2
     assert reports[0]["selected_on"] == "validation"
     assert reports[0]["best_loss"] == reports[1]["best_loss"]
+
+
+def test_fit_split_scores_only_the_calibration_slice_and_its_context(smd) -> None:
+    """The calibration slice scored alone (with ``context_steps`` before it) equals the slice
+    of a pass over the whole fit window, for a deep detector (multiscale, with its MC masks)."""
+    windows = Windows.from_array(smd.train[:900])
+    model, raw = FittedModel.fit_split(
+        build_detector("multiscale", tiny_multiscale(), torch.device("cpu")), windows, 0.25
+    )
+    whole = model.score(windows).score
+    assert raw.shape == (1, 900 - 675)
+    np.testing.assert_allclose(raw, whole[:, 675:], rtol=1e-5)
+    assert np.isfinite(raw).all()
+
+
+def test_a_stop_request_interrupts_scoring_between_chunks(smd) -> None:
+    """A fit's calibration pass can be millions of windows; a SIGTERM does not wait for it."""
+    import threading
+
+    from aiops_plugin.detectors.training import TrainingInterrupted
+
+    model = detector()
+    model.fit(Windows.from_array(smd.train[:800]))
+    model.stop_event = threading.Event()
+    model.score(Windows.from_array(smd.test[:100]))  # not asked to stop: scores
+    model.stop_event.set()
+    with pytest.raises(TrainingInterrupted, match="stopped while scoring"):
+        model.score(Windows.from_array(smd.test[:100]))

@@ -35,7 +35,12 @@ from torch import nn
 
 from aiops_plugin.detectors.base import Detector, FitReport, Scores
 from aiops_plugin.detectors.scaling import MAX_STANDARD, RobustScaler
-from aiops_plugin.detectors.training import TrainingSettings, autocast, train
+from aiops_plugin.detectors.training import (
+    TrainingInterrupted,
+    TrainingSettings,
+    autocast,
+    train,
+)
 from aiops_plugin.windows import Windows
 
 
@@ -291,7 +296,12 @@ class WindowedDeepDetector(Detector):
             parts: list[WindowScores] = []
             chunk = self.score_batch_size or default_score_batch_size(self.device)
             self.model_.eval()
+            stop = self.stop_event
             for start in range(0, total, chunk):
+                if stop is not None and stop.is_set():
+                    # a fit's calibration pass can be millions of windows: a SIGTERM must
+                    # not wait for it
+                    raise TrainingInterrupted(f"{self.name}: stopped while scoring")
                 index = torch.arange(start, min(start + chunk, total))
                 entity, offset = index // n_windows, index % n_windows
                 x = values[entity, offset].to(self.device)

@@ -33,7 +33,8 @@ StepHook = Callable[[nn.Module], None]
 
 
 class TrainingInterrupted(Exception):
-    """The caller asked training to stop (the agent is shutting down)."""
+    """The caller asked training, or the scoring of a fit, to stop (the agent is shutting
+    down)."""
 
 
 class TrainingFailed(Exception):
