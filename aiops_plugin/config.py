@@ -121,6 +121,13 @@ class PrometheusConfig(_Strict):
     max_points_per_request: int = Field(
         11000, ge=10, le=11000, description="Prometheus refuses more than 11,000 points a series"
     )
+    max_samples_per_request: int = Field(
+        2_000_000,
+        ge=1000,
+        description="bound on series x points of one range request: a read of many entities "
+        "is split in time so one answer's JSON stays a few hundred MB and under Prometheus' "
+        "query.max-samples (50M)",
+    )
     max_sample_age: Duration | None = Field(
         None,
         description="a sample older than this at a grid point counts as missing (default 2 steps); "

@@ -34,6 +34,7 @@ from aiops_plugin.sources.prometheus import (
     drop_stale_samples,
     feature_name,
     plan_chunks,
+    sample_bounded_end,
 )
 from aiops_plugin.store import Store
 from aiops_plugin.windows import entity_key
@@ -115,6 +116,34 @@ def test_reader_chunks_long_ranges_without_changing_the_result(history: History)
     assert whole.windows is not None and chunked.windows is not None
     assert whole.windows.values.shape == (4, 1501, 38)
     np.testing.assert_array_equal(whole.windows.values, chunked.windows.values)
+
+
+def test_reads_of_many_series_are_split_by_samples_without_changing_the_result(
+    history: History,
+) -> None:
+    """4 entities x 38 series: at most 1000 samples a request is 6 points a chunk (after a
+    first chunk sized for the group's bounds); the block read is the same."""
+    config = make_config(history.prometheus.url, Path("/tmp"))
+    group = config.entities[0]
+    whole = PrometheusReader(config.prometheus).read_range(group, history.end - 600, history.end)
+    config.prometheus.max_samples_per_request = 1000
+    reader = PrometheusReader(config.prometheus)
+    requests = []
+    original = reader._query_range
+
+    def counted(promql: str, start: float, end: float) -> list[dict]:
+        answer = original(promql, start, end)
+        requests.append((end - start + 1, sum(len(item["values"]) for item in answer)))
+        return answer
+
+    reader._query_range = counted
+    split = reader.read_range(group, history.end - 600, history.end)
+    assert whole.windows is not None and split.windows is not None
+    np.testing.assert_array_equal(whole.windows.values, split.windows.values)
+    assert len(requests) > 600 // 7 and max(samples for _, samples in requests) <= 1000
+    assert sample_bounded_end(0.0, 100.0, 1.0, 152, 11000, 1000) == 5.0
+    assert sample_bounded_end(0.0, 3.0, 1.0, 152, 11000, 1000) == 3.0
+    assert sample_bounded_end(0.0, 100.0, 1.0, 10**6, 11000, 1000) == 0.0  # one point at least
 
 
 def _per_point_read(reader: PrometheusReader, group, start: float, end: float):  # noqa: ANN001

@@ -67,7 +67,7 @@ def test_one_groups_detector_failure_does_not_stop_the_other_group(
     def broken(_windows):  # noqa: ANN001, ANN202
         raise RuntimeError("detector exploded")
 
-    agent.models[("mad", "b")].score = broken
+    agent.models[("mad", "b")].score_latest = broken  # what a cycle calls
     results = {result.group: result for result in agent.infer(now=history.end)}
     assert results["a"].error is None and results["a"].entities
     assert results["b"].error == "RuntimeError: detector exploded"

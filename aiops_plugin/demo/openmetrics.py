@@ -4,6 +4,8 @@
   ``i`` at ``end - (n_rows - 1 - i) * step`` seconds.
 - ``write_openmetrics(path, metric, labels, feature_label, feature_names, values, timestamps)``:
   OpenMetrics text for ``promtool tsdb create-blocks-from openmetrics``.
+- ``write_openmetrics_fleet(path, metric, entities, feature_label, feature_names, values_of,
+  timestamps)``: the same for many entities in one family, one entity's values at a time.
 - ``backfill(openmetrics_path, tsdb_dir)``: runs promtool; call it before Prometheus starts.
 
 Facts these are built around (checked against Prometheus 2.42):
@@ -21,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -72,37 +74,55 @@ def write_openmetrics(
         values: ``(time, features)``.
         timestamps: ``(time,)`` Unix seconds, strictly increasing.
     """
-    values = np.asarray(values, dtype=np.float64)
+    write_openmetrics_fleet(
+        path, metric, [labels], feature_label, feature_names, lambda _: values, timestamps
+    )
+
+
+def write_openmetrics_fleet(
+    path: str | Path,
+    metric: str,
+    entities: Sequence[Mapping[str, str]],
+    feature_label: str,
+    feature_names: Sequence[str],
+    values_of: Callable[[int], np.ndarray],
+    timestamps: np.ndarray,
+) -> None:
+    """:func:`write_openmetrics` for many entities in one family: entity ``i`` has the labels
+    ``entities[i]`` and the ``(time, features)`` values ``values_of(i)``, asked for one entity
+    at a time so a large fleet is never held in memory at once."""
     timestamps = np.asarray(timestamps, dtype=np.float64)
     if not _METRIC_NAME.match(metric):
         raise ValueError(f"invalid metric name {metric!r}")
-    for name in [*labels, feature_label]:
-        if not _LABEL_NAME.match(name):
-            raise ValueError(f"invalid label name {name!r}")
-    if feature_label in labels:
-        raise ValueError(f"feature label {feature_label!r} is also in labels")
-    if values.ndim != 2 or values.shape != (timestamps.shape[0], len(feature_names)):
-        raise ValueError(
-            f"values {values.shape} must be (len(timestamps)={timestamps.shape[0]}, "
-            f"len(feature_names)={len(feature_names)})"
-        )
+    for labels in entities:
+        for name in [*labels, feature_label]:
+            if not _LABEL_NAME.match(name):
+                raise ValueError(f"invalid label name {name!r}")
+        if feature_label in labels:
+            raise ValueError(f"feature label {feature_label!r} is also in labels")
     if timestamps.size > 1 and not np.all(np.diff(timestamps) > 0):
         raise ValueError("timestamps must be strictly increasing (promtool drops the others)")
     if timestamps.size and timestamps.max() > 1e11:
         raise ValueError("timestamps look like milliseconds; promtool expects Unix seconds")
-
-    shared = ",".join(f'{k}="{_escape_label_value(v)}"' for k, v in labels.items())
     stamps = [f"{t:.3f}" for t in timestamps]
     with Path(path).open("w", encoding="utf-8") as out:
         out.write(f"# TYPE {metric} gauge\n")
-        for column, feature in enumerate(feature_names):
-            feature_pair = f'{feature_label}="{_escape_label_value(feature)}"'
-            series = f"{metric}{{{','.join(filter(None, [shared, feature_pair]))}}}"
-            out.writelines(
-                f"{series} {value!r} {stamp}\n"
-                for value, stamp in zip(values[:, column].tolist(), stamps, strict=True)
-                if not math.isnan(value)
-            )
+        for index, labels in enumerate(entities):
+            values = np.asarray(values_of(index), dtype=np.float64)
+            if values.ndim != 2 or values.shape != (timestamps.shape[0], len(feature_names)):
+                raise ValueError(
+                    f"values {values.shape} must be (len(timestamps)={timestamps.shape[0]}, "
+                    f"len(feature_names)={len(feature_names)})"
+                )
+            shared = ",".join(f'{k}="{_escape_label_value(v)}"' for k, v in labels.items())
+            for column, feature in enumerate(feature_names):
+                feature_pair = f'{feature_label}="{_escape_label_value(feature)}"'
+                series = f"{metric}{{{','.join(filter(None, [shared, feature_pair]))}}}"
+                out.writelines(
+                    f"{series} {value!r} {stamp}\n"
+                    for value, stamp in zip(values[:, column].tolist(), stamps, strict=True)
+                    if not math.isnan(value)
+                )
         out.write("# EOF\n")
 
 

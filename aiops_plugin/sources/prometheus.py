@@ -133,6 +133,15 @@ def plan_chunks(
     return chunks
 
 
+def sample_bounded_end(
+    chunk_start: float, end: float, step: float, series: int, max_points: int, max_samples: int
+) -> float:
+    """End of the range request that starts at ``chunk_start``: at most ``max_points`` grid
+    points a series and ``max_samples`` samples over ``series`` series (at least one point)."""
+    points = max(1, min(max_points, max_samples // max(1, series)))
+    return min(chunk_start + (points - 1) * step, end)
+
+
 def align_start(timestamp: float, step: float) -> float:
     """The grid point at or before ``timestamp`` (grids are anchored at the Unix epoch)."""
     return math.floor(timestamp / step) * step
@@ -273,7 +282,6 @@ class PrometheusReader:
         start = align_start(start, step)
         end = align_start(end, step)
         n_time = int(round((end - start) / step)) + 1
-        chunks = plan_chunks(start, end, step, self.config.max_points_per_request)
         series: dict[tuple[str, str], np.ndarray] = {}
         labels_by_key: dict[str, EntityLabels] = {}
         failures: list[QueryFailure] = []
@@ -286,9 +294,23 @@ class PrometheusReader:
             # rows join the group only when every chunk was read (a query is all or nothing)
             rows: dict[tuple[str, str], np.ndarray] = {}
             labels_here: dict[str, EntityLabels] = {}
+            # chunks sized by the series count of the answer before (before the first: the
+            # group's bounds, entities x features, so the first is short), so no answer holds
+            # more than max_samples_per_request samples
+            chunk_start, seen = start, group.max_entities * group.max_features
             try:
-                for chunk_start, chunk_end in chunks:
+                while chunk_start <= end:
+                    chunk_end = sample_bounded_end(
+                        chunk_start,
+                        end,
+                        step,
+                        seen,
+                        self.config.max_points_per_request,
+                        self.config.max_samples_per_request,
+                    )
                     answer = self._query_range(guarded, chunk_start, chunk_end)
+                    seen = len(answer) or seen
+                    chunk_start = chunk_end + step
                     for item in answer:
                         metric = item.get("metric", {})
                         if any(label not in metric for label in group.labels):
