@@ -270,6 +270,36 @@ def benchmark(
     typer.echo(f"report: {report} (csv and plots beside it); wall time {run.wall_seconds:.0f} s")
 
 
+@app.command()
+def perf(
+    entities: Annotated[str, typer.Option(help="comma-separated fleet sizes")] = "100,1000",
+    detectors: Annotated[str, typer.Option(help="comma-separated detector names")] = "mad,pca",
+    fit_steps: Annotated[int, typer.Option(min=50, help="steps of history to fit on")] = 1440,
+    cycles: Annotated[int, typer.Option(min=1, help="cycles measured per fleet size")] = 3,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
+    data_root: Annotated[
+        Path | None, typer.Option(help="folder holding smd/ (default ../shared/data)")
+    ] = None,
+    markdown: Annotated[
+        Path | None, typer.Option(help="write the 'perf' section of this file")
+    ] = None,
+    image: Annotated[Path | None, typer.Option(help="PNG of cycle time against entities")] = None,
+) -> None:
+    """Fit and cycle time, scrape and memory against the number of entities: a fleet tiled from
+    real SMD series in a real Prometheus, through the agent's own reader, fit and cycle."""
+    from aiops_plugin.evaluation import perf as perf_benchmark
+
+    argv = ["--entities", entities, "--detectors", detectors, "--fit-steps", str(fit_steps)]
+    argv += ["--cycles", str(cycles), "--device", device]
+    if data_root is not None:
+        argv += ["--data-root", str(data_root)]
+    if markdown is not None:
+        argv += ["--markdown", str(markdown)]
+    if image is not None:
+        argv += ["--image", str(image)]
+    raise typer.Exit(perf_benchmark.main(argv))
+
+
 @app.command("benchmark-logs")
 def benchmark_logs(
     data_root: Annotated[

@@ -1,0 +1,404 @@
+"""``aiops-plugin perf``: the agent's fit and cycle against the size of the fleet, on this machine.
+
+A synthetic fleet built from real series: the shared SMD machines tiled to N entities, entity
+``i`` a copy of machine ``i mod M``'s rows from a seeded offset, multiplied by seeded jitter
+(``1 + 0.02 * noise``, per value) so no two entities are identical. It is written as OpenMetrics,
+backfilled into a real Prometheus with ``promtool tsdb create-blocks-from openmetrics``, read
+back by the agent's own reader, fitted by :meth:`Agent.fit` on ``--fit-steps`` of history and
+run through ``--cycles`` real cycles (fetch -> features -> infer -> calibrate -> export) at
+successive steps, with ``/metrics`` scraped over HTTP after each.
+
+Each N runs in a process of its own, so the peak RSS reported is that N's alone. Phase seconds
+are the agent's own ``aiops_cycle_duration_seconds`` (the mean over the cycles), fit seconds its
+``aiops_fit_duration_seconds`` per detector. The history is time-compressed into the recent
+past (a step of 60 s, ending a few minutes ago): Prometheus accepts no history older than its
+retention or newer than now.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+
+from aiops_plugin.demo import PrometheusServer, backfill, free_port
+from aiops_plugin.demo.openmetrics import write_openmetrics_fleet
+from aiops_plugin.detectors.base import choose_device
+from aiops_plugin.detectors.deep import default_score_batch_size
+from aiops_plugin.evaluation import datasets
+
+SECTION = "perf"
+METRIC = "perf_metric_value"
+GROUP = "fleet"
+STEP_SECONDS = 60.0
+PHASES = ("fetch", "features", "infer", "calibrate", "export")
+JITTER = 0.02
+
+
+@dataclass
+class PerfResult:
+    """One fleet size's measurements (seconds unless named otherwise)."""
+
+    entities: int
+    features: int
+    detectors: list[str]
+    fit_steps: int
+    cycles: int
+    #: writing the OpenMetrics file and promtool's backfill (set-up, not the product)
+    setup_seconds: float
+    fit_seconds: float
+    fit_seconds_by_detector: dict[str, float]
+    #: mean over the cycles, per phase
+    phase_seconds: dict[str, float]
+    cycle_seconds: float
+    scrape_seconds: float
+    scrape_bytes: int
+    scrape_series: int
+    peak_rss_mb: float
+    peak_gpu_mb: float | None
+    device: str
+    dtype: str
+    score_batch_size: int
+    notes: list[str] = field(default_factory=list)
+
+
+def fleet_values(
+    machines: Sequence[np.ndarray], entity: int, steps: int, seed: int = 0
+) -> np.ndarray:
+    """``(steps, features)`` rows of entity ``entity``: machine ``entity mod M`` from a seeded
+    offset, times seeded jitter."""
+    rng = np.random.default_rng([seed, entity])
+    rows = machines[entity % len(machines)]
+    offset = int(rng.integers(0, max(1, len(rows) - steps)))
+    window = rows[offset : offset + steps].astype(np.float64)
+    return window * (1.0 + JITTER * rng.standard_normal(window.shape))
+
+
+def _machines(data_root: Path | None, steps: int) -> tuple[list[np.ndarray], list[str]]:
+    names = datasets.list_entities("smd", data_root)
+    machines, features = [], []
+    for name in names:
+        series = datasets.load("smd", name, data_root)
+        rows = np.concatenate([series.train, series.test])
+        if len(rows) >= steps:
+            machines.append(rows)
+            features = list(series.feature_names)
+    if not machines:
+        raise datasets.DatasetError(f"no SMD machine has {steps} rows for the perf fleet")
+    return machines, features
+
+
+def _config(
+    prometheus_url: str,
+    workdir: Path,
+    n: int,
+    detectors: Sequence[str],
+    fit_steps: int,
+    device: str,
+) -> dict:
+    detector_settings: dict = {"device": device}
+    for name in (
+        "mad",
+        "pca",
+        "iforest",
+        "cblof",
+        "multiscale",
+        "forecaster",
+        "diffusion",
+        "fusion",
+    ):
+        detector_settings[name] = {"enabled": name in detectors}
+    return {
+        "prometheus": {"url": prometheus_url, "step": f"{STEP_SECONDS:g}s", "timeout": "120s"},
+        "entities": [
+            {
+                "name": GROUP,
+                "labels": ["instance"],
+                "queries": {"smd": f"sum by (instance, dim) ({METRIC})"},
+                "max_entities": n,
+            }
+        ],
+        "detectors": detector_settings,
+        "schedule": {"fit_window": f"{fit_steps * STEP_SECONDS:g}s"},
+        "store": {"data_dir": str(workdir / "data")},
+        "server": {"host": "127.0.0.1", "port": free_port()},
+    }
+
+
+def _sum(registry, name: str, labels: dict[str, str]) -> float:  # noqa: ANN001
+    return float(registry.get_sample_value(name, labels) or 0.0)
+
+
+def measure(
+    n: int,
+    detectors: Sequence[str],
+    fit_steps: int,
+    cycles: int,
+    data_root: Path | None = None,
+    device_name: str = "auto",
+    workdir: Path | None = None,
+) -> PerfResult:
+    """Build the fleet of ``n`` entities, fit, run ``cycles`` cycles; in this process."""
+    from aiops_plugin.agent import Agent
+    from aiops_plugin.api import HttpServer
+    from aiops_plugin.config import Config
+
+    began = time.perf_counter()
+    steps = fit_steps + cycles + 1
+    machines, features = _machines(data_root, steps)
+    end = (time.time() // STEP_SECONDS - 3) * STEP_SECONDS
+    timestamps = end - STEP_SECONDS * np.arange(steps - 1, -1, -1, dtype=np.float64)
+    with tempfile.TemporaryDirectory(prefix="aiops-perf-", dir=workdir) as scratch:
+        root = Path(scratch)
+        history = root / "fleet.om"
+        entities = [{"instance": f"host-{i:05d}", "job": "perf"} for i in range(n)]
+        write_openmetrics_fleet(
+            history,
+            METRIC,
+            entities,
+            "dim",
+            features,
+            lambda i: fleet_values(machines, i, steps),
+            timestamps,
+        )
+        backfill(history, root / "tsdb")
+        history.unlink()
+        setup = time.perf_counter() - began
+        device = choose_device(device_name)
+        with PrometheusServer(tsdb_dir=root / "tsdb", workdir=root / "prometheus") as prometheus:
+            prometheus.start()
+            config = Config.model_validate(
+                _config(prometheus.url, root, n, detectors, fit_steps, device_name)
+            )
+            agent = Agent(config)
+            agent.start_up()
+            monitoring = agent.exporter.monitoring
+            fit_now = float(timestamps[fit_steps])
+            started = time.perf_counter()
+            agent.fit(now=fit_now)
+            fit_seconds = time.perf_counter() - started
+            fit_by_detector = {
+                name: _sum(
+                    monitoring,
+                    "aiops_fit_duration_seconds_sum",
+                    {"entity_group": GROUP, "detector": name},
+                )
+                for name in detectors
+            }
+            server = HttpServer.for_agent(agent)
+            server.start()
+            url = f"http://{config.server.host}:{config.server.port}/metrics"
+            phase_totals = dict.fromkeys(PHASES, 0.0)
+            cycle_total = scrape_total = 0.0
+            scrape_bytes = scrape_series = 0
+            notes: list[str] = []
+            try:
+                for k in range(cycles):
+                    before = {
+                        p: _sum(monitoring, "aiops_cycle_duration_seconds_sum", {"phase": p})
+                        for p in PHASES
+                    }
+                    cycle_began = time.perf_counter()
+                    results = agent.infer(now=fit_now + STEP_SECONDS * (k + 1))
+                    cycle_total += time.perf_counter() - cycle_began
+                    for p in PHASES:
+                        after = _sum(monitoring, "aiops_cycle_duration_seconds_sum", {"phase": p})
+                        phase_totals[p] += after - before[p]
+                    for result in results:
+                        if result.error:
+                            notes.append(f"cycle {k + 1}: {result.error}")
+                        scored = len(result.entities)
+                        if scored != n:
+                            notes.append(f"cycle {k + 1}: {scored} of {n} entities scored")
+                    scrape_began = time.perf_counter()
+                    answer = requests.get(url, timeout=120)
+                    scrape_total += time.perf_counter() - scrape_began
+                    answer.raise_for_status()
+                    scrape_bytes = len(answer.content)
+                    scrape_series = sum(
+                        1
+                        for line in answer.content.split(b"\n")
+                        if line.startswith(b"aiops_anomaly_score{")
+                    )
+            finally:
+                server.stop()
+                agent.store.close()
+    peak_gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return PerfResult(
+        entities=n,
+        features=len(features),
+        detectors=list(detectors),
+        fit_steps=fit_steps,
+        cycles=cycles,
+        setup_seconds=setup,
+        fit_seconds=fit_seconds,
+        fit_seconds_by_detector=fit_by_detector,
+        phase_seconds={p: phase_totals[p] / cycles for p in PHASES},
+        cycle_seconds=cycle_total / cycles,
+        scrape_seconds=scrape_total / cycles,
+        scrape_bytes=scrape_bytes,
+        scrape_series=scrape_series,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_gpu_mb=peak_gpu,
+        device=str(device),
+        dtype="bfloat16 autocast" if device.type == "cuda" else "float32",
+        score_batch_size=default_score_batch_size(device),
+        notes=sorted(set(notes)),
+    )
+
+
+def measure_in_subprocess(n: int, arguments: argparse.Namespace) -> PerfResult:
+    """:func:`measure` in a fresh interpreter, so each N's peak RSS is its own."""
+    command = [
+        sys.executable,
+        "-m",
+        "aiops_plugin.evaluation.perf",
+        "--one",
+        str(n),
+        "--detectors",
+        ",".join(arguments.detectors),
+        "--fit-steps",
+        str(arguments.fit_steps),
+        "--cycles",
+        str(arguments.cycles),
+        "--device",
+        arguments.device,
+    ]
+    if arguments.data_root is not None:
+        command += ["--data-root", str(arguments.data_root)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"perf run of {n} entities failed:\n{done.stderr[-4000:]}")
+    return PerfResult(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def markdown(results: Sequence[PerfResult], command: str) -> str:
+    first = results[0]
+    lines = [
+        "## Performance: fit and cycle against the number of entities",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} torch threads; Python {platform.python_version()}, torch "
+        f"{torch.__version__}, device {first.device}, {first.dtype}, scoring batch "
+        f"{first.score_batch_size} windows. Detectors: {', '.join(first.detectors)}; "
+        f"{first.features} metrics per entity (SMD machines tiled with seeded shifts and "
+        f"jitter), 1-minute steps, fit on {first.fit_steps} steps, {first.cycles} cycles at "
+        "successive steps; a real Prometheus (backfilled with promtool), the agent's own "
+        "reader, fit and cycle, `/metrics` scraped over HTTP after each cycle. Seconds are "
+        "the agent's `aiops_cycle_duration_seconds` per phase (mean over the cycles); RSS is "
+        "the peak of a process that ran that size alone.",
+        "",
+        "| entities | fit s | "
+        + " | ".join(f"{p} s" for p in PHASES)
+        + " | cycle s | entities / s | scrape s | scrape MB | score series | peak RSS MB |",
+        "|" + "---|" * (len(PHASES) + 8),
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.entities} | {r.fit_seconds:.1f} | "
+            + " | ".join(f"{r.phase_seconds[p]:.2f}" for p in PHASES)
+            + f" | {r.cycle_seconds:.2f} | {r.entities / max(r.cycle_seconds, 1e-9):.0f} | "
+            f"{r.scrape_seconds:.3f} | {r.scrape_bytes / 1e6:.1f} | {r.scrape_series} | "
+            f"{r.peak_rss_mb:.0f} |"
+        )
+    lines += ["", "Fit seconds per detector (training and its calibration slice):", ""]
+    lines += ["| entities | " + " | ".join(first.detectors) + " |"]
+    lines += ["|" + "---|" * (len(first.detectors) + 1)]
+    for r in results:
+        lines.append(
+            f"| {r.entities} | "
+            + " | ".join(f"{r.fit_seconds_by_detector.get(d, 0.0):.1f}" for d in r.detectors)
+            + " |"
+        )
+    notes = [f"{r.entities}: {note}" for r in results for note in r.notes]
+    if notes:
+        lines += ["", "Notes: " + " / ".join(notes)]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: Sequence[PerfResult], path: Path) -> None:
+    """Cycle seconds per phase against the number of entities (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    sizes = [r.entities for r in results]
+    for phase in PHASES:
+        axis.plot(sizes, [max(r.phase_seconds[phase], 1e-4) for r in results], "o-", label=phase)
+    axis.plot(sizes, [r.cycle_seconds for r in results], "k--", label="whole cycle")
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("entities")
+    axis.set_ylabel("seconds per cycle")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aiops-plugin perf", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    parser.add_argument("--entities", default="100,1000", help="comma-separated fleet sizes")
+    parser.add_argument("--detectors", default="mad,pca", help="comma-separated detectors")
+    parser.add_argument("--fit-steps", type=int, default=1440, help="steps of history to fit on")
+    parser.add_argument("--cycles", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data-root", type=Path, default=None)
+    parser.add_argument("--markdown", type=Path, help="write the 'perf' section of this file")
+    parser.add_argument("--image", type=Path, help="PNG of cycle time against entities")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from aiops_plugin.evaluation.benchmark import write_markdown_section
+
+    arguments = _parser().parse_args(argv)
+    arguments.detectors = [d.strip() for d in arguments.detectors.split(",") if d.strip()]
+    if arguments.one is not None:
+        result = measure(
+            arguments.one,
+            arguments.detectors,
+            arguments.fit_steps,
+            arguments.cycles,
+            arguments.data_root,
+            arguments.device,
+        )
+        print(json.dumps(asdict(result)))
+        return 0
+    sizes = [int(size) for size in arguments.entities.split(",") if size.strip()]
+    results = [measure_in_subprocess(n, arguments) for n in sizes]
+    given = list(sys.argv[1:] if argv is None else argv)
+    text = markdown(results, "aiops-plugin perf " + " ".join(map(shlex.quote, given)))
+    print(text)
+    if arguments.markdown is not None:
+        write_markdown_section(arguments.markdown, SECTION, text)
+    if arguments.image is not None:
+        plot(results, arguments.image)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
