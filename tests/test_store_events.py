@@ -453,3 +453,28 @@ def test_migration_0004_upgrades_a_store_with_rows_and_downgrades(store_url: str
 def test_event_limits_must_be_positive() -> None:
     with pytest.raises(ValueError, match="event_top_metrics must be at least 1"):
         Store("sqlite://", event_top_metrics=0)
+
+
+def test_a_cycle_of_many_quiet_entities_touches_only_the_anomalous_ones(store: Store) -> None:
+    """2000 entities scored, one anomalous: one entity row and one event are written; the
+    quiet ones cost nothing, and the open event still closes on its own quiet steps."""
+    fleet = {entity_key({"pod": f"p{i}"}): {"pod": f"p{i}"} for i in range(2000)}
+    scores = dict.fromkeys(fleet, 0.2)
+    hot = entity_key({"pod": "p7"})
+    opened = store.track_anomaly_events(
+        group="pods",
+        detector="fused",
+        timestamp=at(0),
+        scores={**scores, hot: 3.0},
+        labels=fleet,
+    )
+    assert [event.entity_key for event in opened] == [hot]
+    with store.engine.connect() as connection:
+        entities = Table("entities", MetaData(), autoload_with=connection)
+        count = connection.execute(select(func.count()).select_from(entities)).scalar_one()
+    assert count == 1
+    # the next cycle brings no labels at all: nothing to upsert, and the event closes
+    closed = store.track_anomaly_events(
+        group="pods", detector="fused", timestamp=at(1), scores=scores, labels={}
+    )
+    assert [(event.entity_key, event.end_at) for event in closed] == [(hot, at(1))]
