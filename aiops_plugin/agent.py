@@ -63,7 +63,7 @@ from aiops_plugin.fit_exclusions import (
     maintenance_periods,
     without_excluded,
 )
-from aiops_plugin.grafana import AnnotationWriter
+from aiops_plugin.grafana import AnnotationWriter, BackgroundAnnotations
 from aiops_plugin.logs.intake import LogIntake
 from aiops_plugin.logs.pipeline import LogPipeline
 from aiops_plugin.rootcause import joined_candidates, rank_root_causes
@@ -190,8 +190,10 @@ class Agent:
             LogPipeline(config, self.store, self.exporter) if config.logs.enabled else None
         )
         #: anomaly events opened or closed in a cycle, written to Grafana (grafana.annotations)
-        self.annotations: AnnotationWriter | None = (
-            AnnotationWriter.from_config(config.grafana) if config.grafana.annotations else None
+        self.annotations: BackgroundAnnotations | None = (
+            BackgroundAnnotations(AnnotationWriter.from_config(config.grafana))
+            if config.grafana.annotations
+            else None
         )
 
     # ----------------------------------------------------------------- state
@@ -1040,7 +1042,7 @@ class Agent:
             log.error("group %r: anomaly events not recorded this cycle: %s", group, exc)
             return
         if self.annotations is not None:
-            self.annotations.write(events)
+            self.annotations.submit(events)  # written by its own thread, not in the cycle
 
     def _aligned_histories(
         self,
@@ -1377,6 +1379,8 @@ class Agent:
                 server.stop()
             if self.log_intake is not None:
                 self.log_intake.close()  # after the server: no new records, queued ones written
+            if self.annotations is not None:
+                self.annotations.close()
             self.store.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -299,3 +301,67 @@ class AnnotationWriter:
                 tags=tags,
                 text=event_text(event),
             )
+
+
+class BackgroundAnnotations:
+    """:class:`AnnotationWriter` off the cycle's critical path.
+
+    The cycle hands over the events it opened or closed (:meth:`submit`, never blocking); one
+    thread writes them in order, so an event's open is written before its close. The queue is
+    bounded: while Grafana is slow or down, the oldest pending events beyond ``max_pending`` are
+    dropped with a warning instead of the cycle waiting on HTTP calls (annotations are a view;
+    the events themselves are in the store).
+    """
+
+    def __init__(self, writer: AnnotationWriter, max_pending: int = 10_000) -> None:
+        self.writer = writer
+        self._pending: deque[AnomalyEvent] = deque(maxlen=max_pending)
+        self._changed = threading.Condition()
+        self._busy = False
+        self._closed = False
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="grafana-annotations", daemon=True)
+        self._thread.start()
+
+    def submit(self, events: Sequence[AnomalyEvent]) -> None:
+        if not events:
+            return
+        with self._changed:
+            overflow = max(0, len(self._pending) + len(events) - (self._pending.maxlen or 0))
+            if overflow:
+                self.dropped += overflow
+                log.warning(
+                    "grafana annotations: %d pending events dropped (Grafana slow or down)",
+                    overflow,
+                )
+            self._pending.extend(events)
+            self._changed.notify_all()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every submitted event was written (or failed); False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._pending and not self._busy, timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is pending (up to ``timeout``), then stop the thread."""
+        self.flush(timeout)
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._pending or self._closed)
+                if not self._pending:
+                    return
+                batch = list(self._pending)
+                self._pending.clear()
+                self._busy = True
+            try:
+                self.writer.write(batch)
+            finally:
+                with self._changed:
+                    self._busy = False
+                    self._changed.notify_all()

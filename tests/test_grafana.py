@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +24,7 @@ from aiops_plugin.cli import app
 from aiops_plugin.config import ConfigError, load_config
 from aiops_plugin.dashboards import DASHBOARDS_DIR, load_dashboards
 from aiops_plugin.demo import free_port
-from aiops_plugin.grafana import AnnotationWriter, connect
+from aiops_plugin.grafana import AnnotationWriter, BackgroundAnnotations, connect
 from aiops_plugin.store import AnomalyEvent, Store
 from aiops_plugin.windows import entity_key
 from tests.grafana_standin import GrafanaStandIn
@@ -279,6 +280,43 @@ def test_grafana_down_does_not_stop_the_writer(
     writer = AnnotationWriter(connect(f"http://127.0.0.1:{free_port()}", TOKEN, timeout=2))
     assert writer.write([opened]) == 0
     assert "not written" in caplog.text
+
+
+def test_background_annotations_write_in_order_without_the_cycle_waiting(
+    grafana: GrafanaStandIn, store: Store
+) -> None:
+    """The cycle's submit returns at once; the thread writes the open before the close, so the
+    region is the same annotation; flush waits for it."""
+    queued = BackgroundAnnotations(AnnotationWriter(connect(grafana.url, TOKEN)))
+    (opened,) = track(store, datetime(2026, 3, 1, 12, 0, tzinfo=UTC), 2.5)
+    (closed,) = track(store, datetime(2026, 3, 1, 12, 4, tzinfo=UTC), 0.1)
+    queued.submit([opened])
+    queued.submit([closed])
+    assert queued.flush(10)
+    (region,) = grafana.annotations.values()
+    assert region["timeEnd"] - region["time"] == 240_000
+    queued.close()
+
+
+def test_background_annotations_drop_the_oldest_while_grafana_is_down(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Grafana unreachable (every write waits out its timeout): submitting never blocks, and
+    pending events beyond the bound are dropped with a warning rather than piling up."""
+    writer = AnnotationWriter(connect(f"http://127.0.0.1:{free_port()}", TOKEN, timeout=2))
+    queued = BackgroundAnnotations(writer, max_pending=2)
+    events = [
+        track(store, datetime(2026, 3, 1, 12, minute, tzinfo=UTC), 2.5 if minute % 2 else 0.1)
+        for minute in range(1, 12)
+    ]
+    flat = [event for step in events for event in step]
+    started = time.monotonic()
+    for event in flat:
+        queued.submit([event])
+    assert time.monotonic() - started < 1.0
+    assert queued.dropped >= len(flat) - 3  # one may be in the writer's hands, two pending
+    assert "pending events dropped" in caplog.text
+    queued.close(timeout=30)
 
 
 def test_annotations_need_a_grafana_url_and_the_token_comes_from_the_environment(
