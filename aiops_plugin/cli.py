@@ -277,12 +277,16 @@ def perf(
     fit_steps: Annotated[int, typer.Option(min=50, help="steps of history to fit on")] = 1440,
     cycles: Annotated[int, typer.Option(min=1, help="cycles measured per fleet size")] = 3,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
+    features: Annotated[
+        int | None, typer.Option(min=1, help="metrics per entity (default: all 38 of SMD)")
+    ] = None,
     data_root: Annotated[
         Path | None, typer.Option(help="folder holding smd/ (default ../shared/data)")
     ] = None,
     markdown: Annotated[
         Path | None, typer.Option(help="write the 'perf' section of this file")
     ] = None,
+    section: Annotated[str, typer.Option(help="name of the markdown section")] = "perf",
     image: Annotated[Path | None, typer.Option(help="PNG of cycle time against entities")] = None,
 ) -> None:
     """Fit and cycle time, scrape and memory against the number of entities: a fleet tiled from
@@ -291,10 +295,12 @@ def perf(
 
     argv = ["--entities", entities, "--detectors", detectors, "--fit-steps", str(fit_steps)]
     argv += ["--cycles", str(cycles), "--device", device]
+    if features is not None:
+        argv += ["--features", str(features)]
     if data_root is not None:
         argv += ["--data-root", str(data_root)]
     if markdown is not None:
-        argv += ["--markdown", str(markdown)]
+        argv += ["--markdown", str(markdown), "--section", section]
     if image is not None:
         argv += ["--image", str(image)]
     raise typer.Exit(perf_benchmark.main(argv))

@@ -88,15 +88,18 @@ def fleet_values(
     return window * (1.0 + JITTER * rng.standard_normal(window.shape))
 
 
-def _machines(data_root: Path | None, steps: int) -> tuple[list[np.ndarray], list[str]]:
+def _machines(
+    data_root: Path | None, steps: int, n_features: int | None = None
+) -> tuple[list[np.ndarray], list[str]]:
+    """The SMD machines with at least ``steps`` rows, their first ``n_features`` metrics."""
     names = datasets.list_entities("smd", data_root)
     machines, features = [], []
     for name in names:
         series = datasets.load("smd", name, data_root)
-        rows = np.concatenate([series.train, series.test])
+        rows = np.concatenate([series.train, series.test])[:, :n_features]
         if len(rows) >= steps:
             machines.append(rows)
-            features = list(series.feature_names)
+            features = list(series.feature_names)[:n_features]
     if not machines:
         raise datasets.DatasetError(f"no SMD machine has {steps} rows for the perf fleet")
     return machines, features
@@ -151,6 +154,7 @@ def measure(
     data_root: Path | None = None,
     device_name: str = "auto",
     workdir: Path | None = None,
+    n_features: int | None = None,
 ) -> PerfResult:
     """Build the fleet of ``n`` entities, fit, run ``cycles`` cycles; in this process."""
     from aiops_plugin.agent import Agent
@@ -159,7 +163,7 @@ def measure(
 
     began = time.perf_counter()
     steps = fit_steps + cycles + 1
-    machines, features = _machines(data_root, steps)
+    machines, features = _machines(data_root, steps, n_features)
     end = (time.time() // STEP_SECONDS - 3) * STEP_SECONDS
     timestamps = end - STEP_SECONDS * np.arange(steps - 1, -1, -1, dtype=np.float64)
     with tempfile.TemporaryDirectory(prefix="aiops-perf-", dir=workdir) as scratch:
@@ -278,6 +282,8 @@ def measure_in_subprocess(n: int, arguments: argparse.Namespace) -> PerfResult:
         "--device",
         arguments.device,
     ]
+    if arguments.features is not None:
+        command += ["--features", str(arguments.features)]
     if arguments.data_root is not None:
         command += ["--data-root", str(arguments.data_root)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -365,8 +371,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--fit-steps", type=int, default=1440, help="steps of history to fit on")
     parser.add_argument("--cycles", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--features", type=int, default=None, help="metrics per entity (default: all 38 of SMD)"
+    )
     parser.add_argument("--data-root", type=Path, default=None)
-    parser.add_argument("--markdown", type=Path, help="write the 'perf' section of this file")
+    parser.add_argument("--markdown", type=Path, help="write a named section of this file")
+    parser.add_argument("--section", default=SECTION, help="the section's name (default perf)")
     parser.add_argument("--image", type=Path, help="PNG of cycle time against entities")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     return parser
@@ -385,6 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             arguments.cycles,
             arguments.data_root,
             arguments.device,
+            n_features=arguments.features,
         )
         print(json.dumps(asdict(result)))
         return 0
@@ -394,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = markdown(results, "aiops-plugin perf " + " ".join(map(shlex.quote, given)))
     print(text)
     if arguments.markdown is not None:
-        write_markdown_section(arguments.markdown, SECTION, text)
+        write_markdown_section(arguments.markdown, arguments.section, text)
     if arguments.image is not None:
         plot(results, arguments.image)
     return 0
