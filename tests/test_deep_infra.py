@@ -225,3 +225,33 @@ def test_a_stop_request_interrupts_scoring_between_chunks(smd) -> None:
     model.stop_event.set()
     with pytest.raises(TrainingInterrupted, match="stopped while scoring"):
         model.score(Windows.from_array(smd.test[:100]))
+
+
+def test_out_of_memory_halves_the_chunk_and_scores_the_same(
+    smd, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A device that holds at most 16 windows (simulated: the CPU has no such limit): the pass
+    retries with halved chunks, keeps the size that fits, and scores exactly as one pass."""
+    model = detector()
+    model.fit(Windows.from_array(smd.train[:800]))
+    windows = Windows.from_array(smd.test[:200])
+    expected = model.score(windows).score
+    model.score_batch_size = 100
+    original = model.score_batch
+
+    def limited(network, x, mask):  # noqa: ANN001, ANN202
+        if x.shape[0] > 16:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return original(network, x, mask)
+
+    monkeypatch.setattr(model, "score_batch", limited)
+    np.testing.assert_allclose(model.score(windows).score, expected, rtol=1e-6, equal_nan=True)
+    assert model._chunk_limit == 12  # 100 -> 50 -> 25 -> 12
+    assert "out of memory scoring 100 windows at once; retrying 50 at a time" in caplog.text
+
+    def never(network, x, mask):  # noqa: ANN001, ANN202
+        raise torch.OutOfMemoryError("simulated: nothing fits")
+
+    monkeypatch.setattr(model, "score_batch", never)
+    with pytest.raises(torch.OutOfMemoryError):
+        model.score(windows)

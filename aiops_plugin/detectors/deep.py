@@ -20,10 +20,17 @@ Scoring runs ``score_batch_size`` windows per forward pass (0: sized to the devi
 noise a score draws must not depend on the batch a window lands in: :func:`seeded_noise` draws it
 from a fixed seed, once, shared by every window, so a checkpoint round trip and any batching
 give identical scores.
+
+Scoring runs in chunks of ``score_batch_size`` windows (0: sized to the device), each chunk's
+results moved back to the host, so device memory holds one chunk; on a GPU the inputs go
+through pinned memory with non-blocking copies under bf16 autocast and ``inference_mode``. An
+out-of-memory error halves the chunk and the pass goes on (the smaller size is kept for the
+next cycles): a fleet too large for the device is slower, never a crash.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -42,6 +49,8 @@ from aiops_plugin.detectors.training import (
     train,
 )
 from aiops_plugin.windows import Windows
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -93,6 +102,9 @@ class WindowedDeepDetector(Detector):
         super().__init__(device)
         self.window = window
         self.score_batch_size = score_batch_size
+        #: windows per pass after an out-of-memory error halved it (None: not yet), kept so
+        #: the next cycles do not run out of memory again
+        self._chunk_limit: int | None = None
         self.training = training or TrainingSettings()
         self.max_train_windows = max_train_windows
         self.validation_fraction = validation_fraction
@@ -275,7 +287,36 @@ class WindowedDeepDetector(Detector):
             metrics=metrics,
         )
 
-    @torch.no_grad()
+    def _score_chunk(
+        self,
+        values: torch.Tensor,
+        masks: torch.Tensor,
+        sides: list[torch.Tensor],
+        index: torch.Tensor,
+        n_windows: int,
+    ) -> WindowScores:
+        """Windows ``index`` (flat over entities x windows) scored in one forward pass, the
+        results back on the CPU, so device memory holds one chunk at a time."""
+        entity, offset = index // n_windows, index % n_windows
+        on_gpu = self.device.type == "cuda"
+
+        def moved(part: torch.Tensor) -> torch.Tensor:
+            gathered = part[entity, offset]
+            if on_gpu:  # pinned host memory: the copy overlaps the previous chunk's kernels
+                gathered = gathered.pin_memory()
+            return gathered.to(self.device, non_blocking=on_gpu)
+
+        x, m = moved(values), moved(masks)
+        extra = [moved(part) for part in sides]
+        with autocast(self.device):
+            out = self.score_batch(self.model_, x, m, *extra)
+
+        def back(part: torch.Tensor | None) -> torch.Tensor | None:
+            return None if part is None else part.float().cpu()
+
+        return WindowScores(back(out.score), back(out.uncertainty), back(out.contributions))
+
+    @torch.inference_mode()
     def score(self, windows: Windows) -> Scores:
         features = self._require_fitted()
         assert self.model_ is not None
@@ -294,21 +335,33 @@ class WindowedDeepDetector(Detector):
             n_windows = values.shape[1]
             total = n_entities * n_windows
             parts: list[WindowScores] = []
-            chunk = self.score_batch_size or default_score_batch_size(self.device)
+            chunk = self._chunk_limit or self.score_batch_size
+            chunk = chunk or default_score_batch_size(self.device)
             self.model_.eval()
             stop = self.stop_event
-            for start in range(0, total, chunk):
+            start = 0
+            while start < total:
                 if stop is not None and stop.is_set():
                     # a fit's calibration pass can be millions of windows: a SIGTERM must
                     # not wait for it
                     raise TrainingInterrupted(f"{self.name}: stopped while scoring")
                 index = torch.arange(start, min(start + chunk, total))
-                entity, offset = index // n_windows, index % n_windows
-                x = values[entity, offset].to(self.device)
-                m = masks[entity, offset].to(self.device)
-                extra = [part[entity, offset].to(self.device) for part in sides]
-                with autocast(self.device):
-                    parts.append(self.score_batch(self.model_, x, m, *extra))
+                try:
+                    parts.append(self._score_chunk(values, masks, sides, index, n_windows))
+                except torch.OutOfMemoryError:
+                    if chunk == 1:
+                        raise
+                    chunk = self._chunk_limit = max(1, chunk // 2)
+                    log.warning(
+                        "%s: out of memory scoring %d windows at once; retrying %d at a time",
+                        self.name,
+                        len(index),
+                        chunk,
+                    )
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                start += len(index)
             end = self.window - 1
             score[:, end:] = _joined([p.score for p in parts], (n_entities, n_windows))
             if parts[0].uncertainty is not None:

@@ -18,9 +18,12 @@ retention or newer than now.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
 import platform
+import pstats
 import resource
 import shlex
 import subprocess
@@ -155,8 +158,10 @@ def measure(
     device_name: str = "auto",
     workdir: Path | None = None,
     n_features: int | None = None,
+    profile: Path | None = None,
 ) -> PerfResult:
-    """Build the fleet of ``n`` entities, fit, run ``cycles`` cycles; in this process."""
+    """Build the fleet of ``n`` entities, fit, run ``cycles`` cycles; in this process.
+    ``profile``: write the cycles' cProfile (top functions by cumulative time) there."""
     from aiops_plugin.agent import Agent
     from aiops_plugin.api import HttpServer
     from aiops_plugin.config import Config
@@ -210,6 +215,7 @@ def measure(
             cycle_total = scrape_total = 0.0
             scrape_bytes = scrape_series = 0
             notes: list[str] = []
+            profiler = cProfile.Profile() if profile is not None else None
             try:
                 for k in range(cycles):
                     before = {
@@ -217,7 +223,11 @@ def measure(
                         for p in PHASES
                     }
                     cycle_began = time.perf_counter()
+                    if profiler is not None:
+                        profiler.enable()
                     results = agent.infer(now=fit_now + STEP_SECONDS * (k + 1))
+                    if profiler is not None:
+                        profiler.disable()
                     cycle_total += time.perf_counter() - cycle_began
                     for p in PHASES:
                         after = _sum(monitoring, "aiops_cycle_duration_seconds_sum", {"phase": p})
@@ -241,6 +251,10 @@ def measure(
             finally:
                 server.stop()
                 agent.store.close()
+            if profiler is not None and profile is not None:
+                report = io.StringIO()
+                pstats.Stats(profiler, stream=report).sort_stats("cumulative").print_stats(25)
+                profile.write_text(report.getvalue())
     peak_gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return PerfResult(
         entities=n,
@@ -284,6 +298,8 @@ def measure_in_subprocess(n: int, arguments: argparse.Namespace) -> PerfResult:
     ]
     if arguments.features is not None:
         command += ["--features", str(arguments.features)]
+    if arguments.profile is not None:
+        command += ["--profile", str(arguments.profile.with_suffix(f".{n}.txt"))]
     if arguments.data_root is not None:
         command += ["--data-root", str(arguments.data_root)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -378,6 +394,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--markdown", type=Path, help="write a named section of this file")
     parser.add_argument("--section", default=SECTION, help="the section's name (default perf)")
     parser.add_argument("--image", type=Path, help="PNG of cycle time against entities")
+    parser.add_argument(
+        "--profile", type=Path, help="cProfile of the cycles, one file per size (PATH.N.txt)"
+    )
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     return parser
 
@@ -396,6 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             arguments.data_root,
             arguments.device,
             n_features=arguments.features,
+            profile=arguments.profile,
         )
         print(json.dumps(asdict(result)))
         return 0
