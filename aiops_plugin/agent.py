@@ -68,6 +68,7 @@ from aiops_plugin.logs.intake import LogIntake
 from aiops_plugin.logs.pipeline import LogPipeline
 from aiops_plugin.rootcause import joined_candidates, rank_root_causes
 from aiops_plugin.score_history import ScoreHistory
+from aiops_plugin.sharding import resolve_shard, store_group
 from aiops_plugin.sources.prometheus import PrometheusReader, SourceUnavailable, merge_windows
 from aiops_plugin.store import AnomalyEvent, Store, StoreError
 from aiops_plugin.suppression import apply_suppression, expected_values, feature_rules
@@ -150,7 +151,10 @@ class Agent:
             event_top_metrics=config.events.top_metrics,
             event_top_log_templates=config.events.top_log_templates,
         )
-        self.reader = reader or PrometheusReader(config.prometheus)
+        #: this agent's shard of ``config.sharding.shards`` (0 of 1 when not sharded)
+        self.shard = resolve_shard(config.sharding.shards, config.sharding.shard)
+        self.shards = config.sharding.shards
+        self.reader = reader or PrometheusReader(config.prometheus, self.shard, self.shards)
         self.exporter = exporter or Exporter()
         self.exporter.declare_groups([group.name for group in config.entities])
         self.exporter.declare_models(
@@ -239,7 +243,9 @@ class Agent:
             versions: dict[str, int] = {}
             for detector in self.detector_names:
                 version = self.store.latest_model_version(
-                    detector, group.name, self.config.model_hash(detector, group.name)
+                    detector,
+                    self._stored(group.name),
+                    self.config.model_hash(detector, group.name),
                 )
                 if version is None:
                     continue
@@ -277,7 +283,9 @@ class Agent:
         now: float | None,
     ) -> None:
         settings_hash = self.config.calibration_hash(group.name, versions)
-        stored = self.store.latest_calibration_version(group.name, FUSED, settings_hash)
+        stored = self.store.latest_calibration_version(
+            self._stored(group.name), FUSED, settings_hash
+        )
         if stored is not None:
             try:
                 calibration = GroupCalibration.from_state_dict(stored.state["calibration"])
@@ -402,7 +410,7 @@ class Agent:
             state["early_warning"] = early_warning.state_dict()
             method += f"; early warning: {early_warning.method}"
         self.store.save_calibration_version(
-            group=group.name,
+            group=self._stored(group.name),
             detector=FUSED,
             settings_hash=self.config.calibration_hash(group.name, versions),
             model_versions=versions,
@@ -412,7 +420,7 @@ class Agent:
             slice_end=float(read.timestamps[-1]),
             n_steps=calibration.n_steps_,
         )
-        self.store.prune_calibration_versions(group.name, FUSED)
+        self.store.prune_calibration_versions(self._stored(group.name), FUSED)
         self._install_calibration(group.name, calibration, probability, early_warning)
         log.info(
             "calibrated group %r on %d steps the detectors did not train on (%d labelled event(s))",
@@ -508,6 +516,11 @@ class Agent:
                 end,
             )
         return periods
+
+    def _stored(self, group: str) -> str:
+        """The name this agent's model and calibration rows of ``group`` are stored under: a
+        shard's models are its own (:func:`~aiops_plugin.sharding.store_group`)."""
+        return store_group(group, self.shard, self.shards)
 
     def _check_stop(self) -> None:
         if self.stop_event.is_set():
@@ -625,7 +638,7 @@ class Agent:
             report = model.report
             version = self.store.save_model_version(
                 detector=detector_name,
-                group=group.name,
+                group=self._stored(group.name),
                 config_hash=self.config.model_hash(detector_name, group.name),
                 state=model.to_bytes(),
                 training_metrics={
@@ -636,7 +649,7 @@ class Agent:
                 n_entities=len(read.entities),
                 n_features=len(read.features),
             )
-            self.store.prune_model_versions(detector_name, group.name)
+            self.store.prune_model_versions(detector_name, self._stored(group.name))
             fitted[detector_name] = model
             versions[detector_name] = version.id
             self.exporter.observe_fit(group.name, detector_name, report.seconds if report else 0.0)

@@ -734,6 +734,24 @@ class GrafanaConfig(_Strict):
         return self
 
 
+class ShardingConfig(_Strict):
+    """Several agents splitting the entities (the chart's ``shards``); see sharding.py."""
+
+    shards: int = Field(1, ge=1, le=1024, description="agents that split the entities")
+    shard: int | None = Field(
+        None,
+        ge=0,
+        description="this agent's shard; default: $AIOPS_SHARD, else the StatefulSet pod "
+        "ordinal at the end of the host name",
+    )
+
+    @model_validator(mode="after")
+    def _shard_in_range(self) -> ShardingConfig:
+        if self.shard is not None and self.shard >= self.shards:
+            raise ValueError(f"sharding.shard {self.shard} is outside 0..{self.shards - 1}")
+        return self
+
+
 class Config(_Strict):
     prometheus: PrometheusConfig = PrometheusConfig()
     entities: list[EntityGroupConfig] = Field(min_length=1)
@@ -748,6 +766,7 @@ class Config(_Strict):
     events: EventsConfig = EventsConfig()
     feedback: FeedbackConfig = FeedbackConfig()
     fit_exclusions: FitExclusionsConfig = FitExclusionsConfig()
+    sharding: ShardingConfig = ShardingConfig()
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Config:
@@ -757,6 +776,11 @@ class Config(_Strict):
             raise ValueError(f"entity group names must be unique, repeated: {duplicates}")
         if not self.detectors.enabled_names():
             raise ValueError("at least one detector must be enabled")
+        if self.logs.enabled and self.sharding.shards > 1:
+            raise ValueError(
+                "logs.enabled with sharding.shards > 1: the log side is not sharded yet (every "
+                "shard would mine every record); run one agent for a fleet with logs"
+            )
         groups = {group.name: group for group in self.entities}
         for i, mapping in enumerate(self.logs.entities):
             if mapping.group not in groups:

@@ -60,7 +60,7 @@ CRD_MODELS: dict[str, type[BaseModel]] = {
     "PrometheusRule": PrometheusRule,
 }
 #: Sections of the agent configuration that the chart sets itself instead of taking from values.
-CHART_OWNED_SECTIONS = {"server", "store"}
+CHART_OWNED_SECTIONS = {"server", "store", "sharding"}
 
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -80,6 +80,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "secrets": {"existingSecret": "aiops-credentials"},
         "prometheusRule": {"for": {"AiopsAnomalyDetected": "5m"}},
         "serviceMonitor": {"additionalLabels": {"release": "kube-prometheus-stack"}},
+    },
+    "sharded": {
+        "shards": 3,
+        "store": {"type": "postgresql", "postgresql": {"url": POSTGRES_URL}},
     },
     "optional-off": {
         "serviceMonitor": {"enabled": False},
@@ -127,8 +131,14 @@ def kinds(documents: list[dict[str, Any]]) -> list[str]:
     return sorted(d["kind"] for d in documents)
 
 
+def agent_workload(documents: list[dict[str, Any]]) -> dict[str, Any]:
+    """The agent's Deployment, or its StatefulSet when sharded."""
+    (workload,) = [d for d in documents if d["kind"] in ("Deployment", "StatefulSet")]
+    return workload
+
+
 def agent_container(documents: list[dict[str, Any]]) -> dict[str, Any]:
-    (container,) = one(documents, "Deployment")["spec"]["template"]["spec"]["containers"]
+    (container,) = agent_workload(documents)["spec"]["template"]["spec"]["containers"]
     return container
 
 
@@ -427,6 +437,52 @@ def test_deployment_runs_one_locked_down_agent(
     assert data["persistentVolumeClaim"]["claimName"] == FULLNAME
     pvc = one(rendered_sets["defaults"], "PersistentVolumeClaim")
     assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+def test_shards_render_a_statefulset_whose_pods_read_their_ordinal(
+    rendered_sets: dict[str, list[dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """shards: 3 is a StatefulSet of 3 agents on the shared PostgreSQL store, each told the
+    shard count by its configuration and its own shard by its pod's host name."""
+    documents = rendered_sets["sharded"]
+    assert "Deployment" not in kinds(documents) and "PersistentVolumeClaim" not in kinds(documents)
+    spec = one(documents, "StatefulSet")["spec"]
+    assert spec["replicas"] == 3 and spec["podManagementPolicy"] == "Parallel"
+    assert spec["serviceName"] == FULLNAME
+
+    def agent_config(documents: list[dict[str, Any]]) -> dict[str, Any]:
+        (configmap,) = [
+            d for d in documents if d["kind"] == "ConfigMap" and d["metadata"]["name"] == FULLNAME
+        ]
+        return yaml.safe_load(configmap["data"]["config.yaml"])
+
+    assert agent_config(documents)["sharding"] == {"shards": 3}
+    assert "sharding" not in agent_config(rendered_sets["defaults"])
+    from aiops_plugin.sharding import resolve_shard
+
+    monkeypatch.setenv("HOSTNAME", f"{FULLNAME}-2")
+    assert resolve_shard(3, None) == 2
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"shards": 2}, "needs store.type=postgresql"),
+        (
+            {
+                "shards": 2,
+                "store": {"type": "postgresql", "postgresql": {"url": POSTGRES_URL}},
+                "config": {"logs": {"enabled": True}},
+            },
+            "the log side is not sharded yet",
+        ),
+    ],
+)
+def test_shards_without_what_they_need_fail_saying_so(
+    chart: helm_python.Chart, values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(Exception, match=message):
+        render(chart, values)
 
 
 def test_gpu_off_runs_on_cpu_with_the_cpu_image(

@@ -38,6 +38,7 @@ from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util.retry import Retry
 
 from aiops_plugin.config import EntityGroupConfig, PrometheusConfig
+from aiops_plugin.sharding import shard_of
 from aiops_plugin.windows import EntityLabels, Windows, entity_key
 
 log = logging.getLogger(__name__)
@@ -189,8 +190,11 @@ def decode_points(
 class PrometheusReader:
     """Range reads of entity groups through ``prometheus-api-client``."""
 
-    def __init__(self, config: PrometheusConfig) -> None:
+    def __init__(self, config: PrometheusConfig, shard: int = 0, shards: int = 1) -> None:
+        """``shard`` of ``shards``: only the entities that shard owns are kept
+        (:mod:`aiops_plugin.sharding`); the others' series are skipped while decoding."""
         self.config = config
+        self.shard, self.shards = shard, shards
         headers = {}
         if config.bearer_token:
             headers["Authorization"] = f"Bearer {config.bearer_token}"
@@ -288,6 +292,7 @@ class PrometheusReader:
         skipped_without_labels = 0
         max_age = self.config.max_sample_age or 2 * step
         identifying = frozenset(group.labels)
+        owned: dict[str, bool] = {}  # entity key -> this shard owns it
         for query_name, promql in group.queries.items():
             guarded = drop_stale_samples(promql, max_age)
             # decoded chunk by chunk, so only one answer's JSON is held at a time; the query's
@@ -318,6 +323,12 @@ class PrometheusReader:
                             continue
                         labels = {label: metric[label] for label in group.labels}
                         key = entity_key(labels)
+                        if self.shards > 1:
+                            mine = owned.get(key)
+                            if mine is None:
+                                mine = owned[key] = shard_of(key, self.shards) == self.shard
+                            if not mine:
+                                continue
                         labels_here[key] = labels
                         name = feature_name(query_name, metric, identifying)
                         row = rows.get((key, name))

@@ -105,6 +105,9 @@ port; store: the SQLite directory on the volume, or nothing, the URL coming from
 {{- if eq .Values.store.type "sqlite" }}
 {{- $_ := set $config "store" (dict "data_dir" "/var/lib/aiops-plugin") }}
 {{- end }}
+{{- if gt (int .Values.shards) 1 }}
+{{- $_ := set $config "sharding" (dict "shards" (int .Values.shards)) }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}
 
@@ -112,5 +115,13 @@ port; store: the SQLite directory on the volume, or nothing, the URL coming from
 {{- define "aiops-plugin.validate" -}}
 {{- if and (eq .Values.store.type "postgresql") (not .Values.store.postgresql.url) (not .Values.secrets.existingSecret) }}
 {{- fail "store.type=postgresql needs the database URL: set store.postgresql.url, or secrets.existingSecret naming a Secret with the key store-url" }}
+{{- end }}
+{{- if gt (int .Values.shards) 1 }}
+{{- if ne .Values.store.type "postgresql" }}
+{{- fail "shards > 1 needs store.type=postgresql: the shards share one store" }}
+{{- end }}
+{{- if and .Values.config.logs .Values.config.logs.enabled }}
+{{- fail "shards > 1 with config.logs.enabled: the log side is not sharded yet; run one agent (shards: 1) for a fleet with logs" }}
+{{- end }}
 {{- end }}
 {{- end }}
