@@ -53,12 +53,19 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 
-def _load(path: Path) -> Config:
+def _load(path: Path, starting: bool = True) -> Config:
+    """The configuration at ``path``; ``starting``: an agent starts from it here, so its shard
+    (which may come from the environment, the pod's ordinal) must be known too."""
+    from aiops_plugin.sharding import resolve_shard
+
     try:
-        return load_config(path)
-    except ConfigError as exc:
+        config = load_config(path)
+        if starting:
+            resolve_shard(config.sharding.shards, config.sharding.shard)
+    except (ConfigError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_CONFIG) from exc
+    return config
 
 
 @contextlib.contextmanager
@@ -84,7 +91,7 @@ def check_config(
     path: Annotated[Path, typer.Argument(help="YAML configuration file", readable=False)],
 ) -> None:
     """Validate a configuration file; exit 2 with the file and field named when it is invalid."""
-    config = _load(path)
+    config = _load(path, starting=False)
     groups = ", ".join(f"{g.name} ({len(g.queries)} queries)" for g in config.entities)
     typer.echo(
         f"{path}: OK. entity groups: {groups}; detectors: {config.detectors.enabled_names()}"

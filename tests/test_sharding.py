@@ -1,0 +1,173 @@
+"""Shards: stable, disjoint and complete ownership, and three agents on one real PostgreSQL.
+
+The three agents are three :class:`Agent` objects in this process, each with its own reader,
+exporter and store connection, sharing only the PostgreSQL database and the real Prometheus:
+what separate pods share. "Killing" one closes its store and drops it; its restart is a new
+agent on the same configuration.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from aiops_plugin.agent import Agent
+from aiops_plugin.config import Config
+from aiops_plugin.sharding import owned_mask, resolve_shard, shard_of, store_group
+from aiops_plugin.sources.prometheus import PrometheusReader
+from aiops_plugin.store import Store
+from aiops_plugin.windows import entity_key
+from tests.test_agent import History, history, make_config  # noqa: F401 - fixture
+
+INSTANCES = ["machine-1-7", "machine-1-7-shifted", "vanished", "holey"]
+
+
+def test_ownership_is_stable_disjoint_and_complete() -> None:
+    keys = [entity_key({"namespace": "shop", "pod": f"pod-{i:05d}"}) for i in range(3000)]
+    for shards in (1, 2, 3, 7):
+        masks = np.stack([owned_mask(keys, shard, shards) for shard in range(shards)])
+        assert (masks.sum(axis=0) == 1).all()  # every entity has exactly one owner
+        assert masks.mean(axis=1).max() < 1.15 / shards  # and the shares are even
+    # another interpreter (another pod, a restart) computes the same owners: not hash()
+    code = (
+        "from aiops_plugin.sharding import shard_of; import sys; "
+        "print([shard_of(line.strip(), 7) for line in sys.stdin])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], input="\n".join(keys[:50]), capture_output=True, text=True
+    )
+    assert done.stdout.strip() == str([shard_of(key, 7) for key in keys[:50]])
+
+
+def test_the_shard_comes_from_the_setting_the_environment_or_the_pod_ordinal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("AIOPS_SHARD", raising=False)
+    assert resolve_shard(1, None) == 0
+    assert resolve_shard(3, 1) == 1
+    monkeypatch.setenv("HOSTNAME", "aiops-aiops-plugin-2")
+    assert resolve_shard(3, None) == 2
+    monkeypatch.setenv("AIOPS_SHARD", "0")
+    assert resolve_shard(3, None) == 0
+    monkeypatch.delenv("AIOPS_SHARD")
+    monkeypatch.setenv("HOSTNAME", "aiops-aiops-plugin-5")
+    with pytest.raises(ValueError, match="shard 5 is outside 0..2"):
+        resolve_shard(3, None)
+    monkeypatch.setenv("HOSTNAME", "laptop")
+    with pytest.raises(ValueError, match="set sharding.shard or AIOPS_SHARD"):
+        resolve_shard(3, None)
+    with pytest.raises(ValueError, match="sharding.shard 3 is outside 0..2"):
+        Config.model_validate(
+            {
+                "entities": [{"name": "g", "labels": ["instance"], "queries": {"up": "up"}}],
+                "sharding": {"shards": 3, "shard": 3},
+            }
+        )
+    assert store_group("smd", 1, 3) == "smd@1/3" and store_group("smd", 0, 1) == "smd"
+
+
+def test_each_shard_reads_only_its_own_entities(history: History) -> None:  # noqa: F811
+    config = make_config(history.prometheus.url, Path("/tmp"))
+    group = config.entities[0]
+    whole = PrometheusReader(config.prometheus).read_range(group, history.end - 300, history.end)
+    parts = [
+        PrometheusReader(config.prometheus, shard, 3).read_range(
+            group, history.end - 300, history.end
+        )
+        for shard in range(3)
+    ]
+    assert whole.windows is not None
+    seen = [set() if part.windows is None else set(part.windows.keys) for part in parts]
+    assert set().union(*seen) == set(whole.windows.keys)
+    assert sum(len(keys) for keys in seen) == len(whole.windows.keys)
+    for shard, part in enumerate(parts):
+        assert all(shard_of(key, 3) == shard for key in seen[shard])
+        if part.windows is not None:
+            rows = [whole.windows.keys.index(key) for key in part.windows.keys]
+            np.testing.assert_array_equal(part.windows.values, whole.windows.values[rows])
+
+
+def _scored(agent: Agent) -> set[str]:
+    text = generate_latest(agent.exporter.registry).decode()
+    return {
+        sample.labels["instance"]
+        for family in text_string_to_metric_families(text)
+        if family.name == "aiops_anomaly_score"
+        for sample in family.samples
+        if sample.labels["detector"] == "fused"
+    }
+
+
+@pytest.mark.e2e
+def test_three_shards_on_one_postgresql_split_the_fleet_and_survive_a_restart(
+    history: History,  # noqa: F811
+    postgresql_url: str,
+    tmp_path: Path,
+) -> None:
+    def shard_agent(shard: int) -> Agent:
+        config = make_config(
+            history.prometheus.url,
+            tmp_path / f"shard-{shard}",
+            store={"url": postgresql_url},
+            sharding={"shards": 3, "shard": shard},
+        )
+        agent = Agent(config, store=Store.open(postgresql_url))
+        agent.start_up()
+        return agent
+
+    agents = [shard_agent(shard) for shard in range(3)]
+    for agent in agents:
+        agent.fit(now=history.end)
+        agent.infer(now=history.end)
+    scored = [_scored(agent) for agent in agents]
+    owners = {name: shard_of(entity_key({"instance": name}), 3) for name in INSTANCES}
+    for shard, names in enumerate(scored):
+        assert names == {n for n, o in owners.items() if o == shard and n != "vanished"}
+    # one model per shard in the shared store, each fitted on its own entities only
+    for shard in range(3):
+        config = agents[shard].config
+        version = agents[shard].store.latest_model_version(
+            "mad", f"smd@{shard}/3", config.model_hash("mad", "smd")
+        )
+        assert version is not None
+        assert version.n_entities == sum(1 for o in owners.values() if o == shard)
+    assert agents[0].store.latest_model_version("mad", "smd") is None  # no unsharded row
+
+    # shard 1 is killed and restarted: it loads its own model, refits nothing, scores the same
+    agents[1].store.close()
+    restarted = shard_agent(1)
+    assert restarted.missing_models() == []
+    restarted.infer(now=history.end)
+    assert _scored(restarted) == scored[1]
+    assert len(restarted.store.recent_jobs(kind="fit")) == 3  # the three first fits, no more
+    for agent in (agents[0], agents[2], restarted):
+        agent.store.close()
+
+
+def test_a_shard_that_cannot_be_told_is_a_clear_error_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "entities: [{name: g, labels: [instance], queries: {up: up}}]\nsharding: {shards: 3}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "aiops_plugin.cli", "fit", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HOSTNAME": "laptop"},
+    )
+    assert done.returncode == 2, done.stderr
+    assert "sharding.shards is 3 but this agent's shard is unknown" in done.stderr
+    # validating the file offline needs no shard: that is the pod's business
+    checked = subprocess.run(
+        [sys.executable, "-m", "aiops_plugin.cli", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HOSTNAME": "laptop"},
+    )
+    assert checked.returncode == 0, checked.stderr
