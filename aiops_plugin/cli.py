@@ -295,6 +295,9 @@ def perf(
     ] = None,
     section: Annotated[str, typer.Option(help="name of the markdown section")] = "perf",
     image: Annotated[Path | None, typer.Option(help="PNG of cycle time against entities")] = None,
+    profile: Annotated[
+        Path | None, typer.Option(help="cProfile of the cycles, one file per size (PATH.N.txt)")
+    ] = None,
 ) -> None:
     """Fit and cycle time, scrape and memory against the number of entities: a fleet tiled from
     real SMD series in a real Prometheus, through the agent's own reader, fit and cycle."""
@@ -310,6 +313,8 @@ def perf(
         argv += ["--markdown", str(markdown), "--section", section]
     if image is not None:
         argv += ["--image", str(image)]
+    if profile is not None:
+        argv += ["--profile", str(profile)]
     raise typer.Exit(perf_benchmark.main(argv))
 
 
