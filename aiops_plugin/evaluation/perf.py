@@ -279,6 +279,63 @@ def measure(
     )
 
 
+def fit_memory(
+    n: int,
+    n_features: int,
+    fit_steps: int,
+    detectors: Sequence[str],
+    data_root: Path | None = None,
+    answer_samples: int = 2_000_000,
+) -> dict[str, float]:
+    """Peak memory of a fit at a given size, without Prometheus: the fleet's block assembled as
+    the reader leaves it (float32 values + mask), every detector fitted with its calibration
+    slice and the group calibration, as :meth:`Agent.fit` does; then one range answer of
+    ``answer_samples`` samples decoded (``prometheus.max_samples_per_request``: the most the
+    reader holds in JSON at once). Run it in a process of its own: RSS is a process peak."""
+    from aiops_plugin.calibration.stage import GroupCalibration
+    from aiops_plugin.config import DetectorsConfig
+    from aiops_plugin.detectors.registry import FittedModel, build_detector
+    from aiops_plugin.sources.prometheus import decode_points
+    from aiops_plugin.windows import Windows
+
+    def rss_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    machines, _ = _machines(data_root, fit_steps, n_features)
+    values = np.empty((n, fit_steps, n_features), dtype=np.float32)
+    for i in range(n):
+        values[i] = fleet_values(machines, i, fit_steps)
+    windows = Windows.from_array(
+        values, step=STEP_SECONDS, entities=[{"instance": f"host-{i:05d}"} for i in range(n)]
+    )
+    del values
+    measured = {"block_mb": windows.values.nbytes / 2**20, "rss_block_mb": rss_mb()}
+    started = time.perf_counter()
+    raw, keys = {}, windows.keys
+    settings = DetectorsConfig()
+    for name in detectors:
+        began = time.perf_counter()
+        detector = build_detector(name, settings, torch.device("cpu"))
+        _, raw[name] = FittedModel.fit_split(detector, windows, 0.25)
+        measured[f"fit_{name}_s"] = time.perf_counter() - began
+        measured[f"rss_after_{name}_mb"] = rss_mb()
+    GroupCalibration(list(detectors), 0.05).fit(raw, keys)
+    measured["fit_s"] = time.perf_counter() - started
+    measured["rss_fit_mb"] = rss_mb()
+    per_series = 1000
+    answer = [
+        {
+            "metric": {"instance": f"host-{i:05d}", "dim": "m00"},
+            "values": [[1.7e9 + 60 * t, f"{0.5 + 1e-6 * t:.6f}"] for t in range(per_series)],
+        }
+        for i in range(answer_samples // per_series)
+    ]
+    for item in answer:
+        decode_points(item["values"], 1.7e9, 60.0, per_series)
+    measured["rss_with_answer_mb"] = rss_mb()
+    return measured
+
+
 def measure_in_subprocess(n: int, arguments: argparse.Namespace) -> PerfResult:
     """:func:`measure` in a fresh interpreter, so each N's peak RSS is its own."""
     command = [
@@ -397,6 +454,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--profile", type=Path, help="cProfile of the cycles, one file per size (PATH.N.txt)"
     )
+    parser.add_argument(
+        "--fit-memory",
+        type=int,
+        metavar="N",
+        help="instead: peak memory of a fit of N entities (--features, --fit-steps, "
+        "--detectors) without Prometheus, and of one decoded range answer; prints JSON",
+    )
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     return parser
 
@@ -406,6 +470,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     arguments = _parser().parse_args(argv)
     arguments.detectors = [d.strip() for d in arguments.detectors.split(",") if d.strip()]
+    if arguments.fit_memory is not None:
+        measured = fit_memory(
+            arguments.fit_memory,
+            arguments.features or 38,
+            arguments.fit_steps,
+            arguments.detectors,
+            arguments.data_root,
+        )
+        print(json.dumps(measured))
+        return 0
     if arguments.one is not None:
         result = measure(
             arguments.one,
