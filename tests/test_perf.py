@@ -77,3 +77,17 @@ def test_perf_measures_fit_cycle_and_scrape_per_fleet_size(tmp_path: Path) -> No
         assert float(values["fetch s"]) > 0 and float(values["fit s"]) > 0
     assert "Notes:" not in text  # no cycle error, every entity scored
     assert image.stat().st_size > 5_000
+
+
+def test_every_deep_detector_has_a_bare_reference_kernel_of_its_widths() -> None:
+    import torch
+
+    from aiops_plugin.config import DetectorsConfig
+
+    settings = DetectorsConfig()
+    for name in ("multiscale", "forecaster", "diffusion", "fusion"):
+        kernel = perf.reference_kernel(name, settings, n_features=5)
+        assert kernel is not None, name
+        out = kernel(torch.randn(3, 16, 5))
+        assert out.shape[:2] == (3, 16) and torch.isfinite(out).all(), name
+    assert perf.reference_kernel("mad", settings, 5) is None

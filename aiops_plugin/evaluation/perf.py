@@ -21,6 +21,7 @@ import argparse
 import cProfile
 import io
 import json
+import math
 import os
 import platform
 import pstats
@@ -30,19 +31,27 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import requests
 import torch
+from torch import nn
 
+from aiops_plugin.config import DetectorsConfig
 from aiops_plugin.demo import PrometheusServer, backfill, free_port
 from aiops_plugin.demo.openmetrics import write_openmetrics_fleet
 from aiops_plugin.detectors.base import choose_device
 from aiops_plugin.detectors.deep import default_score_batch_size
+from aiops_plugin.detectors.training import autocast
 from aiops_plugin.evaluation import datasets
+from aiops_plugin.windows import Windows
+
+if TYPE_CHECKING:
+    from aiops_plugin.agent import Agent
 
 SECTION = "perf"
 METRIC = "perf_metric_value"
@@ -79,6 +88,111 @@ class PerfResult:
     dtype: str
     score_batch_size: int
     notes: list[str] = field(default_factory=list)
+    #: deep detector -> windows/s of its scoring and of its bare reference kernel, same shapes
+    kernels: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+class _ConvAttention(nn.Module):
+    """Bare Conv1d + self-attention over a window: the reference for ``multiscale`` (one
+    scale, one pass) and, with a second conv instead of attention, for one denoising step."""
+
+    def __init__(self, n_features: int, width: int, heads: int, attention: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(n_features, width, 3, padding=1)
+        self.attention = (
+            nn.MultiheadAttention(width, heads, batch_first=True) if attention else None
+        )
+        self.out = None if attention else nn.Conv1d(width, n_features, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.conv(x.transpose(1, 2))
+        if self.out is not None:
+            return self.out(torch.relu(hidden)).transpose(1, 2)
+        hidden = hidden.transpose(1, 2)
+        return self.attention(hidden, hidden, hidden, need_weights=False)[0]
+
+
+class _RecurrentAttention(nn.Module):
+    """Bare GRU (``forecaster``) or CNN + BiLSTM (``fusion``) then self-attention."""
+
+    def __init__(self, n_features: int, width: int, heads: int, fusion: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(n_features, width, 3, padding=1) if fusion else None
+        self.recurrent = (
+            nn.LSTM(width, width // 2, batch_first=True, bidirectional=True)
+            if fusion
+            else nn.GRU(n_features, width, batch_first=True)
+        )
+        self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv is not None:
+            x = self.conv(x.transpose(1, 2)).transpose(1, 2)
+        hidden = self.recurrent(x)[0]
+        return self.attention(hidden, hidden, hidden, need_weights=False)[0]
+
+
+def reference_kernel(name: str, settings: DetectorsConfig, n_features: int) -> nn.Module | None:
+    """The bare kernel a deep detector's network is built around, at its configured widths."""
+    if name == "multiscale":
+        return _ConvAttention(n_features, settings.multiscale.d_model, settings.multiscale.heads)
+    if name == "forecaster":
+        return _RecurrentAttention(
+            n_features, settings.forecaster.hidden, settings.forecaster.heads
+        )
+    if name == "diffusion":
+        return _ConvAttention(n_features, settings.diffusion.d_model, 1, attention=False)
+    if name == "fusion":
+        width = 2 * settings.fusion.lstm_hidden
+        return _RecurrentAttention(n_features, width, settings.fusion.heads, fusion=True)
+    return None
+
+
+def _best_rate(run: Callable[[], object], windows: int, repeats: int = 3) -> float:
+    """Windows per second of the fastest of ``repeats`` timed runs, after one warm-up."""
+    run()
+    best = math.inf
+    for _ in range(repeats):
+        began = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - began)
+    return windows / best
+
+
+def kernel_shares(agent: Agent, n_windows: int) -> dict[str, dict[str, float]]:
+    """Per deep detector of the agent's group: windows/s of its scoring of ``n_windows``
+    windows (its own ``score_latest``, scaling and all) and of its bare reference kernel on a
+    batch of the same shape, in the same process."""
+    shares: dict[str, dict[str, float]] = {}
+    for (name, _group), model in agent.models.items():
+        detector = model.detector
+        kernel = reference_kernel(name, agent.config.detectors, len(model.features))
+        if kernel is None:
+            continue
+        window = detector.window
+        rng = np.random.default_rng(0)
+        values = rng.standard_normal((n_windows, detector.context_steps + 1, len(model.features)))
+        windows = Windows.from_array(
+            values.astype(np.float32),
+            step=STEP_SECONDS,
+            entities=[{"instance": f"kernel-{i}"} for i in range(n_windows)],
+        )
+        windows.features[:] = model.features
+        batch = torch.from_numpy(values[:, -window:].astype(np.float32)).to(agent.device)
+        kernel = kernel.to(agent.device).eval()
+
+        def bare(kernel: nn.Module = kernel, batch: torch.Tensor = batch) -> object:
+            with torch.inference_mode(), autocast(agent.device):
+                return kernel(batch)
+
+        detector_rate = _best_rate(lambda d=detector, w=windows: d.score_latest(w), n_windows)
+        reference_rate = _best_rate(bare, n_windows)
+        shares[name] = {
+            "detector_windows_per_s": detector_rate,
+            "reference_windows_per_s": reference_rate,
+            "share": detector_rate / reference_rate,
+        }
+    return shares
 
 
 def fleet_values(
@@ -252,6 +366,7 @@ def measure(
                         for line in answer.content.split(b"\n")
                         if line.startswith(b"aiops_anomaly_score{")
                     )
+                kernels = kernel_shares(agent, min(n, default_score_batch_size(device)))
             finally:
                 server.stop()
                 agent.store.close()
@@ -281,6 +396,7 @@ def measure(
         dtype="bfloat16 autocast" if device.type == "cuda" else "float32",
         score_batch_size=default_score_batch_size(device),
         notes=sorted(set(notes)),
+        kernels=kernels,
     )
 
 
@@ -417,6 +533,24 @@ def markdown(results: Sequence[PerfResult], command: str) -> str:
             + " | ".join(f"{r.fit_seconds_by_detector.get(d, 0.0):.1f}" for d in r.detectors)
             + " |"
         )
+    kernel_rows = [(r, name, k) for r in results for name, k in r.kernels.items()]
+    if kernel_rows:
+        lines += [
+            "",
+            "Deep detectors against their bare reference kernel (same window, width and batch; "
+            "the detector's windows/s is its whole scoring path, Monte-Carlo samples and DDIM "
+            "steps included; the kernel is one forward pass of a bare conv + attention "
+            "(`multiscale`), GRU + attention (`forecaster`), two-conv denoising step "
+            "(`diffusion`) or CNN + BiLSTM + attention (`fusion`) block):",
+            "",
+            "| entities | detector | detector windows / s | reference windows / s | share |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r.entities} | {name} | {k['detector_windows_per_s']:.0f} | "
+            f"{k['reference_windows_per_s']:.0f} | {100 * k['share']:.1f} % |"
+            for r, name, k in kernel_rows
+        ]
     notes = [f"{r.entities}: {note}" for r in results for note in r.notes]
     if notes:
         lines += ["", "Notes: " + " / ".join(notes)]
