@@ -11,7 +11,11 @@ delta), which would hide a gap behind copies of the last value. Each query is th
 ``max_sample_age``; for derived expressions (``rate(...)``) the sample time is the evaluation time,
 so they pass through unchanged.
 
-Prometheus answers at most 11,000 points per series, so long fit windows are read in chunks.
+Prometheus answers at most 11,000 points per series, and an answer of many series is large
+(about 150 bytes a point as JSON, and Prometheus refuses a query over ``query.max-samples``), so
+a read is split in time: at most ``max_points_per_request`` points a series and
+``max_samples_per_request`` samples an answer. Each answer is decoded into one float32 row per
+series as it arrives (whole arrays, no Python object per point) and then dropped.
 Transport errors (connection refused, timeouts, 5xx) are retried with exponential backoff by
 the HTTP session; a PromQL error (HTTP 400/422) is not retried, and only that query's features go
 missing for the cycle, the rest of the group and the other groups are still read.
