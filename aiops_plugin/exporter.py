@@ -393,6 +393,8 @@ class Exporter:
         with self._render_lock:
             with self._lock:
                 version = self._version
+                if self._rendered is not None and self._rendered[0] == version:
+                    return  # rendered while this call waited for the lock (a scrape and a cycle)
             text = generate_latest(self._entity_registry)
             with self._lock:
                 if self._rendered is None or self._rendered[0] < version:
