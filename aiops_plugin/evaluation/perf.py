@@ -328,7 +328,7 @@ def measure(
             server.start()
             url = f"http://{config.server.host}:{config.server.port}/metrics"
             phase_totals = dict.fromkeys(PHASES, 0.0)
-            cycle_total = scrape_total = 0.0
+            scrape_total = 0.0
             each: list[float] = []
             scrape_bytes = scrape_series = 0
             notes: list[str] = []
@@ -346,7 +346,6 @@ def measure(
                     if profiler is not None:
                         profiler.disable()
                     each.append(time.perf_counter() - cycle_began)
-                    cycle_total += each[-1]
                     for p in PHASES:
                         after = _sum(monitoring, "aiops_cycle_duration_seconds_sum", {"phase": p})
                         phase_totals[p] += after - before[p]
@@ -385,7 +384,7 @@ def measure(
         fit_seconds=fit_seconds,
         fit_seconds_by_detector=fit_by_detector,
         phase_seconds={p: phase_totals[p] / cycles for p in PHASES},
-        cycle_seconds=cycle_total / cycles,
+        cycle_seconds=sum(each) / cycles,
         cycle_seconds_each=each,
         scrape_seconds=scrape_total / cycles,
         scrape_bytes=scrape_bytes,
