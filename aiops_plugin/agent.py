@@ -50,6 +50,7 @@ from aiops_plugin.calibration.probability import LabelledProbability
 from aiops_plugin.calibration.stage import METHOD, GroupCalibration, RecentProbability
 from aiops_plugin.config import Config, EntityGroupConfig
 from aiops_plugin.detectors.base import choose_device
+from aiops_plugin.detectors.forecaster import resolve_export_metrics
 from aiops_plugin.detectors.registry import DETECTORS, FittedModel, build_detector
 from aiops_plugin.detectors.training import TrainingFailed, TrainingInterrupted
 from aiops_plugin.early_warning import GroupEarlyWarning
@@ -134,6 +135,20 @@ class GroupResult:
     error: str | None = None
 
 
+def check_startable(config: Config) -> None:
+    """What an agent needs from its machine beyond a valid file, checked before it starts (a
+    ValueError names what is missing): its shard, and the embedder's local model folder when
+    logs are on (otherwise every cycle's log side would fail on it)."""
+    resolve_shard(config.sharding.shards, config.sharding.shard)
+    if config.logs.enabled:
+        from aiops_plugin.logs.embedder import EmbedderError, resolve_model_path
+
+        try:
+            resolve_model_path(config.logs.embedder.model)
+        except EmbedderError as exc:
+            raise ValueError(str(exc)) from None
+
+
 class Agent:
     """Owns the reader, the store, the fitted models and the exporter."""
 
@@ -191,7 +206,9 @@ class Agent:
         self._log_fit_tried: dict[str, float] = {}
         #: mining, embedding, fitting and scoring of the accepted logs
         self.logs: LogPipeline | None = (
-            LogPipeline(config, self.store, self.exporter) if config.logs.enabled else None
+            LogPipeline(config, self.store, self.exporter, self.shard, self.shards)
+            if config.logs.enabled
+            else None
         )
         #: anomaly events opened or closed in a cycle, written to Grafana (grafana.annotations)
         self.annotations: BackgroundAnnotations | None = (
@@ -659,6 +676,14 @@ class Agent:
                 "features": len(read.features),
                 "steps": len(read.timestamps),
             }
+            if detector_name == "forecaster":
+                _, problems = resolve_export_metrics(
+                    self.config.detectors.forecaster.export_metrics, list(read.features)
+                )
+                for problem in problems:  # a forecast that would silently never be exported
+                    log.error("group %r: %s", group.name, problem)
+                if problems:
+                    summary[detector_name]["errors"] = problems
             log.info(
                 "fitted %s on group %r: %d entities x %d steps x %d features (v%d)",
                 detector_name,

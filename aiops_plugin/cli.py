@@ -56,12 +56,12 @@ def _setup_logging(verbose: bool) -> None:
 def _load(path: Path, starting: bool = True) -> Config:
     """The configuration at ``path``; ``starting``: an agent starts from it here, so its shard
     (which may come from the environment, the pod's ordinal) must be known too."""
-    from aiops_plugin.sharding import resolve_shard
-
     try:
         config = load_config(path)
         if starting:
-            resolve_shard(config.sharding.shards, config.sharding.shard)
+            from aiops_plugin.agent import check_startable
+
+            check_startable(config)
     except (ConfigError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_CONFIG) from exc

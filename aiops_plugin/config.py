@@ -9,6 +9,7 @@ which win over the file so that a Kubernetes Secret never has to be written into
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import math
 import os
@@ -29,6 +30,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 ENV_PROMETHEUS_TOKEN = "AIOPS_PROMETHEUS_TOKEN"
 ENV_STORE_URL = "AIOPS_STORE_URL"
@@ -63,8 +66,17 @@ class ConfigError(Exception):
     """A configuration file that cannot be used; the message names the file and the field."""
 
 
+#: The longest duration any setting takes (ten years): beyond it, timers, ``timedelta`` and
+#: thread waits overflow, and no schedule, window or timeout means it.
+MAX_DURATION_SECONDS = 10 * 365 * 86400.0
+#: The largest integer any setting takes: counts and sizes beyond it overflow SQL parameters,
+#: array shapes and sleeps, and no limit of this agent means it.
+MAX_SETTING_INT = 2**31 - 1
+
+
 def parse_duration(value: Any, *, allow_zero: bool = False) -> float:
-    """Seconds from a Prometheus-style duration (``30s``, ``5m``, ``2h``) or a bare number."""
+    """Seconds from a Prometheus-style duration (``30s``, ``5m``, ``2h``) or a bare number;
+    finite and at most :data:`MAX_DURATION_SECONDS`."""
     if isinstance(value, bool):
         raise ValueError(f"expected a duration like '30s' or '5m', got {value!r}")
     if isinstance(value, int | float):
@@ -74,8 +86,14 @@ def parse_duration(value: Any, *, allow_zero: bool = False) -> float:
         if not match:
             raise ValueError(f"expected a duration like '30s' or '5m', got {value!r}")
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
+    if not math.isfinite(seconds):
+        raise ValueError(f"duration must be a finite number of seconds, got {value!r}")
     if seconds < 0 or (seconds == 0 and not allow_zero):
         raise ValueError(f"duration must be positive, got {value!r}")
+    if seconds > MAX_DURATION_SECONDS:
+        raise ValueError(
+            f"duration must be at most 10 years ({MAX_DURATION_SECONDS:.0f}s), got {value!r}"
+        )
     return seconds
 
 
@@ -105,9 +123,63 @@ def check_http_url(value: str) -> str:
 
 HttpUrl = Annotated[str, AfterValidator(check_http_url)]
 
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,2})?)$")
+
+
+def check_device(value: str) -> str:
+    """A torch device name this agent can choose (whether it exists is known only at start)."""
+    if not _DEVICE.match(value):
+        raise ValueError(f"expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}")
+    return value
+
+
+DeviceName = Annotated[str, AfterValidator(check_device)]
+
+_HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def check_listen_host(value: str) -> str:
+    """An IP address or a host name to listen on (``0.0.0.0``, ``::``, ``127.0.0.1``, a
+    name): a typo here would otherwise crash the HTTP server at start."""
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    labels = value.rstrip(".").split(".")
+    if len(value) > 253 or not all(_HOSTNAME_LABEL.match(label) for label in labels):
+        raise ValueError(f"expected an IP address or a host name, got {value!r}")
+    return value
+
+
+def check_store_url(value: str | None) -> str | None:
+    """A SQLAlchemy URL of a database the store supports: SQLite or PostgreSQL."""
+    if value is None:
+        return None
+    try:
+        url = make_url(value)
+    except (ArgumentError, ValueError) as exc:
+        raise ValueError(f"not a database URL ({exc})") from None
+    if url.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ValueError(
+            f"the store is SQLite or PostgreSQL (sqlite:///path, postgresql+psycopg://...), "
+            f"got a {url.get_backend_name()!r} URL"
+        )
+    return value
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown keys, NaN and infinities are errors; so is an integer beyond any limit the agent
+    has (a value like ``1.0e+300`` read as an integer)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _bounded_integers(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SETTING_INT:
+            raise ValueError(f"must be at most {MAX_SETTING_INT} in size, got {value}")
+        return value
 
 
 class PrometheusConfig(_Strict):
@@ -429,7 +501,9 @@ class DetectorsConfig(_Strict):
     multiscale: MultiscaleConfig = MultiscaleConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     fusion: FusionConfig = FusionConfig()
-    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'")
+    device: DeviceName = Field(
+        "auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'"
+    )
 
     def enabled_names(self) -> list[str]:
         return [name for name in DETECTOR_NAMES if getattr(self, name).enabled]
@@ -584,7 +658,9 @@ class ScheduleConfig(_Strict):
 
 
 class StoreConfig(_Strict):
-    url: str | None = Field(None, description=f"SQLAlchemy URL; or set {ENV_STORE_URL}")
+    url: Annotated[str | None, AfterValidator(check_store_url)] = Field(
+        None, description=f"SQLAlchemy URL (SQLite or PostgreSQL); or set {ENV_STORE_URL}"
+    )
     data_dir: str = "./data"
 
     def resolved_url(self) -> str:
@@ -607,6 +683,15 @@ class LogEntityMapping(_Strict):
     scope: Literal["resource", "record"] = "resource"
     value_format: str = "{value}"
 
+    @field_validator("value_format")
+    @classmethod
+    def _formats_only_value(cls, value: str) -> str:
+        try:
+            value.format(value="x")
+        except (KeyError, IndexError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{value!r} must use only {{value}}: {exc!r}") from None
+        return value
+
 
 class LogIntakeConfig(_Strict):
     """The OTLP/HTTP receiver and its durable queue."""
@@ -622,6 +707,7 @@ class LogIntakeConfig(_Strict):
     max_rows: int = Field(5_000_000, ge=1000, description="oldest records beyond this are deleted")
     commit_timeout: Duration = Field(
         5.0,
+        le=600,
         description="how long a request waits for its records' commit before answering 503; "
         "keep it below the senders' timeout (SDK 10s, Collector otlphttp 30s)",
     )
@@ -631,6 +717,15 @@ class LogIntakeConfig(_Strict):
 class MaskingRule(_Strict):
     pattern: str = Field(description="regular expression")
     mask_with: str = Field(description="name of the mask, rendered as <NAME>")
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except (re.error, RecursionError, OverflowError) as exc:
+            raise ValueError(f"{value!r} is not a regular expression: {exc}") from None
+        return value
 
 
 def _default_masking() -> list[MaskingRule]:
@@ -687,7 +782,7 @@ class EmbedderConfig(_Strict):
     pooling: Literal["auto", "mean", "last"] = Field(
         "auto", description="auto: last-token for causal (decoder) LMs, mean for encoders"
     )
-    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda'")
+    device: DeviceName = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda'")
     batch_size: int = Field(64, ge=1)
     max_length: int = Field(64, ge=8, description="tokens per template")
 
@@ -714,7 +809,7 @@ class LogsConfig(_Strict):
 
 
 class ServerConfig(_Strict):
-    host: str = "0.0.0.0"
+    host: Annotated[str, AfterValidator(check_listen_host)] = "0.0.0.0"
     port: int = Field(9108, ge=0, le=65535)
 
 
@@ -776,11 +871,6 @@ class Config(_Strict):
             raise ValueError(f"entity group names must be unique, repeated: {duplicates}")
         if not self.detectors.enabled_names():
             raise ValueError("at least one detector must be enabled")
-        if self.logs.enabled and self.sharding.shards > 1:
-            raise ValueError(
-                "logs.enabled with sharding.shards > 1: the log side is not sharded yet (every "
-                "shard would mine every record); run one agent for a fleet with logs"
-            )
         groups = {group.name: group for group in self.entities}
         for i, mapping in enumerate(self.logs.entities):
             if mapping.group not in groups:
@@ -875,7 +965,10 @@ def _apply_environment(config: Config) -> Config:
     if token := os.environ.get(ENV_PROMETHEUS_TOKEN):
         config.prometheus.bearer_token = token
     if url := os.environ.get(ENV_STORE_URL):
-        config.store.url = url
+        try:
+            config.store.url = check_store_url(url)
+        except ValueError as exc:
+            raise ConfigError(f"{ENV_STORE_URL}: {exc}") from None
     if token := os.environ.get(ENV_LOGS_TOKEN):
         config.logs.intake.token = token
     if token := os.environ.get(ENV_GRAFANA_TOKEN):
@@ -938,6 +1031,8 @@ def load_config(path: str | Path) -> Config:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(_format_yaml_error(path, text, exc)) from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{path}: nested too deeply to read (lists or mappings)") from exc
     if raw is None:
         raise ConfigError(
             f"{path}: the file is empty (or only comments); a configuration needs at least "
@@ -949,4 +1044,6 @@ def load_config(path: str | Path) -> Config:
         config = Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_errors(path, exc)) from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{path}: nested too deeply to validate (lists or mappings)") from exc
     return _apply_environment(config)

@@ -14,28 +14,60 @@ a hash of its labels, so each shard still receives (and skips) the others' serie
 The agents share one PostgreSQL store. Anomaly events are per entity and so already disjoint;
 the rows that belong to one agent's model of a group (model and calibration versions) are kept
 under :func:`store_group`, the group's name qualified by the shard.
+
+Logs: every agent accepts OTLP records for any entity (one Service in front of all of them) and
+stores each with its entity's hash (``log_records.entity_hash``, :func:`entity_hash`); each agent
+mines, embeds and scores only the records whose hash modulo N is its shard
+(:func:`owned_condition`), with a Drain3 tree of its own (``log_miner_state`` and
+``log_templates`` rows keyed by :func:`miner_key`). A record is therefore mined by exactly one
+agent, and a log entity lands on the same agent as the metric entity of the same labels.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
+from sqlalchemy import ColumnElement, true
 
 #: Environment variable that names the shard explicitly (otherwise: the pod ordinal).
 ENV_SHARD = "AIOPS_SHARD"
 _ORDINAL = re.compile(r"-(\d+)$")
 
 
+@functools.lru_cache(maxsize=65_536)
+def entity_hash(key: str) -> int:
+    """The stable hash of an entity key: 63 bits of its BLAKE2b digest, so that it fits the
+    signed 64-bit integer column ``log_records.entity_hash`` on every database."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
 def shard_of(key: str, shards: int) -> int:
     """The shard (``0 .. shards - 1``) that owns the entity with key ``key``."""
     if shards < 1:
         raise ValueError(f"shards must be at least 1, got {shards}")
-    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % shards
+    return entity_hash(key) % shards
+
+
+def owned_condition(hash_column: Any, shard: int, shards: int) -> ColumnElement[bool]:
+    """SQL condition on an entity-hash column: the row's entity is owned by ``shard`` (always
+    true when not sharded). The same arithmetic as :func:`shard_of`, done by the database."""
+    if shards == 1:
+        return true()
+    return (hash_column % shards) == shard
+
+
+def miner_key(shard: int, shards: int) -> str:
+    """Whose Drain3 tree a template or miner state belongs to: ``""`` when not sharded,
+    ``"shard/shards"`` otherwise (a change of ``shards`` starts new trees; old templates keep
+    their ids, so records mined before stay readable)."""
+    return "" if shards == 1 else f"{shard}/{shards}"
 
 
 def owned_mask(keys: Iterable[str], shard: int, shards: int) -> np.ndarray:

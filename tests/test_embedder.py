@@ -4,6 +4,9 @@ once."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -228,3 +231,34 @@ def test_a_model_change_reembeds_every_template(
     assert template_vectors(store, old.model_id) == {}
     assert len(template_vectors(store, new.model_id)) == len(TEMPLATES)
     assert embed_pending_templates(store, new).embedded == 0
+
+
+def test_two_jobs_loading_the_model_at_once_both_get_it() -> None:
+    """At start the fit and the inference job both load the embedder; in a fresh interpreter
+    (transformers not imported yet) four threads load it at the same moment."""
+    code = """
+import threading
+from aiops_plugin.config import EmbedderConfig
+from aiops_plugin.logs.embedder import TemplateEmbedder
+barrier = threading.Barrier(4)
+results = []
+def load():
+    barrier.wait()
+    try:
+        results.append(TemplateEmbedder(EmbedderConfig(device="cpu")).embed(["disk full"]).shape)
+    except Exception as exc:
+        results.append(repr(exc))
+threads = [threading.Thread(target=load) for _ in range(4)]
+for thread in threads: thread.start()
+for thread in threads: thread.join()
+print(results)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == str([(1, 384)] * 4)

@@ -20,6 +20,7 @@ from aiops_plugin.detectors.forecaster import (
     ForecasterDetector,
     LongShortForecaster,
     gaussian_nll,
+    resolve_export_metrics,
 )
 from aiops_plugin.detectors.registry import FittedModel, build_detector
 from aiops_plugin.detectors.scaling import RobustScaler
@@ -445,3 +446,21 @@ def test_forecast_benchmark_compares_every_method_at_every_horizon(smd: DemoSamp
     assert by_method[("forecaster", 5)].mse < 0.9 * median_mse
     # one day of history is there (3000 one-minute rows): seasonal-naive is not persistence
     assert by_method[("seasonal-naive", 5)].mse != by_method[("last value", 5)].mse
+
+
+def test_export_names_resolve_to_the_groups_features_or_say_why_not() -> None:
+    """The example queries keep ``job``, so ``mem_available_ratio`` is the feature
+    ``mem_available_ratio{job="node"}``: the bare name means it. A query with several features
+    needs the full name; a name of another group's query is not this group's problem."""
+    features = ['mem_available_ratio{job="node"}', 'cpu{cpu="0"}', 'cpu{cpu="1"}', "load1"]
+    exported, problems = resolve_export_metrics(
+        ["mem_available_ratio", "cpu", 'cpu{cpu="1"}', "load1", "disk_busy", "load1"], features
+    )
+    assert exported == ['mem_available_ratio{job="node"}', 'cpu{cpu="1"}', "load1"]
+    assert problems == [
+        "detectors.forecaster.export_metrics: 'cpu' matches no feature; the query 'cpu' gives "
+        '2: cpu{cpu="0"}, cpu{cpu="1"}'
+    ]
+    assert resolve_export_metrics(['cpu{cpu="7"}'], features)[1][0].startswith(
+        "detectors.forecaster.export_metrics: 'cpu{cpu=\"7\"}' matches no feature"
+    )

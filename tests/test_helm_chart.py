@@ -464,25 +464,34 @@ def test_shards_render_a_statefulset_whose_pods_read_their_ordinal(
     assert resolve_shard(3, None) == 2
 
 
-@pytest.mark.parametrize(
-    ("values", "message"),
-    [
-        ({"shards": 2}, "needs store.type=postgresql"),
-        (
+def test_shards_without_postgresql_fail_saying_so(chart: helm_python.Chart) -> None:
+    with pytest.raises(Exception, match="needs store.type=postgresql"):
+        render(chart, {"shards": 2})
+
+
+def test_sharded_logs_reach_every_shard_through_one_service(chart: helm_python.Chart) -> None:
+    """With logs, every shard accepts OTLP records (each mines only its own entities'), so the
+    one Service in front of the StatefulSet selects all of its pods."""
+    documents = manifests(
+        render(
+            chart,
             {
-                "shards": 2,
+                "shards": 3,
                 "store": {"type": "postgresql", "postgresql": {"url": POSTGRES_URL}},
                 "config": {"logs": {"enabled": True}},
             },
-            "the log side is not sharded yet",
-        ),
-    ],
-)
-def test_shards_without_what_they_need_fail_saying_so(
-    chart: helm_python.Chart, values: dict[str, Any], message: str
-) -> None:
-    with pytest.raises(Exception, match=message):
-        render(chart, values)
+        )
+    )
+    statefulset = one(documents, "StatefulSet")
+    (service,) = [d for d in documents if d["kind"] == "Service"]
+    pod_labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert "otlp-http" in {port["name"] for port in service["spec"]["ports"]}
+    (configmap,) = [
+        d for d in documents if d["kind"] == "ConfigMap" and d["metadata"]["name"] == FULLNAME
+    ]
+    config = yaml.safe_load(configmap["data"]["config.yaml"])
+    assert config["sharding"] == {"shards": 3} and config["logs"]["enabled"] is True
 
 
 def test_gpu_off_runs_on_cpu_with_the_cpu_image(

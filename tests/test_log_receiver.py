@@ -12,13 +12,16 @@ import json
 import sqlite3
 import threading
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import requests
@@ -44,6 +47,7 @@ from aiops_plugin.api import HttpServer
 from aiops_plugin.config import Config
 from aiops_plugin.demo import free_port, poll_until
 from aiops_plugin.logs.intake import IntakeRecord
+from aiops_plugin.logs.receiver import DECOMPRESS_CHUNK, MAX_GZIP_MEMBERS, decompress
 from aiops_plugin.store import Store
 from aiops_plugin.store.models import LogRecordRow
 from aiops_plugin.windows import entity_key
@@ -390,6 +394,13 @@ BAD_CASES = {
         "decompressed body is over",
         encoding="gzip",
     ),
+    "too_many_gzip_members": BadCase(
+        lambda: gzip.compress(b"") * (MAX_GZIP_MEMBERS + 1),
+        400,
+        "malformed",
+        f"over {MAX_GZIP_MEMBERS} members",
+        encoding="gzip",
+    ),
     "missing_token": BadCase(
         lambda: web_request("anon", 1), 401, "unauthorized", "bearer", token=None
     ),
@@ -417,6 +428,49 @@ def test_bad_request_gets_a_clear_4xx_and_the_receiver_keeps_serving(
     good = receiver.post(web_request(marker, 3))
     assert good.status_code == 200
     assert receiver.bodies() == accepted + [line.body.string_value for line in lines(marker, 3)]
+
+
+def test_a_multi_member_gzip_body_is_the_concatenation_of_its_members(receiver: Receiver) -> None:
+    """RFC 1952 allows several members; a request cut into three compressed parts (each larger
+    than the decoder's input chunk, so members end mid-chunk) arrives whole."""
+    marker = uuid.uuid4().hex
+    payload = web_request(marker, 2000)
+    cuts = [0, len(payload) // 3, 2 * len(payload) // 3, len(payload)]
+    body = b"".join(gzip.compress(payload[a:b], compresslevel=0) for a, b in pairwise(cuts))
+    assert len(body) > 3 * DECOMPRESS_CHUNK
+    response = receiver.post(body, encoding="gzip")
+    assert response.status_code == 200, response.content
+    assert [b for b in receiver.bodies() if b.startswith(marker)] == [
+        line.body.string_value for line in lines(marker, 2000)
+    ]
+
+
+def test_decompressing_many_small_members_reads_each_input_byte_once() -> None:
+    """The work is linear in the body: zlib is fed bounded chunks, so the bytes after a member's
+    end (which zlib copies out) are at most one chunk, however many members follow."""
+    members = [gzip.compress(f"member {i};".encode()) for i in range(MAX_GZIP_MEMBERS)]
+    fed: list[int] = []
+    real = zlib.decompressobj
+
+    class Counting:
+        def __init__(self, wbits: int) -> None:
+            self._inner = real(wbits)
+
+        def decompress(self, data: memoryview, max_length: int = 0) -> bytes:
+            fed.append(len(data))
+            return self._inner.decompress(data, max_length)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._inner, name)
+
+    with mock.patch("aiops_plugin.logs.receiver.zlib.decompressobj", Counting):
+        out = decompress(b"".join(members), "gzip", 1 << 20)
+    assert out == b"".join(f"member {i};".encode() for i in range(MAX_GZIP_MEMBERS))
+    assert max(fed) <= DECOMPRESS_CHUNK
+    # each byte is fed once, plus at most the chunk each member's end hands back (fed again
+    # from a slice of the body as the next member's start): quadratic would be ~len^2 / 2
+    body = b"".join(members)
+    assert sum(fed) <= len(body) + len(members) * DECOMPRESS_CHUNK < len(body) ** 2 / 20
 
 
 # ------------------------------------------------------------------ durability and backpressure

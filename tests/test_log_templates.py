@@ -12,9 +12,11 @@ from collections import Counter, defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import alembic.command
+import alembic.config
 import numpy as np
 import pytest
-from sqlalchemy import delete, insert, select, text
+from sqlalchemy import create_engine, delete, insert, select, text
 
 from aiops_plugin.config import LogTemplatesConfig
 from aiops_plugin.logs.templates import (
@@ -24,8 +26,9 @@ from aiops_plugin.logs.templates import (
     template_vectors,
     templates_to_embed,
 )
+from aiops_plugin.sharding import entity_hash
 from aiops_plugin.store.models import LogMinerStateRow, LogRecordRow, LogTemplateRow
-from aiops_plugin.store.repo import Store, StoreError
+from aiops_plugin.store.repo import MIGRATIONS_DIR, Store, StoreError
 
 LOGHUB = Path(__file__).parents[2] / "shared" / "data" / "loghub"
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -69,6 +72,19 @@ def add_records(
             ],
         )
     return list(range(first + 1, first + 1 + len(bodies)))
+
+
+def record_clusters(store: Store) -> list[tuple[int, str] | None]:
+    """Per record in record order: the Drain3 cluster id of its template and the template's
+    text (None while unmined)."""
+    with store.engine.connect() as connection:
+        rows = connection.execute(
+            select(LogTemplateRow.cluster_id, LogTemplateRow.template)
+            .select_from(LogRecordRow)
+            .outerjoin(LogTemplateRow, LogTemplateRow.id == LogRecordRow.template_id)
+            .order_by(LogRecordRow.id)
+        ).all()
+    return [None if cluster is None else (cluster, text) for cluster, text in rows]
 
 
 def record_templates(store: Store) -> list[int | None]:
@@ -147,9 +163,12 @@ def test_template_ids_survive_a_restart(store_url: str) -> None:
     assert {template_id: after[template_id] for template_id in before} == before
 
 
-def test_failed_batch_writes_nothing_and_mining_again_gives_the_same_ids(
+def test_failed_batch_writes_nothing_and_mining_again_gives_the_same_templates(
     store: Store, tmp_path: Path
 ) -> None:
+    """A failed batch leaves its records unmined; mining them again gives each record the
+    template (text, and Drain3 cluster of the tree) it would have got without the failure.
+    The store-wide ids may skip numbers (a PostgreSQL sequence does not roll back)."""
     lines = [f"sensor {i} reading {i * 7} C" for i in range(3)] + [
         "fan speed set to 1200 rpm",
         "power supply 2 failed",
@@ -158,7 +177,7 @@ def test_failed_batch_writes_nothing_and_mining_again_gives_the_same_ids(
     with Store.open(f"sqlite:///{tmp_path / 'reference.db'}") as reference:
         add_records(reference, lines)
         LogTemplateMiner(reference, LogTemplatesConfig()).mine_pending()
-        expected_ids, expected_texts = record_templates(reference), template_texts(reference)
+        expected = record_clusters(reference)
 
     ids = add_records(store, lines)
     with store.engine.begin() as connection:
@@ -167,15 +186,17 @@ def test_failed_batch_writes_nothing_and_mining_again_gives_the_same_ids(
     miner = LogTemplateMiner(store, LogTemplatesConfig(batch_records=3))
     with pytest.raises(StoreError, match="disk full"):
         miner.mine_pending()
-    assert record_templates(store) == expected_ids[:3] + [None] * 3
-    committed = template_texts(store)
-    assert committed == {i: expected_texts[i] for i in set(expected_ids[:3])}
+    assert record_clusters(store) == expected[:3] + [None] * 3
+    assert sorted(template_texts(store).values()) == sorted({text for _, text in expected[:3]})
 
     with store.engine.begin() as connection:
         connection.execute(text(DROP_REFUSE[store.engine.dialect.name]))
     assert miner.mine_pending().records == 3
-    assert record_templates(store) == expected_ids
-    assert template_texts(store) == expected_texts
+    assert record_clusters(store) == expected
+    assert sorted(template_texts(store).values()) == sorted({text for _, text in expected})
+    # one id per template: records with the same cluster carry the same id, and only they do
+    pairs = set(zip(record_templates(store), record_clusters(store), strict=True))
+    assert len(pairs) == len({cluster for _, cluster in pairs}) == len({i for i, _ in pairs})
 
 
 def test_a_lost_snapshot_never_gives_an_old_id_to_a_new_template(store: Store) -> None:
@@ -262,3 +283,70 @@ def test_real_loghub_lines_give_about_as_many_templates_as_loghub(
         events_of_template[template_id][by_body[body].pop()] += 1
     purity = sum(c.most_common(1)[0][1] for c in events_of_template.values()) / len(rows)
     assert purity >= 0.95, f"mined templates mix loghub events: purity {purity:.3f}"
+
+
+def test_upgrade_from_unsharded_logs_keeps_templates_ids_and_the_tree(
+    store_url: str, tmp_path: Path
+) -> None:
+    """A store written before sharded logs (revision 0004: template id = Drain3 cluster id, one
+    miner state row) upgrades in place: records get their entity hash, templates and state
+    become the unsharded tree's, and mining goes on with the same tree: a known message gets
+    its old template, a new one a fresh id (on PostgreSQL the id sequence was moved past the
+    ids written by hand)."""
+    # a real Drain3 snapshot and its templates, as the previous version wrote them
+    with Store.open(f"sqlite:///{tmp_path / 'before.db'}") as before:
+        add_records(before, ["disk sda1 is 91% full", "worker pool resized to 8"])
+        LogTemplateMiner(before, LogTemplatesConfig()).mine_pending()
+        with before.engine.connect() as connection:
+            state = connection.scalar(select(LogMinerStateRow.state))
+            templates = connection.execute(
+                select(LogTemplateRow.id, LogTemplateRow.template, LogTemplateRow.count)
+            ).all()
+    old = alembic.config.Config()
+    old.set_main_option("script_location", str(MIGRATIONS_DIR))
+    old.set_main_option("sqlalchemy.url", store_url.replace("%", "%%"))
+    if store_url.startswith("sqlite"):
+        (tmp_path / "data").mkdir(exist_ok=True)
+    alembic.command.upgrade(old, "0004")
+    engine = create_engine(store_url)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO log_templates (id, template, first_seen, last_seen, count) "
+                "VALUES (:id, :template, :at, :at, :count)"
+            ),
+            [{"id": i, "template": t, "at": T0, "count": n} for i, t, n in templates],
+        )
+        connection.execute(
+            text(
+                "INSERT INTO log_records (received_at, observed_at, entity_group, entity_key, "
+                "severity_number, severity_text, body, template_id) "
+                "VALUES (:at, :at, 'web', :key, 9, 'INFO', :body, :template)"
+            ),
+            [
+                {"at": T0, "key": "web-1", "body": "disk sda1 is 91% full", "template": 1},
+                {"at": T0, "key": "web-2", "body": "worker pool resized to 8", "template": 2},
+            ],
+        )
+        connection.execute(
+            text("INSERT INTO log_miner_state (id, state, updated_at) VALUES (1, :s, :at)"),
+            {"s": state, "at": T0},
+        )
+    engine.dispose()
+
+    with Store.open(store_url) as store:
+        with store.engine.connect() as connection:
+            hashes = connection.execute(
+                select(LogRecordRow.entity_key, LogRecordRow.entity_hash)
+            ).all()
+            assert hashes and all(h == entity_hash(key) for key, h in hashes)
+            rows = connection.execute(
+                select(LogTemplateRow.id, LogTemplateRow.cluster_id, LogTemplateRow.miner)
+            ).all()
+            assert sorted(rows) == [(i, i, "") for i, _, _ in sorted(templates)]
+        add_records(store, ["disk sdb2 is 95% full", "kernel panic: not syncing"])
+        assert LogTemplateMiner(store, LogTemplatesConfig()).mine_pending().records == 2
+        texts = template_texts(store)
+        assert record_templates(store)[2] == 1  # the old template, from the old tree
+        new = record_templates(store)[3]
+        assert new not in {i for i, _, _ in templates} and texts[new] == "kernel panic: not syncing"

@@ -8,20 +8,36 @@ agent on the same configuration.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
+import yaml
+from opentelemetry._logs import SeverityNumber
+from opentelemetry.exporter.otlp.proto.http import Compression
+from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+from opentelemetry.sdk.resources import Resource
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import func, select
 
 from aiops_plugin.agent import Agent
 from aiops_plugin.config import Config
+from aiops_plugin.demo.ports import free_port
 from aiops_plugin.sharding import owned_mask, resolve_shard, shard_of, store_group
 from aiops_plugin.sources.prometheus import PrometheusReader
 from aiops_plugin.store import Store
+from aiops_plugin.store.models import LogMinerStateRow, LogRecordRow, LogTemplateRow
 from aiops_plugin.windows import entity_key
 from tests.test_agent import History, history, make_config  # noqa: F401 - fixture
 
@@ -171,3 +187,173 @@ def test_a_shard_that_cannot_be_told_is_a_clear_error_at_start(tmp_path: Path) -
         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HOSTNAME": "laptop"},
     )
     assert checked.returncode == 0, checked.stderr
+
+
+# ------------------------------------------------------------------------------ sharded logs
+
+LOG_HOSTS = [f"node-{i:02d}" for i in range(12)]
+LOG_TOKEN = "shard-test-token"
+
+
+def _log_shard_config(path: Path, postgresql_url: str, shard: int, port: int) -> Path:
+    """An agent of three whose metric source is down (a closed port: this test is about the
+    log side, which runs whatever Prometheus does)."""
+    config = {
+        "prometheus": {"url": f"http://127.0.0.1:{free_port()}", "retries": 0, "timeout": "2s"},
+        "entities": [{"name": "hosts", "labels": ["instance"], "queries": {"up": "up"}}],
+        "detectors": {"device": "cpu"},
+        "schedule": {"infer_every": "1s"},
+        "store": {"url": postgresql_url},
+        "server": {"host": "127.0.0.1", "port": port},
+        "sharding": {"shards": 3, "shard": shard},
+        "logs": {
+            "enabled": True,
+            "entities": [{"group": "hosts", "label": "instance", "attribute": "host.name"}],
+            "intake": {"token": LOG_TOKEN},
+            "embedder": {"device": "cpu"},
+            "templates": {"batch_records": 20},
+        },
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class _ShardProcess:
+    """One ``aiops-plugin run`` process of the three."""
+
+    def __init__(self, config: Path, port: int, log_file: Path) -> None:
+        self.config, self.port, self.log_file = config, port, log_file
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> _ShardProcess:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        with self.log_file.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "aiops_plugin.cli", "run", "--config", str(self.config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log_file.read_text()[-3000:]
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{self.url}/healthz", timeout=1).ok:
+                    return self
+            time.sleep(0.3)
+        raise AssertionError(f"shard on port {self.port} did not start: {self.log_file}")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def _send_logs(url: str, host: str, bodies: list[str]) -> None:
+    """The real SDK exporter of one host; returns once every record was acknowledged."""
+    provider = LoggerProvider(resource=Resource.create({"host.name": host}))
+    exporter = OTLPLogExporter(
+        endpoint=f"{url}/v1/logs",
+        headers={"Authorization": f"Bearer {LOG_TOKEN}"},
+        compression=Compression.Gzip,
+        timeout=10,
+    )
+    provider.add_log_record_processor(BatchLogRecordProcessor(exporter, schedule_delay_millis=50))
+    logger = provider.get_logger("shard-test")
+    for body in bodies:
+        logger.emit(body=body, severity_number=SeverityNumber.INFO, severity_text="INFO")
+    assert provider.force_flush(10_000)
+    provider.shutdown()
+
+
+def _bodies(host: str, start: int, count: int) -> list[str]:
+    kinds = (
+        "GET /api/cart/{i} 200 in {ms} ms",
+        "user {i} logged in from 10.0.{ms}.7",
+        "cache miss for key item-{i}, loading took {ms} ms",
+    )
+    return [
+        f"{host} " + kinds[i % 3].format(i=i, ms=(7 * i) % 90) for i in range(start, start + count)
+    ]
+
+
+@pytest.mark.e2e
+def test_three_agent_processes_mine_each_log_record_exactly_once_across_a_kill(
+    postgresql_url: str, tmp_path: Path
+) -> None:
+    """Three ``aiops-plugin run`` processes on one PostgreSQL, each behind its own port as pods
+    behind one Service. Records of every host are sent to every shard (round robin); each shard
+    mines only its own hosts' records, in its own Drain3 tree. Shard 1 is killed with SIGKILL
+    while records arrive and started again: every acknowledged record is stored once and mined
+    once (the Drain3 cluster sizes of each tree add up to the records it owns)."""
+    ports = [free_port() for _ in range(3)]
+    shards = [
+        _ShardProcess(
+            _log_shard_config(tmp_path / f"shard-{i}.yaml", postgresql_url, i, ports[i]),
+            ports[i],
+            tmp_path / f"shard-{i}.log",
+        )
+        for i in range(3)
+    ]
+    owners = {host: shard_of(entity_key({"instance": host}), 3) for host in LOG_HOSTS}
+    assert set(owners.values()) == {0, 1, 2}
+    sent: list[str] = []
+    try:
+        for shard in shards:
+            shard.start()
+        for i, host in enumerate(LOG_HOSTS):  # the first half, round robin over the shards
+            bodies = _bodies(host, 0, 40)
+            _send_logs(shards[i % 3].url, host, bodies)
+            sent += bodies
+        shards[1].kill()
+        for i, host in enumerate(LOG_HOSTS):  # the second half reaches the live shards only
+            bodies = _bodies(host, 40, 40)
+            _send_logs(shards[0 if i % 2 else 2].url, host, bodies)
+            sent += bodies
+        shards[1].start()
+        with Store.open(postgresql_url) as store:
+            deadline = time.monotonic() + 180
+            while True:
+                with store.engine.connect() as connection:
+                    unmined = connection.scalar(
+                        select(func.count()).where(LogRecordRow.template_id.is_(None))
+                    )
+                if unmined == 0 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            assert unmined == 0
+            with store.engine.connect() as connection:
+                records = connection.execute(
+                    select(LogRecordRow.body, LogRecordRow.entity_key, LogTemplateRow.miner).join(
+                        LogTemplateRow, LogTemplateRow.id == LogRecordRow.template_id
+                    )
+                ).all()
+                sizes = dict(
+                    connection.execute(
+                        select(LogTemplateRow.miner, func.sum(LogTemplateRow.count)).group_by(
+                            LogTemplateRow.miner
+                        )
+                    ).all()
+                )
+                trees = set(connection.scalars(select(LogMinerStateRow.miner)))
+    finally:
+        for shard in shards:
+            shard.stop()
+    assert sorted(body for body, _, _ in records) == sorted(sent)  # none lost, none twice
+    for _, key, miner in records:  # mined by the owner, in the owner's tree
+        assert miner == f"{shard_of(key, 3)}/3"
+    owned = Counter(miner for _, _, miner in records)
+    assert sizes == {miner: owned[miner] for miner in owned}  # each record mined once
+    assert trees == {"0/3", "1/3", "2/3"}

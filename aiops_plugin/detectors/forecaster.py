@@ -209,6 +209,37 @@ def gaussian_nll(output: ForecastOutput, target: torch.Tensor, mask: torch.Tenso
     return (nll * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def resolve_export_metrics(names: list[str], features: list[str]) -> tuple[list[str], list[str]]:
+    """The features of one group that ``detectors.forecaster.export_metrics`` names, and what
+    is wrong with the names that belong to this group but match none of its features.
+
+    A name is a feature's full name (``cpu{cpu="0"}``) or a query name: a query that gives one
+    series per entity is ``mem_available_ratio{job="node"}`` when its PromQL keeps a label
+    beyond the entity's (``job`` in the example queries), and the bare name means that one
+    feature. A query name with several features must be spelled out (which one is meant?);
+    a name of another group's query is that group's business.
+    """
+    exported: list[str] = []
+    problems: list[str] = []
+    for name in names:
+        if name in features:
+            exported.append(name)
+            continue
+        query = name.split("{", 1)[0]
+        candidates = [f for f in features if f == query or f.startswith(query + "{")]
+        if not candidates:
+            continue
+        if len(candidates) == 1 and "{" not in name:
+            exported.append(candidates[0])
+            continue
+        shown = ", ".join(candidates[:5]) + (", ..." if len(candidates) > 5 else "")
+        problems.append(
+            f"detectors.forecaster.export_metrics: {name!r} matches no feature; the query "
+            f"{query!r} gives {len(candidates)}: {shown}"
+        )
+    return list(dict.fromkeys(exported)), problems
+
+
 class ForecasterDetector(WindowedDeepDetector):
     """Scores each step by its one-step-ahead forecast residual; forecasts the next steps."""
 
@@ -449,7 +480,7 @@ class ForecasterDetector(WindowedDeepDetector):
         """Forecasts made at the last step of ``windows`` for ``export_metrics``, in original
         units; None when nothing is to be forecast or the windows are shorter than the context."""
         features = self._require_fitted()
-        exported = [name for name in self.export_metrics if name in features]
+        exported, _ = resolve_export_metrics(self.export_metrics, features)
         if not exported or len(windows.timestamps) < self.context:
             return None
         distribution = self.forecast_distribution(windows)

@@ -16,7 +16,9 @@ has no route to the Hub and must not stall on one.
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +39,10 @@ from aiops_plugin.store.repo import Store
 BUNDLED_MINILM = "all-MiniLM-L6-v2"
 
 Pooling = Literal["mean", "last"]
+
+
+#: Serialises model loading (see ``TemplateEmbedder.__init__``).
+_LOAD_LOCK = threading.Lock()
 
 
 class EmbedderError(Exception):
@@ -99,17 +105,23 @@ class TemplateEmbedder:
 
     def __init__(self, config: EmbedderConfig) -> None:
         os.environ["HF_HUB_OFFLINE"] = "1"
-        from transformers import AutoModel
-
         self._config = config
         path = resolve_model_path(config.model)
         self.device = choose_device(config.device)
         self.dtype = _dtype_for(self.device)
-        try:
-            self._tokenizer = _load_tokenizer(path)
-            self._model = AutoModel.from_pretrained(path, local_files_only=True, dtype=self.dtype)
-        except (OSError, ValueError) as exc:
-            raise EmbedderError(f"cannot load the model in {path}: {exc}") from exc
+        # one load at a time in the process: transformers' lazy modules are not safe to import
+        # from two threads at once (the fit and the inference job both start by loading this
+        # model; one of them once got "ImportError: AutoModel")
+        with _LOAD_LOCK:
+            from transformers import AutoModel
+
+            try:
+                self._tokenizer = _load_tokenizer(path)
+                self._model = AutoModel.from_pretrained(
+                    path, local_files_only=True, dtype=self.dtype
+                )
+            except (OSError, ValueError) as exc:
+                raise EmbedderError(f"cannot load the model in {path}: {exc}") from exc
         self._model.to(device=self.device, dtype=self.dtype).eval()
         causal = is_causal_lm(self._model.config)
         self.pooling: Pooling = (
@@ -248,11 +260,14 @@ class EmbeddingReport:
         return 1.0 - self.embedded / self.lines if self.lines else 1.0
 
 
-def embed_pending_templates(store: Store, embedder: TemplateEmbedder) -> EmbeddingReport:
+def embed_pending_templates(
+    store: Store, embedder: TemplateEmbedder, exclude_miners: Collection[str] = ()
+) -> EmbeddingReport:
     """Embed exactly the templates whose stored vector is missing or stale (never embedded,
-    generalised by Drain3 since, or embedded by another model) and store the vectors."""
+    generalised by Drain3 since, or embedded by another model) and store the vectors; those of
+    ``exclude_miners``' trees are left to the shards that mine them."""
     started = time.perf_counter()
-    pending = templates_to_embed(store, embedder.model_id)
+    pending = templates_to_embed(store, embedder.model_id, exclude_miners)
     model_started = time.perf_counter()
     vectors = embedder.embed(list(pending.values()))
     model_seconds = time.perf_counter() - model_started

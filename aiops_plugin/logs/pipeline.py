@@ -37,6 +37,7 @@ from aiops_plugin.exporter import Exporter
 from aiops_plugin.logs.embedder import TemplateEmbedder, embed_pending_templates
 from aiops_plugin.logs.features import LogBatch, LogProfile, LogStepFeatures, step_features
 from aiops_plugin.logs.templates import LogTemplateMiner, template_vectors
+from aiops_plugin.sharding import miner_key, owned_condition, store_group
 from aiops_plugin.sources.prometheus import align_start
 from aiops_plugin.store import Store
 from aiops_plugin.store.models import LogRecordRow, LogTemplateRow
@@ -92,8 +93,11 @@ def window_statistic(score: np.ndarray, window: int) -> np.ndarray:
     return np.where(np.isfinite(out), out, np.nan)
 
 
-def load_log_batch(store: Store, group: str, start: float, end: float) -> LogBatch:
-    """Mined records of ``group`` with ``start < observed_at <= end`` (Unix seconds)."""
+def load_log_batch(
+    store: Store, group: str, start: float, end: float, shard: int = 0, shards: int = 1
+) -> LogBatch:
+    """Mined records of ``group`` with ``start < observed_at <= end`` (Unix seconds), of the
+    entities ``shard`` of ``shards`` owns."""
     query = (
         select(
             LogRecordRow.entity_key,
@@ -106,6 +110,7 @@ def load_log_batch(store: Store, group: str, start: float, end: float) -> LogBat
             LogRecordRow.template_id.is_not(None),
             LogRecordRow.observed_at > datetime.fromtimestamp(start, UTC),
             LogRecordRow.observed_at <= datetime.fromtimestamp(end, UTC),
+            owned_condition(LogRecordRow.entity_hash, shard, shards),
         )
         .order_by(LogRecordRow.id)
     )
@@ -120,13 +125,22 @@ def load_log_batch(store: Store, group: str, start: float, end: float) -> LogBat
 
 
 class LogPipeline:
-    """Owns the template miner, the (lazily loaded) embedder and the fitted log models."""
+    """Owns the template miner, the (lazily loaded) embedder and the fitted log models.
 
-    def __init__(self, config: Config, store: Store, exporter: Exporter) -> None:
+    ``shard`` of ``shards``: a sharded agent mines, embeds, fits and scores the records of its
+    own entities only, and stores its log models under its shard's group name
+    (:mod:`aiops_plugin.sharding`)."""
+
+    def __init__(
+        self, config: Config, store: Store, exporter: Exporter, shard: int = 0, shards: int = 1
+    ) -> None:
         self.config = config
         self.store = store
         self.exporter = exporter
-        self.miner = LogTemplateMiner(store, config.logs.templates)
+        self.shard, self.shards = shard, shards
+        self.miner = LogTemplateMiner(store, config.logs.templates, shard, shards)
+        #: the other live shards' trees, whose templates those shards embed
+        self._other_miners = {miner_key(i, shards) for i in range(shards)} - {self.miner.miner}
         self._embedder: TemplateEmbedder | None = None
         self._vectors: dict[int, np.ndarray] = {}
         self.models: dict[str, LogModel] = {}
@@ -171,16 +185,24 @@ class LogPipeline:
             for group, overflow in mined.overflow_by_group().items():
                 self.exporter.log_templates_overflow.labels(entity_group=group).inc(overflow)
             if mined.records or not self._vectors:
-                embedded = embed_pending_templates(self.store, self.embedder)
+                embedded = embed_pending_templates(self.store, self.embedder, self._other_miners)
                 self.exporter.log_templates_embedded.inc(embedded.embedded)
                 self._vectors = template_vectors(self.store, self.embedder.model_id)
 
     def load_models(self) -> int:
         for group in self.groups:
-            version = self.store.latest_model_version(LOG_DETECTOR, group, self.model_hash())
+            version = self.store.latest_model_version(
+                LOG_DETECTOR, self._stored(group), self.model_hash()
+            )
             if version is not None:
                 self.models[group] = LogModel.from_bytes(version.state)
         return len(self.models)
+
+    def _stored(self, group: str) -> str:
+        return store_group(group, self.shard, self.shards)
+
+    def _batch(self, group: str, start: float, end: float) -> LogBatch:
+        return load_log_batch(self.store, group, start, end, self.shard, self.shards)
 
     def _grid(self, start: float, end: float) -> np.ndarray:
         step = self.config.prometheus.step
@@ -192,7 +214,7 @@ class LogPipeline:
         steps (module docstring); None without records."""
         started = time.perf_counter()
         self.process_pending()
-        batch = load_log_batch(self.store, group, start, end)
+        batch = self._batch(group, start, end)
         if not len(batch):
             log.warning("logs of group %r: no mined records in the fit window, not fitted", group)
             return None
@@ -224,7 +246,7 @@ class LogPipeline:
         model = LogModel(profile, calibrator, keys)
         self.store.save_model_version(
             detector=LOG_DETECTOR,
-            group=group,
+            group=self._stored(group),
             config_hash=self.model_hash(),
             state=model.to_bytes(),
             training_metrics={
@@ -235,7 +257,7 @@ class LogPipeline:
             n_entities=len(keys),
             n_features=len(steps.features),
         )
-        self.store.prune_model_versions(LOG_DETECTOR, group)
+        self.store.prune_model_versions(LOG_DETECTOR, self._stored(group))
         self.models[group] = model
         self.exporter.model_last_fit.labels(entity_group=group, detector=LOG_DETECTOR).set(
             time.time()
@@ -252,7 +274,7 @@ class LogPipeline:
         step = self.config.prometheus.step
         window = self.config.logs.features.score_window
         start = align_start(now, step) - window * step
-        batch = load_log_batch(self.store, group, start, now)
+        batch = self._batch(group, start, now)
         keys = sorted(set(model.entity_keys) | set(batch.entity_keys.tolist()))
         steps = step_features(
             batch, model.profile, self._vectors, keys, self._grid(start, now), step
@@ -316,7 +338,7 @@ class LogPipeline:
             return None
         step = self.config.prometheus.step
         timestamps = windows.timestamps
-        batch = load_log_batch(self.store, group, float(timestamps[0]) - step, timestamps[-1])
+        batch = self._batch(group, float(timestamps[0]) - step, timestamps[-1])
         keys = windows.keys
         steps = step_features(batch, model.profile, self._vectors, keys, timestamps, step)
         known = set(model.entity_keys) | set(batch.entity_keys.tolist())

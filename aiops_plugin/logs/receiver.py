@@ -59,6 +59,12 @@ SEVERITY_TEXT_CHARS = 64
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 #: zlib window bits: gzip framing, and zlib framing (what OTLP exporters send as "deflate").
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+#: Compressed bytes fed to zlib at a time (see ``decompress``): a member's end costs at most
+#: this much copying, however small the members.
+DECOMPRESS_CHUNK = 4096
+#: gzip members per body: SDKs and the Collector send one; thousands of empty ones are an attack
+#: on the CPU, not logs.
+MAX_GZIP_MEMBERS = 1024
 _REASON_TEXT = {
     "no_entity": "no entity attribute",
     "empty_body": "empty body",
@@ -228,17 +234,28 @@ def decompress(body: bytes, content_encoding: str | None, limit: int) -> bytes:
             f"Content-Encoding {content_encoding!r} is not supported (gzip, deflate, identity)",
         )
     output = bytearray()
-    remaining = body
+    view = memoryview(body)
+    position, members = 0, 0
     try:
         while True:  # a gzip body may hold several members, one after the other
+            members += 1
+            if members > MAX_GZIP_MEMBERS:
+                raise RequestRefused(
+                    400, "malformed", f"{encoding} body has over {MAX_GZIP_MEMBERS} members"
+                )
             decompressor = zlib.decompressobj(_WBITS[encoding])
-            output += decompressor.decompress(remaining, limit + 1 - len(output))
-            if len(output) > limit:
-                raise _too_large(f"decompressed body is over {limit} bytes")
+            # input in bounded chunks: what is left after a member's end (``unused_data``, a
+            # copy) is then at most one chunk, so many small members cost linear time
+            while not decompressor.eof and position < len(view):
+                chunk = view[position : position + DECOMPRESS_CHUNK]
+                position += len(chunk)
+                output += decompressor.decompress(chunk, limit + 1 - len(output))
+                if len(output) > limit:
+                    raise _too_large(f"decompressed body is over {limit} bytes")
             if not decompressor.eof:
                 raise RequestRefused(400, "malformed", f"truncated {encoding} body")
-            remaining = decompressor.unused_data
-            if encoding != "gzip" or not remaining:
+            position -= len(decompressor.unused_data)
+            if encoding != "gzip" or position >= len(view):
                 return bytes(output)
     except zlib.error as exc:
         raise RequestRefused(400, "malformed", f"corrupt {encoding} body: {exc}") from exc

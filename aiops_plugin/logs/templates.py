@@ -2,20 +2,26 @@
 
 The OTLP receiver writes every accepted record to ``log_records`` with ``template_id`` NULL;
 :meth:`LogTemplateMiner.mine_pending` assigns templates afterwards, in record-id order, so intake
-never waits on the parser. A template's id is its Drain3 cluster id, and that id must keep its
-meaning for as long as the store lives: log features, embeddings and models refer to it.
+never waits on the parser. A template is a Drain3 cluster; its id (its ``log_templates`` row)
+must keep its meaning for as long as the store lives: log features, embeddings and models refer
+to it.
 
 Consistency choice: each batch writes the records' ``template_id``, the touched ``log_templates``
-rows and Drain3's state snapshot (``log_miner_state``, row 1) in ONE transaction. If the process
-dies before the commit, nothing of the batch is written: its records are still NULL and are mined
-again from the previous snapshot, which hands out the same ids (Drain3 is deterministic given its
-state and the input). If the commit fails in a running process, the in-memory tree is rebuilt from
-the last committed snapshot for the same reason. Snapshotting outside the transaction would let
-the snapshot and the rows disagree after a crash: a snapshot behind the rows re-issues ids that
-records already carry for other templates; one ahead of them leaves templates without records.
+rows and Drain3's state snapshot (the tree's ``log_miner_state`` row) in ONE transaction. If the
+process dies before the commit, nothing of the batch is written: its records are still NULL and
+are mined again from the previous snapshot, which hands out the same cluster ids (Drain3 is
+deterministic given its state and the input). If the commit fails in a running process, the
+in-memory tree is rebuilt from the last committed snapshot for the same reason. Snapshotting
+outside the transaction would let the snapshot and the rows disagree after a crash: a snapshot
+behind the rows re-issues ids that records already carry for other templates; one ahead of them
+leaves templates without records.
 
-One miner per store: two processes mining one store would both continue the same snapshot and
-give the same ids to different templates.
+One miner per Drain3 tree: two processes mining one tree would both continue the same snapshot
+and give the same ids to different templates. A sharded deployment has one tree per shard
+(:func:`~aiops_plugin.sharding.miner_key`): each shard mines only the records of the entities it
+owns (by ``log_records.entity_hash``), its snapshot is its own ``log_miner_state`` row, and its
+Drain3 cluster ids are mapped to store-wide template ids (``log_templates.id``, allocated by the
+database; ``(miner, cluster_id)`` is unique), which is what records refer to.
 
 This module also owns the ``log_templates`` queries of the embedding cache
 (:func:`templates_to_embed`, :func:`save_template_embeddings`, :func:`template_vectors`), so the
@@ -26,7 +32,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,11 +48,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from aiops_plugin.config import LogTemplatesConfig
+from aiops_plugin.sharding import miner_key, owned_condition
 from aiops_plugin.store.models import LogMinerStateRow, LogRecordRow, LogTemplateRow
 from aiops_plugin.store.repo import Store, StoreError
 
-#: The one row of ``log_miner_state``.
-STATE_ROW_ID = 1
 # Ids per ``IN (...)`` list: far below SQLite's bound-parameter limit.
 _IN_CHUNK = 500
 
@@ -85,30 +90,39 @@ class MiningReport:
 
 
 class StorePersistence(PersistenceHandler):
-    """Drain3's persistence in ``log_miner_state`` (row 1).
+    """Drain3's persistence in ``log_miner_state``, the row of tree ``miner``.
 
     While bound to a session (:meth:`joining`) a snapshot is written in that session's
     transaction, so it commits or rolls back together with the records it describes; otherwise
     it is written in a transaction of its own.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, miner: str = "") -> None:
         self._store = store
+        self._miner = miner
         self._session: Session | None = None
 
     def load_state(self) -> bytes | None:
         """The last committed snapshot, or None on a fresh store."""
         with _transaction(self._store, "reading the template miner state") as session:
-            row = session.get(LogMinerStateRow, STATE_ROW_ID)
-            return None if row is None else bytes(row.state)
+            state = session.scalar(
+                select(LogMinerStateRow.state).where(LogMinerStateRow.miner == self._miner)
+            )
+            return None if state is None else bytes(state)
 
     def save_state(self, state: bytes) -> None:
-        row = LogMinerStateRow(id=STATE_ROW_ID, state=state, updated_at=datetime.now(UTC))
         if self._session is not None:
-            self._session.merge(row)
+            self._write(self._session, state)
             return
         with _transaction(self._store, "saving the template miner state") as session:
-            session.merge(row)
+            self._write(session, state)
+
+    def _write(self, session: Session, state: bytes) -> None:
+        row = session.scalar(select(LogMinerStateRow).where(LogMinerStateRow.miner == self._miner))
+        if row is None:
+            session.add(LogMinerStateRow(miner=self._miner, state=state, updated_at=_now()))
+        else:
+            row.state, row.updated_at = state, _now()
 
     @contextmanager
     def joining(self, session: Session) -> Iterator[None]:
@@ -163,12 +177,21 @@ class LogTemplateMiner:
 
     An entity's set is loaded from the store the first time the entity is seen in a process, so a
     restart continues it; records deleted by retention leave it at the next restart.
+
+    ``shard`` of ``shards``: mine only the records of the entities that shard owns, in that
+    shard's own tree (module docstring).
     """
 
-    def __init__(self, store: Store, config: LogTemplatesConfig) -> None:
+    def __init__(
+        self, store: Store, config: LogTemplatesConfig, shard: int = 0, shards: int = 1
+    ) -> None:
         self._store = store
         self._config = config
-        self._persistence = StorePersistence(store)
+        self.miner = miner_key(shard, shards)
+        self._owned = owned_condition(LogRecordRow.entity_hash, shard, shards)
+        self._persistence = StorePersistence(store, self.miner)
+        #: this tree's Drain3 cluster id -> store-wide template id
+        self._template_ids: dict[int, int] = {}
         self._drain: _BatchSnapshotMiner | None = self._load_drain()
         self._entity_templates: dict[EntityRef, set[int]] = {}
 
@@ -190,6 +213,7 @@ class LogTemplateMiner:
                 mined = self._mine_batch(self._drain, batch, progress)
             except BaseException:
                 self._drain = None
+                self._template_ids.clear()
                 self._entity_templates.clear()
                 raise
             if mined == 0:
@@ -219,12 +243,19 @@ class LogTemplateMiner:
             MaskingInstruction(rule.pattern, rule.mask_with) for rule in config.masking
         ]
         miner = _BatchSnapshotMiner(self._persistence, miner_config)
+        with _transaction(self._store, "reading the template ids") as session:
+            self._template_ids = dict(
+                session.execute(
+                    select(LogTemplateRow.cluster_id, LogTemplateRow.id).where(
+                        LogTemplateRow.miner == self.miner
+                    )
+                ).all()
+            )
         if miner.drain.clusters_counter == 0:
-            # No snapshot (never mined, or deleted by hand): number after the stored templates so
-            # that no id is ever given to a second template.
-            with _transaction(self._store, "reading the highest template id") as session:
-                highest = session.scalar(select(func.max(LogTemplateRow.id)))
-            miner.drain.clusters_counter = highest or 0
+            # No snapshot (never mined, or deleted by hand): number after this tree's stored
+            # clusters so that no cluster id is ever given to a second template.
+            miner.drain.clusters_counter = max(self._template_ids, default=0)
+            self._template_ids.clear()  # the old clusters are not in the new tree
         return miner
 
     def _mine_batch(self, drain: _BatchSnapshotMiner, limit: int, progress: _Progress) -> int:
@@ -240,36 +271,45 @@ class LogTemplateMiner:
                     LogRecordRow.observed_at,
                     LogRecordRow.body,
                 )
-                .where(LogRecordRow.template_id.is_(None))
+                .where(LogRecordRow.template_id.is_(None), self._owned)
                 .order_by(LogRecordRow.id)
                 .limit(limit)
             ).all()
             if not records:
                 return 0
-            assignments: list[dict[str, int]] = []
+            clusters: list[int] = []
             touched: dict[int, _TemplateUpdate] = {}
             created: set[int] = set()
             changed: set[int] = set()
-            overflow: Counter[EntityRef] = Counter()
+            for record in records:
+                result = drain.add_log_message(record.body)
+                cluster_id = int(result["cluster_id"])
+                if result["change_type"] == "cluster_created":
+                    created.add(cluster_id)
+                elif result["change_type"] == "cluster_template_changed":
+                    changed.add(cluster_id)
+                clusters.append(cluster_id)
+                _touch(touched, cluster_id, result, record.observed_at)
+            ids = _upsert_templates(session, self.miner, self._template_ids, touched)
             self._load_entity_templates(
                 session, {(record.entity_group, record.entity_key) for record in records}
             )
-            for record in records:
-                result = drain.add_log_message(record.body)
-                template_id = int(result["cluster_id"])
-                if result["change_type"] == "cluster_created":
-                    created.add(template_id)
-                elif result["change_type"] == "cluster_template_changed":
-                    changed.add(template_id)
-                assignments.append({"id": record.id, "template_id": template_id})
-                _touch(touched, template_id, result, record.observed_at)
+            overflow: Counter[EntityRef] = Counter()
+            for record, cluster_id in zip(records, clusters, strict=True):
                 entity = (record.entity_group, record.entity_key)
-                if not self._admit(entity, template_id):
+                if not self._admit(entity, ids[cluster_id]):
                     overflow[entity] += 1
-            session.execute(update(LogRecordRow), assignments)
-            _upsert_templates(session, touched)
+            session.execute(
+                update(LogRecordRow),
+                [
+                    {"id": record.id, "template_id": ids[cluster_id]}
+                    for record, cluster_id in zip(records, clusters, strict=True)
+                ],
+            )
             with self._persistence.joining(session):
                 drain.save_state(f"batch of {len(records)} records")
+        self._template_ids.update(ids)
+        created, changed = {ids[c] for c in created}, {ids[c] for c in changed}
         progress.records += len(records)
         progress.created |= created
         progress.changed |= changed
@@ -333,22 +373,27 @@ def template_totals(store: Store) -> tuple[int, int]:
     return int(templates), int(lines)
 
 
-def templates_to_embed(store: Store, model_id: str) -> dict[int, str]:
+def templates_to_embed(
+    store: Store, model_id: str, exclude_miners: Collection[str] = ()
+) -> dict[int, str]:
     """Templates whose stored vector is missing or stale: never embedded, generalised by Drain3
-    since (``embedded_template != template``), or embedded by another model than ``model_id``."""
-    with _transaction(store, "reading templates to embed") as session:
-        rows = session.execute(
-            select(LogTemplateRow.id, LogTemplateRow.template).where(
-                or_(
-                    LogTemplateRow.embedding.is_(None),
-                    LogTemplateRow.embedded_template.is_(None),
-                    LogTemplateRow.embedded_template != LogTemplateRow.template,
-                    LogTemplateRow.embedding_model.is_(None),
-                    LogTemplateRow.embedding_model != model_id,
-                )
-            )
+    since (``embedded_template != template``), or embedded by another model than ``model_id``.
+
+    ``exclude_miners``: trees whose templates another agent embeds (the other live shards');
+    templates of trees no agent mines any more are embedded by everyone who asks."""
+    query = select(LogTemplateRow.id, LogTemplateRow.template).where(
+        or_(
+            LogTemplateRow.embedding.is_(None),
+            LogTemplateRow.embedded_template.is_(None),
+            LogTemplateRow.embedded_template != LogTemplateRow.template,
+            LogTemplateRow.embedding_model.is_(None),
+            LogTemplateRow.embedding_model != model_id,
         )
-        return {row.id: row.template for row in rows}
+    )
+    if exclude_miners:
+        query = query.where(LogTemplateRow.miner.not_in(sorted(exclude_miners)))
+    with _transaction(store, "reading templates to embed") as session:
+        return {row.id: row.template for row in session.execute(query)}
 
 
 def save_template_embeddings(
@@ -415,31 +460,49 @@ def _touch(
     seen.last_seen = max(seen.last_seen, seen_at)
 
 
-def _upsert_templates(session: Session, touched: Mapping[int, _TemplateUpdate]) -> None:
-    """Write the batch's templates: text and count from Drain3, seen-times widened only."""
-    ids = list(touched)
+def _upsert_templates(
+    session: Session,
+    miner: str,
+    known: Mapping[int, int],
+    touched: Mapping[int, _TemplateUpdate],
+) -> dict[int, int]:
+    """Write the batch's templates of tree ``miner`` (keyed by cluster id; ``known``: cluster id
+    -> template id of those already stored): text and count from Drain3, seen-times widened
+    only. Returns cluster id -> template id for every touched cluster; new rows get their id
+    from the database (flushed inside the batch's transaction)."""
+    by_id = {known[cluster]: cluster for cluster in touched if cluster in known}
     existing: dict[int, LogTemplateRow] = {}
+    ids = list(by_id)
     for start in range(0, len(ids), _IN_CHUNK):
-        chunk = ids[start : start + _IN_CHUNK]
-        query = select(LogTemplateRow).where(LogTemplateRow.id.in_(chunk))
-        existing.update((row.id, row) for row in session.scalars(query))
-    for template_id, seen in touched.items():
-        row = existing.get(template_id)
+        query = select(LogTemplateRow).where(LogTemplateRow.id.in_(ids[start : start + _IN_CHUNK]))
+        existing.update((by_id[row.id], row) for row in session.scalars(query))
+    added: list[LogTemplateRow] = []
+    for cluster_id, seen in touched.items():
+        row = existing.get(cluster_id)
         if row is None:
-            session.add(
-                LogTemplateRow(
-                    id=template_id,
-                    template=seen.template,
-                    count=seen.size,
-                    first_seen=seen.first_seen,
-                    last_seen=seen.last_seen,
-                )
+            row = LogTemplateRow(
+                miner=miner,
+                cluster_id=cluster_id,
+                template=seen.template,
+                count=seen.size,
+                first_seen=seen.first_seen,
+                last_seen=seen.last_seen,
             )
+            session.add(row)
+            added.append(row)
             continue
         row.template = seen.template
         row.count = seen.size
         row.first_seen = min(row.first_seen, seen.first_seen)
         row.last_seen = max(row.last_seen, seen.last_seen)
+    session.flush()
+    ids_of = {cluster_id: row.id for cluster_id, row in existing.items()}
+    ids_of.update((row.cluster_id, row.id) for row in added)
+    return ids_of
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
 @contextmanager

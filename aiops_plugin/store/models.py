@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Dialect,
     Float,
@@ -26,6 +27,8 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from aiops_plugin.sharding import entity_hash
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -185,8 +188,13 @@ class LogTemplateRow(Base):
     the signal to embed it again."""
 
     __tablename__ = "log_templates"
+    __table_args__ = (UniqueConstraint("miner", "cluster_id"),)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, doc="Drain3 cluster id")
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, doc="what records refer to")
+    miner: Mapped[str] = mapped_column(
+        String(64), server_default="", doc="the Drain3 tree: aiops_plugin.sharding.miner_key"
+    )
+    cluster_id: Mapped[int] = mapped_column(Integer, doc="the cluster id in that tree")
     template: Mapped[str] = mapped_column(Text)
     first_seen: Mapped[datetime]
     last_seen: Mapped[datetime]
@@ -194,6 +202,10 @@ class LogTemplateRow(Base):
     embedding: Mapped[bytes | None] = mapped_column(LargeBinary, doc="float32 vector, normalised")
     embedding_model: Mapped[str | None] = mapped_column(String(500))
     embedded_template: Mapped[str | None] = mapped_column(Text)
+
+
+def _entity_hash_of_row(context: Any) -> int:
+    return entity_hash(context.get_current_parameters()["entity_key"])
 
 
 class LogRecordRow(Base):
@@ -216,14 +228,24 @@ class LogRecordRow(Base):
     severity_text: Mapped[str] = mapped_column(String(64))
     body: Mapped[str] = mapped_column(Text)
     template_id: Mapped[int | None] = mapped_column(Integer)
+    entity_hash: Mapped[int] = mapped_column(
+        BigInteger,
+        default=_entity_hash_of_row,
+        doc="aiops_plugin.sharding.entity_hash(entity_key), computed on insert: says which "
+        "shard mines the record",
+    )
 
 
 class LogMinerStateRow(Base):
-    """Drain3's persisted state (one row), so templates keep their ids across restarts."""
+    """Drain3's persisted state (one row per tree: per shard), so templates keep their ids
+    across restarts."""
 
     __tablename__ = "log_miner_state"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    miner: Mapped[str] = mapped_column(
+        String(64), unique=True, doc="aiops_plugin.sharding.miner_key of the tree"
+    )
     state: Mapped[bytes] = mapped_column(LargeBinary)
     updated_at: Mapped[datetime]
 

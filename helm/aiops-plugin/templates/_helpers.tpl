@@ -120,8 +120,5 @@ port; store: the SQLite directory on the volume, or nothing, the URL coming from
 {{- if ne .Values.store.type "postgresql" }}
 {{- fail "shards > 1 needs store.type=postgresql: the shards share one store" }}
 {{- end }}
-{{- if and .Values.config.logs .Values.config.logs.enabled }}
-{{- fail "shards > 1 with config.logs.enabled: the log side is not sharded yet; run one agent (shards: 1) for a fleet with logs" }}
-{{- end }}
 {{- end }}
 {{- end }}
