@@ -26,11 +26,18 @@ fit of the groups concerned (only them) is retried with exponential backoff from
 
 A failure in one group (a detector raising, the store refusing a write) is reported for that
 group; the other groups are still scored and exported.
+
+With logs, a job of its own mines (Drain3) and embeds what the intake accepted, every
+``LOG_MINING_INTERVAL_SECONDS`` and until nothing waits, off the metric cycle: a burst of records
+never stretches a cycle. The cycle scores the logs already mined; while records older than one
+step wait (``aiops_log_mining_lag_seconds``), the log score is withheld rather than computed from
+an incomplete window, and the fused score uses the metrics alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import signal
@@ -40,16 +47,18 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import torch
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from aiops_plugin.calibration import score_from_p
 from aiops_plugin.calibration.probability import LabelledProbability
 from aiops_plugin.calibration.stage import METHOD, GroupCalibration, RecentProbability
-from aiops_plugin.config import Config, EntityGroupConfig
-from aiops_plugin.detectors.base import choose_device
+from aiops_plugin.config import Config, ConfigError, EntityGroupConfig, load_config
+from aiops_plugin.detectors.base import FitReport, is_device_error, usable_device
 from aiops_plugin.detectors.forecaster import resolve_export_metrics
 from aiops_plugin.detectors.registry import DETECTORS, FittedModel, build_detector
 from aiops_plugin.detectors.training import TrainingFailed, TrainingInterrupted
@@ -67,6 +76,7 @@ from aiops_plugin.fit_exclusions import (
 from aiops_plugin.grafana import AnnotationWriter, BackgroundAnnotations
 from aiops_plugin.logs.intake import LogIntake
 from aiops_plugin.logs.pipeline import LogPipeline
+from aiops_plugin.reload import ReloadRefused, restart_only_changes, stale_groups
 from aiops_plugin.rootcause import joined_candidates, rank_root_causes
 from aiops_plugin.score_history import ScoreHistory
 from aiops_plugin.sharding import resolve_shard, store_group
@@ -84,6 +94,13 @@ SUPPRESSED_SCORE_CAP = 0.999
 #: extrapolation (measured 2.6-12x too many alarms on ASD and NAB at 0.5 expected exceedances).
 MIN_EXPECTED_EXCEEDANCES = 10.0
 LOG_FIT_RETRY_SECONDS = 60.0
+#: How often ``run`` checks whether its configuration file changed (then reloads it).
+CONFIG_WATCH_SECONDS = 5.0
+#: Period of the log mining job (each run mines until nothing waits).
+LOG_MINING_INTERVAL_SECONDS = 1.0
+#: A deep detector trained on fewer windows than this learned from too little history: the fit
+#: logs a warning (and aiops_model_training_windows shows it; AiopsModelTrainedOnLittleData).
+MIN_TRAINING_WINDOWS = 500
 #: A cycle failing for the same reason is logged at ERROR again only after this many seconds.
 REPEATED_FAILURE_LOG_SECONDS = 300.0
 
@@ -160,7 +177,7 @@ class Agent:
         exporter: Exporter | None = None,
     ) -> None:
         self.config = config
-        self.device = choose_device(config.detectors.device)
+        self.device, why = usable_device(config.detectors.device)
         self.store = store or Store.open(
             config.store.resolved_url(),
             event_top_metrics=config.events.top_metrics,
@@ -171,6 +188,9 @@ class Agent:
         self.shards = config.sharding.shards
         self.reader = reader or PrometheusReader(config.prometheus, self.shard, self.shards)
         self.exporter = exporter or Exporter()
+        if why is not None:
+            log.error("%s; computing on the CPU instead", why)
+            self.exporter.device_fallback.labels(reason="unavailable").set(1)
         self.exporter.declare_groups([group.name for group in config.entities])
         self.exporter.declare_models(
             [
@@ -199,11 +219,18 @@ class Agent:
         self._last_failure_logged: tuple[str, float] | None = None
         self.stop_event = threading.Event()
         self._models_lock = threading.Lock()
+        #: held by an inference cycle and by a reload, so a cycle sees one configuration
+        self._config_lock = threading.RLock()
+        #: bumped by every applied reload: a fit that started before one does not install
+        self._generation = 0
+        self._reload_requested = threading.Event()
         self.cycle_succeeded = False
         self.scheduler: BackgroundScheduler | None = None
         #: the durable log queue behind /v1/logs; opened by ``run`` when logs are enabled
         self.log_intake: LogIntake | None = None
         self._log_fit_tried: dict[str, float] = {}
+        #: whether the scheduler's mining job mines the logs (else each cycle does)
+        self._background_mining = False
         #: mining, embedding, fitting and scoring of the accepted logs
         self.logs: LogPipeline | None = (
             LogPipeline(config, self.store, self.exporter, self.shard, self.shards)
@@ -246,9 +273,9 @@ class Agent:
             return False, "no inference cycle has succeeded yet"
         return True, "ready"
 
-    def load_models(self, now: float | None = None) -> int:
+    def load_models(self, now: float | None = None, groups: set[str] | None = None) -> int:
         """Models fitted under the current configuration, from the store, with their group's
-        calibration; returns how many models were loaded.
+        calibration (``groups``: of these only); returns how many models were loaded.
 
         A group whose models are all there but whose calibration settings changed is
         recalibrated on the history after its models' training (no retraining); one that cannot
@@ -256,6 +283,8 @@ class Agent:
         """
         loaded = 0
         for group in self.groups:
+            if groups is not None and group.name not in groups:
+                continue
             models: dict[str, FittedModel] = {}
             versions: dict[str, int] = {}
             for detector in self.detector_names:
@@ -286,6 +315,11 @@ class Agent:
                 self.exporter.model_last_fit.labels(entity_group=group.name, detector=detector).set(
                     version.created_at.timestamp()
                 )
+                windows = (version.training_metrics or {}).get("train_windows")
+                if isinstance(windows, float | int):
+                    self.exporter.model_training_windows.labels(
+                        entity_group=group.name, detector=detector
+                    ).set(windows)
                 loaded += 1
             if len(models) == len(self.detector_names):
                 self._load_or_recalibrate(group, models, versions, now)
@@ -598,10 +632,14 @@ class Agent:
                     summary.setdefault(group, {})["logs"] = (
                         {"entities": len(model.entity_keys)} if model else {"error": "no records"}
                     )
+            generation = self._generation
             for group in self.groups:
                 if groups is not None and group.name not in groups:
                     continue
                 self._check_stop()
+                if generation != self._generation:
+                    log.warning("configuration reloaded during the fit; fitting again")
+                    break
                 read = self._read(group, start, now)
                 if read is None:
                     summary[group.name] = {"error": "no data in the fit window"}
@@ -609,12 +647,17 @@ class Agent:
                     continue
                 self.fitted_entities[group.name] = dict(zip(read.keys, read.entities, strict=True))
                 self.store.upsert_entities(group.name, read.entities, datetime.now(UTC))
-                self._fit_group(group, read, now, summary.setdefault(group.name, {}))
+                self._fit_group(group, read, now, summary.setdefault(group.name, {}), generation)
             detail.update(summary)
         return summary
 
     def _fit_group(
-        self, group: EntityGroupConfig, read: Windows, now: float, summary: dict
+        self,
+        group: EntityGroupConfig,
+        read: Windows,
+        now: float,
+        summary: dict,
+        generation: int | None = None,
     ) -> None:
         """Every detector on one group's history without its excluded periods (alerts that
         fired, maintenance, confirmed incidents), then the group's calibration over the
@@ -650,6 +693,8 @@ class Agent:
             except Exception as exc:  # noqa: BLE001 - one detector's failure is its own
                 log.exception("fitting %s on group %r failed", detector_name, group.name)
                 summary[detector_name] = {"error": str(exc)}
+                if self.device.type == "cuda" and is_device_error(exc):
+                    self._fall_back_to_cpu(exc)  # the retry (with backoff) fits on the CPU
                 continue
             self._check_stop()
             report = model.report
@@ -669,6 +714,7 @@ class Agent:
             self.store.prune_model_versions(detector_name, self._stored(group.name))
             fitted[detector_name] = model
             versions[detector_name] = version.id
+            self._check_training_windows(group.name, detector_name, report)
             self.exporter.observe_fit(group.name, detector_name, report.seconds if report else 0.0)
             summary[detector_name] = {
                 "version": version.id,
@@ -696,6 +742,27 @@ class Agent:
         if not fitted:
             return
         self._check_stop()
+        with self._config_lock:  # a reload waits for the install, or voids it first
+            if generation is not None and generation != self._generation:
+                log.warning(
+                    "group %r: configuration reloaded during its fit; not installed", group.name
+                )
+                summary["error"] = "configuration reloaded during the fit"
+                return
+            self._calibrate_and_install(group, read, now, summary, excluded, raw, versions, fitted)
+
+    def _calibrate_and_install(
+        self,
+        group: EntityGroupConfig,
+        read: Windows,
+        now: float,
+        summary: dict,
+        excluded: np.ndarray,
+        raw: dict[str, np.ndarray],
+        versions: dict[str, int],
+        fitted: dict[str, FittedModel],
+    ) -> None:
+        """The group's calibration over the detectors that fitted, then both installed."""
         calibration_start = read.timestamps.size - next(iter(raw.values())).shape[1]
         raw = {
             name: np.where(excluded[:, calibration_start:], np.nan, raw[name]) for name in fitted
@@ -717,6 +784,26 @@ class Agent:
             self.exporter.model_last_fit.labels(
                 entity_group=group.name, detector=detector_name
             ).set(time.time())
+
+    def _check_training_windows(self, group: str, detector: str, report: FitReport | None) -> None:
+        """Export how many windows a deep model trained on, and warn when that is too few to
+        have learned normal behaviour (a new deployment, a short fit window, data gaps)."""
+        windows = (report.metrics if report else {}).get("train_windows")
+        if not isinstance(windows, float | int):
+            return  # not a windowed detector
+        self.exporter.model_training_windows.labels(entity_group=group, detector=detector).set(
+            windows
+        )
+        if windows < MIN_TRAINING_WINDOWS:
+            log.warning(
+                "group %r: %s trained on %d windows only (fewer than %d): it has seen too "
+                "little history to know normal; its scores are unreliable until a fit on a "
+                "longer schedule.fit_window (or once more history exists)",
+                group,
+                detector,
+                int(windows),
+                MIN_TRAINING_WINDOWS,
+            )
 
     def _with_logs(self, group: str, windows: Windows, detectors: list[str]) -> Windows:
         """``windows`` joined with the entities' log features on its grid, where one of
@@ -745,6 +832,11 @@ class Agent:
         return max(contexts, default=1)
 
     def infer(self, now: float | None = None) -> list[GroupResult]:
+        """One inference cycle (:meth:`_infer`), never while a reload swaps the configuration."""
+        with self._config_lock:
+            return self._infer(now)
+
+    def _infer(self, now: float | None = None) -> list[GroupResult]:
         """One inference cycle over every group; a failing group does not stop the others.
 
         Prometheus found unreachable stops the reads: the groups not read yet fail with the same
@@ -805,7 +897,21 @@ class Agent:
         except Exception as exc:  # noqa: BLE001 - one group's failure must not stop the others
             log.exception("group %r: inference failed", group.name)
             self.exporter.withdraw(group.name)
+            if self.device.type == "cuda" and is_device_error(exc):
+                self._fall_back_to_cpu(exc)
             return GroupResult(group.name, error=f"{type(exc).__name__}: {exc}")
+
+    def _fall_back_to_cpu(self, error: BaseException) -> None:
+        """The GPU failed: every model moves to the CPU and the agent goes on there (slower,
+        not crash-looping); ``aiops_device_fallback{reason="device_error"}`` says so until a
+        restart tries the GPU again."""
+        log.error("the GPU failed (%s); moving every model to the CPU", error)
+        cpu = torch.device("cpu")
+        with self._models_lock:
+            self.device = cpu
+            for model in self.models.values():
+                model.detector.to_device(cpu)
+        self.exporter.device_fallback.labels(reason="device_error").set(1)
 
     def _infer_group(self, group: EntityGroupConfig, now: float, timer: PhaseTimer) -> GroupResult:
         result = GroupResult(group.name)
@@ -1189,9 +1295,14 @@ class Agent:
         A failure here is logged and reported; it does not fail the metric cycle."""
         assert self.logs is not None
         try:
-            with timer.phase("features"):
-                self.logs.process_pending()
-            scored = {}
+            if self._background_mining:
+                self.logs.update_backlog()
+            else:  # no mining job (a one-shot cycle): mine here
+                with timer.phase("features"):
+                    self.logs.mine_backlog(should_stop=self.stop_event.is_set)
+            scored: dict[str, object] = {}
+            if self.logs.scores_stale():
+                return self._withhold_log_scores(scored)
             for group in self.logs.groups:
                 if group not in self.logs.models and self._may_try_log_fit(group, now):
                     self.logs.fit(group, now - self.config.schedule.fit_window, now)
@@ -1207,6 +1318,26 @@ class Agent:
         except Exception as exc:  # noqa: BLE001 - the log side must not stop metric scoring
             log.exception("log scoring failed")
             return {"error": str(exc)}
+
+    def _withhold_log_scores(self, scored: dict[str, object]) -> dict[str, object]:
+        """No log score while mining lags (see the module docstring): absent, not 0."""
+        assert self.logs is not None
+        reason = f"stale: records wait to be mined (oldest {self.logs.lag_seconds:.0f}s)"
+        for group in self.logs.groups:
+            self.logs.latest_p.pop(group, None)
+            self.logs.latest_templates.pop(group, None)
+            self.exporter.publish_log_scores(group, [], np.empty(0, dtype=np.float32))
+            scored[group] = reason
+        log.warning("log scores withheld: %s", reason)
+        return scored
+
+    def _log_mining_job(self) -> None:
+        """Mine and embed what the intake accepted, until nothing waits (or a stop)."""
+        assert self.logs is not None
+        try:
+            self.logs.mine_backlog(should_stop=self.stop_event.is_set)
+        except Exception:  # noqa: BLE001 - logged; the next run retries from the store
+            log.exception("log mining failed; retrying in %g s", LOG_MINING_INTERVAL_SECONDS)
 
     def _may_try_log_fit(self, group: str, now: float) -> bool:
         """A group whose logs only started arriving after the last fit gets its log model
@@ -1376,6 +1507,15 @@ class Agent:
             scheduler.get_job("fit").modify(
                 next_run_time=datetime.fromtimestamp(time.time() + schedule.fit_every, UTC)
             )
+        if self.logs is not None:
+            scheduler.add_job(
+                self._log_mining_job,
+                "interval",
+                seconds=LOG_MINING_INTERVAL_SECONDS,
+                id="log_mining",
+                next_run_time=now,
+            )
+            self._background_mining = True
         if self.log_intake is not None:
             scheduler.add_job(
                 self._log_retention_job,
@@ -1388,17 +1528,105 @@ class Agent:
         self.scheduler = scheduler
         return scheduler
 
+    # ---------------------------------------------------------------- reload
+    def apply_config(self, new: Config) -> set[str]:
+        """Run on ``new`` from now on, without a restart (:mod:`aiops_plugin.reload`); returns
+        the groups whose models or calibration were made stale (loaded again from the store, or
+        left to the fit). Raises :class:`ReloadRefused` for a change that needs a restart."""
+        changed = restart_only_changes(self.config, new)
+        if changed:
+            raise ReloadRefused(
+                f"{', '.join(changed)} changed, which takes effect only at a restart"
+            )
+        with self._config_lock:
+            old = self.config
+            stale = stale_groups(old, new)
+            names = {group.name for group in new.entities}
+            removed = {group.name for group in old.entities} - names
+            old_pairs = {(g.name, d) for g in old.entities for d in old.detectors.enabled_names()}
+            new_pairs = {(g.name, d) for g in new.entities for d in new.detectors.enabled_names()}
+            with self._models_lock:
+                for detector, group in list(self.models):
+                    if group in stale or (group, detector) not in new_pairs:
+                        del self.models[(detector, group)]
+                for group in stale | removed:
+                    for table in (self.calibrations, self.probabilities, self.early_warnings):
+                        table.pop(group, None)
+            for group in stale | removed:
+                for table in (self.buffers, self.histories, self.fitted_entities, self.vanished):
+                    table.pop(group, None)
+            if old.prometheus != new.prometheus:
+                self.reader = PrometheusReader(new.prometheus, self.shard, self.shards)
+                self.buffers.clear()
+            self.config = new
+            if self.logs is not None:
+                self.logs.config = new
+                if old.prometheus.step != new.prometheus.step:  # the log models' grid
+                    self.logs.models.clear()
+                    self.logs.load_models()
+            self._generation += 1
+            for group in removed:
+                self.exporter.withdraw(group)
+            self.exporter.retire_models(sorted(old_pairs - new_pairs))
+            self.exporter.declare_groups(sorted(names))
+            self.exporter.declare_models(sorted(new_pairs - old_pairs))
+            if stale:
+                self.load_models(groups=stale)
+        self._reschedule(old, new)
+        log.info(
+            "configuration reloaded; %s",
+            f"groups {sorted(stale)} refreshed" if stale else "no model affected",
+        )
+        return stale
+
+    def reload(self, path: Path) -> bool:
+        """Read, validate and apply the configuration file ``path``; an invalid file or a
+        change that needs a restart is refused with its reason logged, the running
+        configuration kept (``aiops_config_last_reload_successful`` 0)."""
+        try:
+            new = load_config(path)
+            check_startable(new)
+            self.apply_config(new)
+        except (ConfigError, ValueError, ReloadRefused) as exc:
+            log.error("configuration %s not applied, the running one is kept: %s", path, exc)
+            self.exporter.config_reload_ok.set(0)
+            return False
+        self.exporter.config_reload_ok.set(1)
+        self.exporter.config_reload_time.set_to_current_time()
+        return True
+
+    def _reschedule(self, old: Config, new: Config) -> None:
+        if self.scheduler is None:
+            return
+        for job_id, before, after in (
+            ("fit", old.schedule.fit_every, new.schedule.fit_every),
+            ("infer", old.schedule.infer_every, new.schedule.infer_every),
+        ):
+            if before != after:
+                self.scheduler.reschedule_job(job_id, trigger="interval", seconds=after)
+        if self.missing_models():
+            self.scheduler.get_job("fit").modify(next_run_time=datetime.now(UTC))
+
+    def request_reload(self, *_: object) -> None:
+        self._reload_requested.set()
+
     def request_stop(self, *_: object) -> None:
         log.info("stop requested; finishing the running job")
         self.stop_event.set()
 
-    def run(self, http: Callable[[Agent], Service] | None = None) -> None:
+    def run(
+        self, http: Callable[[Agent], Service] | None = None, config_path: Path | None = None
+    ) -> None:
         """Start-up, schedule, serve, and block until SIGTERM/SIGINT.
 
         ``http`` builds the HTTP service once the agent is started up and its log intake is
         open (``aiops_plugin.api.HttpServer.for_agent``); the HTTP layer depends on the agent,
-        never the other way round.
+        never the other way round. ``config_path``: the file to reload on SIGHUP and whenever
+        its content changes (checked every ``CONFIG_WATCH_SECONDS``; a Kubernetes ConfigMap
+        update changes the mounted file without a signal).
         """
+        # first, so that an edit made while the agent starts is seen as a change
+        watched = _file_digest(config_path) if config_path is not None else None
         self.start_up()
         self.open_log_intake()
         server = http(self) if http is not None else None
@@ -1407,10 +1635,23 @@ class Agent:
         previous = {
             sig: signal.signal(sig, self.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)
         }
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self.request_reload)
         scheduler = self.start_scheduler()
+        next_watch = time.monotonic() + CONFIG_WATCH_SECONDS
         try:
             while not self.stop_event.wait(0.5):
-                pass
+                if config_path is None:
+                    continue
+                if time.monotonic() >= next_watch:
+                    next_watch = time.monotonic() + CONFIG_WATCH_SECONDS
+                    digest = _file_digest(config_path)
+                    if digest != watched:
+                        watched = digest
+                        self._reload_requested.set()
+                if self._reload_requested.is_set():
+                    self._reload_requested.clear()
+                    watched = _file_digest(config_path)
+                    self.reload(config_path)
         finally:
             scheduler.shutdown(wait=True)
             if server is not None:
@@ -1423,6 +1664,14 @@ class Agent:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             log.info("agent stopped cleanly")
+
+
+def _file_digest(path: Path) -> str | None:
+    """The content hash of ``path`` (None while it cannot be read, e.g. mid-update)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def _first_fit_error(summary: dict[str, dict]) -> str | None:

@@ -49,7 +49,13 @@ def create_app(agent: Agent) -> FastAPI:
     if agent.config.logs.enabled:
         if agent.log_intake is None:
             raise RuntimeError("logs are enabled: call Agent.open_log_intake() before create_app")
-        register_log_receiver(app, agent.log_intake, agent.config.logs, agent.exporter)
+        register_log_receiver(
+            app,
+            agent.log_intake,
+            agent.config.logs,
+            agent.exporter,
+            {group.name: group.max_entities for group in agent.config.entities},
+        )
     return app
 
 

@@ -100,12 +100,13 @@ def check_config(
 
 @app.command()
 def run(config: ConfigOption, verbose: bool = False) -> None:
-    """Run the agent: scheduled fit and inference, /metrics, /healthz, /readyz."""
+    """Run the agent: scheduled fit and inference, /metrics, /healthz, /readyz; SIGHUP or a
+    change of the file reloads the configuration."""
     from aiops_plugin.agent import Agent
     from aiops_plugin.api import HttpServer
 
     _setup_logging(verbose)
-    Agent(_load(config)).run(http=HttpServer.for_agent)
+    Agent(_load(config)).run(http=HttpServer.for_agent, config_path=config)
 
 
 @app.command()

@@ -701,6 +701,13 @@ class LogIntakeConfig(_Strict):
     )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="after decompression")
     max_record_bytes: int = Field(64 * 1024, ge=256, description="larger bodies are rejected")
+    max_label_value_chars: int = Field(
+        256,
+        ge=16,
+        le=4096,
+        description="records whose entity label value (after value_format) is longer are "
+        "rejected (label_too_long); a group's log entities are bounded by its max_entities",
+    )
     queue_records: int = Field(50_000, ge=100, description="bound of the in-memory queue")
     batch_records: int = Field(1000, ge=1, description="records per store transaction")
     retention: Duration = Field(7 * 86400.0, description="records older than this are deleted")

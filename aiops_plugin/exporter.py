@@ -12,6 +12,7 @@ p-value, and carries no ``detector`` label. Label sets come from one place
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ CYCLE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 60
 #: records cannot be counted.
 LOG_REJECTION_REASONS = (
     "no_entity",
+    "label_too_long",
+    "too_many_entities",
     "record_too_large",
     "empty_body",
     "malformed",
@@ -362,6 +365,46 @@ class Exporter:
             "1 - rate(this) / rate(aiops_log_lines_mined_total) is the embedding cache hit rate.",
             registry=self.monitoring,
         )
+        self.device_fallback = Gauge(
+            "aiops_device_fallback",
+            "1 while the agent computes on the CPU although a GPU is configured: 'unavailable' "
+            "(none at start) or 'device_error' (the GPU failed during a cycle or a fit).",
+            ["reason"],
+            registry=self.monitoring,
+        )
+        self.config_reload_ok = Gauge(
+            "aiops_config_last_reload_successful",
+            "1 when the last configuration (re)load was applied, 0 when a reload was rejected "
+            "(invalid, or a change that needs a restart) and the running configuration kept.",
+            registry=self.monitoring,
+        )
+        self.config_reload_ok.set(1)
+        self.config_reload_time = Gauge(
+            "aiops_config_last_reload_success_timestamp_seconds",
+            "Unix time the running configuration was loaded (start-up or last applied reload).",
+            registry=self.monitoring,
+        )
+        self.config_reload_time.set_to_current_time()
+        self.log_mining_backlog = Gauge(
+            "aiops_log_mining_backlog_records",
+            "Accepted log records of this agent's entities not mined into templates yet.",
+            registry=self.monitoring,
+        )
+        self.log_mining_lag = Gauge(
+            "aiops_log_mining_lag_seconds",
+            "Age of the oldest accepted log record of this agent's entities not mined yet; 0 "
+            "when none waits. While it is over one step, aiops_log_anomaly_score is withheld (a "
+            "score of an incompletely mined window would read low) and the fused score uses "
+            "the metrics alone.",
+            registry=self.monitoring,
+        )
+        self.model_training_windows = Gauge(
+            "aiops_model_training_windows",
+            "Windows a deep detector's model in use of an entity group was trained on; few "
+            "(AiopsModelTrainedOnLittleData) means it learned from too little history.",
+            ["entity_group", "detector"],
+            registry=self.monitoring,
+        )
         self.log_templates_overflow = Counter(
             "aiops_log_templates_overflow_total",
             "Records of templates beyond logs.templates.max_templates_per_entity for their "
@@ -477,6 +520,14 @@ class Exporter:
         until its model exists, so AiopsModelNotFitted can see a model that never came."""
         for group, detector in pairs:
             self.model_last_fit.labels(entity_group=group, detector=detector).set(0)
+
+    def retire_models(self, pairs: list[tuple[str, str]]) -> None:
+        """Remove the per-model series of (group, detector) pairs no longer configured (a
+        reload removed the group or disabled the detector)."""
+        for group, detector in pairs:
+            for gauge in (self.model_last_fit, self.model_training_windows):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(group, detector)
 
     def observe_fit(self, group: str, detector: str, seconds: float) -> None:
         self.fit_duration.labels(entity_group=group, detector=detector).observe(seconds)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
@@ -248,3 +249,74 @@ def test_the_log_miner_has_one_caller_at_a_time(tmp_path: Path) -> None:
         thread.join(120)
     assert most == 1
     agent.store.close()
+
+
+TINY_MULTISCALE = {
+    "enabled": True,
+    "window": 32,
+    "epochs": 1,
+    "max_train_windows": 300,
+    "d_model": 16,
+}
+
+
+def test_a_gpu_that_is_not_there_at_start_means_the_cpu_not_a_crash_loop(
+    history: History,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A node whose GPU is gone (driver, device index): the agent starts on the CPU, says so in
+    its log and in ``aiops_device_fallback``, and scores."""
+    config = make_config(history.prometheus.url, tmp_path, detectors={"device": "cuda:15"})
+    agent = Agent(config)
+    try:
+        assert agent.device.type == "cpu"
+        assert _value(agent, "aiops_device_fallback", reason="unavailable") == 1
+        agent.start_up()
+        agent.fit(now=history.end)
+        assert agent.infer(now=history.end)[0].error is None
+    finally:
+        agent.store.close()
+
+
+def test_a_gpu_failing_mid_cycle_moves_every_model_to_the_cpu(
+    history: History,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The GPU cannot fail here (there is none), so the failure is forced: the agent believes it
+    runs on CUDA and the deep model's scoring raises the error PyTorch raises for an illegal
+    memory access, once. That cycle reports the group's error; the models move to the CPU and
+    the next cycle scores there."""
+    config = make_config(
+        history.prometheus.url,
+        tmp_path,
+        detectors={"device": "cpu", "mad": {"window": 30}, "multiscale": TINY_MULTISCALE},
+    )
+    agent = Agent(config)
+    try:
+        agent.start_up()
+        agent.fit(now=history.end)
+        model = agent.models[("multiscale", "smd")]
+        real = model.score_latest
+        calls = {"n": 0}
+
+        def failing_once(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - a stand-in
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError(
+                    "CUDA error: an illegal memory access was encountered\n"
+                    "CUDA kernel errors might be asynchronously reported at some other API call"
+                )
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(model, "score_latest", failing_once)
+        agent.device = torch.device("cuda")  # what the agent would believe on a GPU node
+        with pytest.raises(CycleFailed, match="illegal memory access"):
+            agent.infer(now=history.end)  # the only group failed: the cycle did
+        assert agent.device.type == "cpu"
+        assert model.detector.device.type == "cpu"
+        assert next(model.detector.model_.parameters()).device.type == "cpu"
+        assert _value(agent, "aiops_device_fallback", reason="device_error") == 1
+        assert agent.infer(now=history.end)[0].error is None
+    finally:
+        agent.store.close()

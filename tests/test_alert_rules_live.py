@@ -137,7 +137,19 @@ def test_promtool_input_series_have_the_label_sets_the_exporter_emits(
         make_config(
             history.prometheus.url,
             tmp_path,
-            detectors={"device": "cpu", "mad": {"window": 30}, "pca": {"enabled": True}},
+            detectors={
+                "device": "cpu",
+                "mad": {"window": 30},
+                "pca": {"enabled": True},
+                # a deep detector, tiny, for the series only deep fits have (training windows)
+                "multiscale": {
+                    "enabled": True,
+                    "window": 32,
+                    "epochs": 1,
+                    "max_train_windows": 300,
+                    "d_model": 16,
+                },
+            },
         )
     )
     try:

@@ -182,3 +182,36 @@ def test_bgl_evaluation_runs_through_the_receiver() -> None:
     assert result.cache_hit_rate == pytest.approx(1 - result.templates / 2000)
     for _, values in result.rows:
         assert 0.0 <= values["auc_pr"] <= 1.0 and 0.0 <= values["auc_roc"] <= 1.0
+
+
+def test_mining_runs_off_the_cycle_and_a_lagging_backlog_withholds_the_log_score(
+    running: tuple[Agent, str],
+) -> None:
+    """With the mining job on, a cycle does not mine: records that wait longer than a step
+    make the log score absent (not a low number from an incomplete window), the fused score
+    takes no log evidence, and the backlog gauges say why; the mining job clears it."""
+    agent, url = running
+    assert agent.logs is not None
+    history_end = time.time() - 30
+    send(url, "checkout", normal_lines(600), at=history_end - 700)
+    assert agent.logs.fit("svc", history_end - 3600, history_end) is not None
+    now = time.time()
+    assert agent._infer_logs(now, PhaseTimer()) == {"svc": 1}
+    assert metric_samples(url, "aiops_log_anomaly_score")
+
+    agent._background_mining = True  # as start_scheduler sets it
+    send(url, "search", normal_lines(50, offset=9000), at=now - 1)
+    # the records were accepted over a step ago (step 1s here) and none is mined yet
+    time.sleep(1.5)
+    detail = agent._infer_logs(time.time(), PhaseTimer())
+    assert detail["svc"].startswith("stale: records wait to be mined")
+    assert metric_samples(url, "aiops_log_anomaly_score") == []
+    assert agent.logs.p_values("svc", [entity_key({"service": "checkout"})]) is None
+    assert metric_samples(url, "aiops_log_mining_backlog_records")[0].value == 50
+    assert metric_samples(url, "aiops_log_mining_lag_seconds")[0].value > 1.0
+
+    agent._log_mining_job()
+    assert metric_samples(url, "aiops_log_mining_backlog_records")[0].value == 0
+    assert metric_samples(url, "aiops_log_mining_lag_seconds")[0].value == 0
+    assert agent._infer_logs(time.time(), PhaseTimer()) == {"svc": 2}
+    assert len(metric_samples(url, "aiops_log_anomaly_score")) == 2

@@ -31,6 +31,7 @@ from opentelemetry._logs import SeverityNumber
 from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+    ExportLogsPartialSuccess,
     ExportLogsServiceRequest,
     ExportLogsServiceResponse,
 )
@@ -607,3 +608,55 @@ def test_postgresql_store_receives_sdk_logs(tmp_path: Path, postgresql_url: str)
     assert rows[-1].body == "nul \ufffd inside"
     assert rows[-1].entity_key == entity_key({"instance": "db-1\ufffd"})
     assert rows[-1].severity_text == "S" * 64
+
+
+# --------------------------------------------------------------------- bounded log cardinality
+
+
+def test_log_entities_are_bounded_like_metric_entities(tmp_path: Path) -> None:
+    """A group's log entities are capped at its ``max_entities`` (those already stored count
+    first, across a restart), a label value over ``max_label_value_chars`` is rejected: both
+    counted, nothing of theirs stored, so no sender can make /metrics grow without bound."""
+    config = make_config(tmp_path, max_label_value_chars=64)
+    config.entities[0].max_entities = 5
+    with running_receiver(config) as receiver:
+        hosts = [f"web-{i}" for i in range(1000)]
+        request = otlp_request(*[({"host.name": host}, lines(host, 1)) for host in hosts])
+        answer = receiver.post(request.SerializeToString())
+        assert answer.status_code == 200
+        assert ExportLogsServiceResponse.FromString(answer.content).partial_success == (
+            ExportLogsPartialSuccess(
+                rejected_log_records=995,
+                error_message="995 of 1000 log records rejected: 995 new entity beyond its "
+                "group's max_entities (too_many_entities)",
+            )
+        )
+        long_name = "x" * (200 * 1024)  # under the test receiver's 256 KiB body limit
+        answer = receiver.post(
+            otlp_request(({"host.name": long_name}, lines("long", 3))).SerializeToString()
+        )
+        assert answer.status_code == 200
+        assert receiver.metric("aiops_logs_rejected_total", reason="too_many_entities") == 995
+        assert receiver.metric("aiops_logs_rejected_total", reason="label_too_long") == 3
+        stored = {row.entity_key for row in receiver.rows()}
+        assert stored == {entity_key({"instance": f"web-{i}:9100"}) for i in range(5)}
+        # a known entity keeps sending; a sixth does not get in
+        known = otlp_request(
+            ({"host.name": "web-3"}, lines("again", 2)), ({"host.name": "web-9"}, lines("new", 2))
+        )
+        assert receiver.post(known.SerializeToString()).status_code == 200
+        assert len(receiver.rows()) == 5 + 2
+        assert (
+            max(
+                len(line)
+                for line in requests.get(f"{receiver.url}/metrics", timeout=10).text.splitlines()
+            )
+            < 4096
+        )
+    # after a restart the stored entities are the budget's first five again
+    with running_receiver(config) as receiver:
+        again = otlp_request(
+            ({"host.name": "web-999"}, lines("x", 1)), ({"host.name": "web-0"}, lines("y", 1))
+        )
+        assert receiver.post(again.SerializeToString()).status_code == 200
+        assert {row.entity_key for row in receiver.rows()} == stored

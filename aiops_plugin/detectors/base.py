@@ -145,6 +145,14 @@ class Detector(abc.ABC):
         the steps it scores computes the last one only."""
         return self.score(windows).last_step()
 
+    def to_device(self, device: torch.device) -> None:
+        """Compute on ``device`` from now on (the agent's CPU fallback when the GPU fails);
+        a detector holding a network moves it there too."""
+        self.device = device
+        network = getattr(self, "model_", None)
+        if isinstance(network, torch.nn.Module):
+            network.to(device)
+
     def model_gauges(self) -> list[ModelGauge]:
         """Learned state worth exporting (none by default); called once per fit or load."""
         return []
@@ -153,6 +161,36 @@ class Detector(abc.ABC):
         if self.features_ is None:
             raise NotFittedError(f"detector {self.name!r} is not fitted")
         return self.features_
+
+
+#: Words of the errors PyTorch raises when the GPU itself fails (driver, illegal access, a
+#: device-side assert), as opposed to an ordinary bug or an out-of-memory error (which the deep
+#: detectors retry with smaller batches).
+_DEVICE_ERROR_WORDS = ("CUDA", "cuDNN", "cuBLAS", "CUBLAS", "NCCL", "device-side", "HIP error")
+
+
+def is_device_error(error: BaseException) -> bool:
+    """Whether ``error`` is the GPU failing (not out-of-memory, not a bug of ours)."""
+    if isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error):
+        return False
+    return isinstance(error, RuntimeError) and any(w in str(error) for w in _DEVICE_ERROR_WORDS)
+
+
+def usable_device(setting: str, what: str = "detectors.device") -> tuple[torch.device, str | None]:
+    """:func:`choose_device`, or the CPU with the reason when the configured GPU is not there
+    (no driver, no device of that index): an agent on a node whose GPU is gone runs slower
+    rather than crash-looping."""
+    try:
+        device = choose_device(setting)
+        index = device.index
+        if device.type == "cuda" and index is not None and index >= torch.cuda.device_count():
+            raise ValueError(
+                f"{what} is {setting!r} but only {torch.cuda.device_count()} CUDA "
+                "device(s) are present"
+            )
+    except (ValueError, RuntimeError) as exc:
+        return torch.device("cpu"), str(exc).replace("detectors.device", what)
+    return device, None
 
 
 def choose_device(setting: str) -> torch.device:

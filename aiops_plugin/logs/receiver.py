@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import hmac
 import json
+import threading
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
     ExportLogsServiceResponse,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from aiops_plugin.config import LogEntityMapping, LogsConfig
 from aiops_plugin.exporter import LOG_REJECTION_REASONS, Exporter
@@ -46,6 +49,8 @@ from aiops_plugin.logs.intake import (
     QueueFull,
     StoreUnavailable,
 )
+from aiops_plugin.store import Store
+from aiops_plugin.store.models import LogRecordRow
 from aiops_plugin.windows import entity_key
 
 PROTOBUF = "application/x-protobuf"
@@ -65,8 +70,12 @@ DECOMPRESS_CHUNK = 4096
 #: gzip members per body: SDKs and the Collector send one; thousands of empty ones are an attack
 #: on the CPU, not logs.
 MAX_GZIP_MEMBERS = 1024
+#: Log entities of a group when the receiver is not told its ``max_entities`` (the default).
+DEFAULT_MAX_LOG_ENTITIES = 1000
 _REASON_TEXT = {
     "no_entity": "no entity attribute",
+    "label_too_long": "entity label value over logs.intake.max_label_value_chars",
+    "too_many_entities": "new entity beyond its group's max_entities",
     "empty_body": "empty body",
     "record_too_large": "body over logs.intake.max_record_bytes",
 }
@@ -113,18 +122,11 @@ class EntityMapper:
     """Finds a record's entity from ``logs.entities``: the first mapping whose attribute is
     present (and not empty) on the resource or on the record, as its ``scope`` says."""
 
-    def __init__(self, mappings: list[LogEntityMapping]) -> None:
-        for i, mapping in enumerate(mappings):
-            try:
-                mapping.value_format.format(value="x")
-            except (KeyError, IndexError, ValueError) as exc:
-                raise ValueError(
-                    f"logs.entities.{i}.value_format {mapping.value_format!r} must use only "
-                    f"{{value}}: {exc!r}"
-                ) from exc
-        self.mappings = mappings
+    def __init__(self, mappings: list[LogEntityMapping], max_label_value_chars: int = 256) -> None:
+        self.mappings = mappings  # value_format checked by the configuration
+        self.max_label_value_chars = max_label_value_chars
 
-    def resource_entities(self, attributes: list[KeyValue]) -> list[tuple[str, str] | None]:
+    def resource_entities(self, attributes: list[KeyValue]) -> list[tuple[str, str] | str | None]:
         """Per mapping, the entity a resource-scoped mapping finds on this resource (None for
         record-scoped ones or when absent); computed once per resource."""
         values = _attribute_texts(attributes)
@@ -136,9 +138,10 @@ class EntityMapper:
         ]
 
     def entity_of(
-        self, resource: list[tuple[str, str] | None], record_attributes: list[KeyValue]
-    ) -> tuple[str, str] | None:
-        """``(entity_group, entity_key)`` of a record, or None when no mapping applies."""
+        self, resource: list[tuple[str, str] | str | None], record_attributes: list[KeyValue]
+    ) -> tuple[str, str] | str | None:
+        """``(entity_group, entity_key)`` of a record, None when no mapping applies, or the
+        rejection reason of the mapping that applies (``label_too_long``)."""
         record_values: dict[str, str] | None = None
         for mapping, from_resource in zip(self.mappings, resource, strict=True):
             if mapping.scope == "resource":
@@ -152,21 +155,77 @@ class EntityMapper:
                 return found
         return None
 
-    @staticmethod
-    def _entity(mapping: LogEntityMapping, value: str | None) -> tuple[str, str] | None:
+    def _entity(self, mapping: LogEntityMapping, value: str | None) -> tuple[str, str] | str | None:
         if not value:
             return None
-        labels = {mapping.label: mapping.value_format.format(value=value)}
-        return mapping.group, entity_key(labels)
+        label_value = mapping.value_format.format(value=value)
+        if len(label_value) > self.max_label_value_chars:
+            return "label_too_long"  # a label value this long is abuse, not a host name
+        return mapping.group, entity_key({mapping.label: label_value})
+
+
+class EntityBudget:
+    """Log entities per group, bounded like metric entities: a group's first ``max_entities``
+    distinct entities (those already in the store count first) are accepted; records of a
+    new entity beyond that are rejected and counted (``too_many_entities``), so anyone with
+    the intake token cannot create unbounded series. Safe across the request threads."""
+
+    def __init__(self, store: Store, limits: dict[str, int]) -> None:
+        self._store = store
+        self._limits = limits
+        self._known: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, group: str, key: str) -> bool:
+        with self._lock:
+            known = self._known.get(group)
+            if known is None:
+                known = self._known[group] = self._stored_keys(group)
+            if key in known:
+                return True
+            if len(known) < self._limits.get(group, 0):
+                known.add(key)
+                return True
+            return False
+
+    def _stored_keys(self, group: str) -> set[str]:
+        query = (
+            select(LogRecordRow.entity_key)
+            .where(LogRecordRow.entity_group == group)
+            .distinct()
+            .limit(self._limits.get(group, 0))
+        )
+        try:
+            with self._store.engine.connect() as connection:
+                return set(connection.scalars(query))
+        except SQLAlchemyError as exc:
+            raise RequestRefused(
+                503,
+                "store_unavailable",
+                f"reading the known log entities failed: {self._store._reason(exc)}",
+                headers={"Retry-After": "5"},
+            ) from exc
 
 
 class LogReceiver:
     """Decodes, maps and hands one request's records to the intake; counts every refusal."""
 
-    def __init__(self, intake: LogIntake, config: LogsConfig, exporter: Exporter) -> None:
+    def __init__(
+        self,
+        intake: LogIntake,
+        config: LogsConfig,
+        exporter: Exporter,
+        max_entities: dict[str, int] | None = None,
+    ) -> None:
         self.intake = intake
         self.config = config.intake
-        self.mapper = EntityMapper(config.entities)
+        self.mapper = EntityMapper(config.entities, config.intake.max_label_value_chars)
+        self.budget = EntityBudget(
+            intake.store,
+            max_entities
+            if max_entities is not None
+            else {mapping.group: DEFAULT_MAX_LOG_ENTITIES for mapping in config.entities},
+        )
         self.exporter = exporter
         self.limiter: anyio.CapacityLimiter | None = None  # made in the event loop, on first use
         for reason in LOG_REJECTION_REASONS:
@@ -193,7 +252,9 @@ class LogReceiver:
         received_at = datetime.now(UTC)
         payload = decompress(body, content_encoding, self.config.max_body_bytes)
         request = parse_request(payload, media_type)
-        mapped = map_records(request, self.mapper, self.config.max_record_bytes, received_at)
+        mapped = map_records(
+            request, self.mapper, self.budget, self.config.max_record_bytes, received_at
+        )
         try:
             self.intake.submit(mapped.accepted)
         except QueueFull as exc:
@@ -296,10 +357,12 @@ def parse_request(payload: bytes, media_type: str) -> ExportLogsServiceRequest:
 def map_records(
     request: ExportLogsServiceRequest,
     mapper: EntityMapper,
+    budget: EntityBudget | None,
     max_record_bytes: int,
     received_at: datetime,
 ) -> MappedRecords:
-    """Each record to its entity and stored form, or to a rejection reason."""
+    """Each record to its entity and stored form, or to a rejection reason (``budget``: the
+    bound on entities per group, checked last so a refused record takes no place in it)."""
     mapped = MappedRecords()
     for resource_logs in request.resource_logs:
         resource = mapper.resource_entities(list(resource_logs.resource.attributes))
@@ -309,12 +372,18 @@ def map_records(
                 if entity is None:
                     mapped.rejected["no_entity"] += 1
                     continue
+                if isinstance(entity, str):
+                    mapped.rejected[entity] += 1
+                    continue
                 body = render_any_value(record.body)
                 if not body.strip():
                     mapped.rejected["empty_body"] += 1
                     continue
                 if len(body) > max_record_bytes or len(body.encode()) > max_record_bytes:
                     mapped.rejected["record_too_large"] += 1
+                    continue
+                if budget is not None and not budget.admit(*entity):
+                    mapped.rejected["too_many_entities"] += 1
                     continue
                 nanos = record.time_unix_nano or record.observed_time_unix_nano
                 mapped.accepted.append(
@@ -445,11 +514,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def register_log_receiver(
-    app: FastAPI, intake: LogIntake, config: LogsConfig, exporter: Exporter
+    app: FastAPI,
+    intake: LogIntake,
+    config: LogsConfig,
+    exporter: Exporter,
+    max_entities: dict[str, int] | None = None,
 ) -> LogReceiver:
     """Add ``POST /v1/logs`` to ``app``; decoding and the wait for the commit run in worker
-    threads of their own (``LOG_WORKER_THREADS``), never on the event loop."""
-    receiver = LogReceiver(intake, config, exporter)
+    threads of their own (``LOG_WORKER_THREADS``), never on the event loop. ``max_entities``:
+    per entity group, the bound on its log entities (its ``max_entities``)."""
+    receiver = LogReceiver(intake, config, exporter, max_entities)
 
     @app.post(LOGS_PATH, include_in_schema=False)
     async def receive_logs(request: Request) -> Response:

@@ -226,6 +226,16 @@ class LogTemplateMiner:
             seconds=time.perf_counter() - started,
         )
 
+    def backlog(self) -> tuple[int, datetime | None]:
+        """Records this miner owns that wait to be mined, and when the oldest was received."""
+        with _transaction(self._store, "counting unmined log records") as session:
+            count, oldest = session.execute(
+                select(func.count(LogRecordRow.id), func.min(LogRecordRow.received_at)).where(
+                    LogRecordRow.template_id.is_(None), self._owned
+                )
+            ).one()
+        return int(count), oldest
+
     def template_texts(self) -> dict[int, str]:
         """Template id -> current template text, for every template in the store."""
         return template_texts(self._store)

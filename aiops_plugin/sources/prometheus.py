@@ -120,6 +120,8 @@ class ReadResult:
     windows: Windows | None
     failures: list[QueryFailure] = field(default_factory=list)
     dropped_entities: int = 0
+    #: series of the answers that were not in the Prometheus API's shape (skipped)
+    malformed_series: int = 0
 
 
 def plan_chunks(
@@ -173,6 +175,9 @@ def feature_name(
     return f"{query_name}{{{inner}}}"
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def decode_points(
     values: list, start: float, step: float, n_time: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -180,14 +185,20 @@ def decode_points(
     arrays (about 0.4 us a point; a dict per point was 1.1 us and ~100 bytes kept per point).
 
     Points off the grid ``[0, n_time)`` and non-finite values (``NaN``, ``+Inf``: a division by
-    zero in the user's PromQL) are left out, so they stay missing, never a number."""
+    zero in the user's PromQL) are left out, so they stay missing, never a number; so are
+    values beyond float32's range. Raises TypeError / ValueError for what is not such a list."""
     count = len(values)
     if count == 0:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
     times = np.fromiter((point[0] for point in values), dtype=np.float64, count=count)
     samples = np.array([point[1] for point in values], dtype=np.float64)
-    index = np.rint((times - start) / step).astype(np.int64)
-    keep = (index >= 0) & (index < n_time) & np.isfinite(samples)
+    if samples.shape != (count,):
+        raise ValueError("a sample value is not a number")
+    with np.errstate(invalid="ignore", over="ignore"):
+        position = np.rint((times - start) / step)
+        on_grid = np.isfinite(position) & (position >= 0) & (position < n_time)
+        index = np.where(on_grid, position, -1).astype(np.int64)
+        keep = on_grid & np.isfinite(samples) & (np.abs(samples) <= _FLOAT32_MAX)
     return index[keep], samples[keep].astype(np.float32)
 
 
@@ -293,7 +304,7 @@ class PrometheusReader:
         series: dict[tuple[str, str], np.ndarray] = {}
         labels_by_key: dict[str, EntityLabels] = {}
         failures: list[QueryFailure] = []
-        skipped_without_labels = 0
+        skipped_without_labels = malformed = 0
         max_age = self.config.max_sample_age or 2 * step
         identifying = frozenset(group.labels)
         owned: dict[str, bool] = {}  # entity key -> this shard owns it
@@ -318,27 +329,35 @@ class PrometheusReader:
                         self.config.max_samples_per_request,
                     )
                     answer = self._query_range(guarded, chunk_start, chunk_end)
+                    if not isinstance(answer, list):  # not a range answer's result list
+                        answer = [answer]
                     seen = len(answer) or seen
                     chunk_start = chunk_end + step
                     for item in answer:
-                        metric = item.get("metric", {})
-                        if any(label not in metric for label in group.labels):
-                            skipped_without_labels += 1
-                            continue
-                        labels = {label: metric[label] for label in group.labels}
-                        key = entity_key(labels)
-                        if self.shards > 1:
-                            mine = owned.get(key)
-                            if mine is None:
-                                mine = owned[key] = shard_of(key, self.shards) == self.shard
-                            if not mine:
+                        try:
+                            metric = item.get("metric", {})
+                            if any(label not in metric for label in group.labels):
+                                skipped_without_labels += 1
                                 continue
+                            labels = {label: str(metric[label]) for label in group.labels}
+                            key = entity_key(labels)
+                            if self.shards > 1:
+                                mine = owned.get(key)
+                                if mine is None:
+                                    mine = owned[key] = shard_of(key, self.shards) == self.shard
+                                if not mine:
+                                    continue
+                            name = feature_name(query_name, metric, identifying)
+                            index, samples = decode_points(
+                                item.get("values", []), start, step, n_time
+                            )
+                        except (TypeError, ValueError, AttributeError, KeyError, IndexError):
+                            malformed += 1  # not the Prometheus API's shape: skipped, counted
+                            continue
                         labels_here[key] = labels
-                        name = feature_name(query_name, metric, identifying)
                         row = rows.get((key, name))
                         if row is None:
                             row = rows[(key, name)] = np.full(n_time, np.nan, dtype=np.float32)
-                        index, samples = decode_points(item.get("values", []), start, step, n_time)
                         row[index] = samples
                     del answer
             except PrometheusApiClientException as exc:
@@ -348,6 +367,13 @@ class PrometheusReader:
                 continue
             series.update(rows)
             labels_by_key.update(labels_here)
+        if malformed:
+            log.warning(
+                "group %r: %d series of Prometheus' answers were not in the API's shape "
+                '(metric labels and [time, "value"] pairs) and were ignored',
+                group.name,
+                malformed,
+            )
         if skipped_without_labels:
             log.warning(
                 "group %r: %d series lack an identifying label %s and were ignored",
@@ -356,7 +382,7 @@ class PrometheusReader:
                 group.labels,
             )
         windows, dropped = assemble_windows(group, series, labels_by_key, start, step, n_time)
-        return ReadResult(windows, failures, dropped)
+        return ReadResult(windows, failures, dropped, malformed)
 
 
 def assemble_windows(
