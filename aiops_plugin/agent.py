@@ -157,6 +157,10 @@ def check_startable(config: Config) -> None:
     ValueError names what is missing): its shard, and the embedder's local model folder when
     logs are on (otherwise every cycle's log side would fail on it)."""
     resolve_shard(config.sharding.shards, config.sharding.shard)
+    for name in ("tls_cert_file", "tls_key_file"):
+        value = getattr(config.server, name)
+        if value is not None and not _is_file(value):
+            raise ValueError(f"server.{name}: {value!r} is not a readable file")
     if config.logs.enabled:
         from aiops_plugin.logs.embedder import EmbedderError, resolve_model_path
 
@@ -819,6 +823,9 @@ class Agent:
             self.exporter.source_up.labels(source="prometheus").set(0)
             raise
         self.exporter.source_up.labels(source="prometheus").set(1)
+        self.exporter.entities_over_limit.labels(entity_group=group.name).set(
+            result.dropped_entities
+        )
         return result.windows
 
     # ----------------------------------------------------------------- infer
@@ -1664,6 +1671,13 @@ class Agent:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             log.info("agent stopped cleanly")
+
+
+def _is_file(name: str) -> bool:
+    try:
+        return Path(name).is_file()
+    except OSError:  # a name too long, or a folder that cannot be read
+        return False
 
 
 def _file_digest(path: Path) -> str | None:

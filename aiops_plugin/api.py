@@ -65,11 +65,26 @@ class HttpServer:
     @classmethod
     def for_agent(cls, agent: Agent) -> HttpServer:
         """The agent's server on its configured address (``Agent.run(http=...)``)."""
-        return cls(agent, agent.config.server.host, agent.config.server.port)
+        server = agent.config.server
+        return cls(agent, server.host, server.port, server.tls_cert_file, server.tls_key_file)
 
-    def __init__(self, agent: Agent, host: str, port: int) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        host: str,
+        port: int,
+        tls_cert_file: str | None = None,
+        tls_key_file: str | None = None,
+    ) -> None:
+        """HTTPS when ``tls_cert_file`` and ``tls_key_file`` are given (``server.tls_*``)."""
         config = uvicorn.Config(
-            create_app(agent), host=host, port=port, log_level="warning", access_log=False
+            create_app(agent),
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            ssl_certfile=tls_cert_file,
+            ssl_keyfile=tls_key_file,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="http", daemon=True)

@@ -15,11 +15,14 @@ import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from aiops_plugin.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from aiops_plugin.agent import Agent
 
 HELP = (
     "AIOps for Prometheus: an agent that reads your metrics with PromQL on a schedule, scores "
@@ -68,6 +71,18 @@ def _load(path: Path, starting: bool = True) -> Config:
     return config
 
 
+def _agent(config: Config) -> Agent:
+    """The agent of ``config``; a store it cannot open is one line and exit code 1."""
+    from aiops_plugin.agent import Agent
+    from aiops_plugin.store import StoreError
+
+    try:
+        return Agent(config)
+    except StoreError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_FAILED) from exc
+
+
 @contextlib.contextmanager
 def _cycle_errors_reported() -> Iterator[None]:
     """Prometheus unreachable, or a cycle that scored no group: one line, exit code 1."""
@@ -102,20 +117,17 @@ def check_config(
 def run(config: ConfigOption, verbose: bool = False) -> None:
     """Run the agent: scheduled fit and inference, /metrics, /healthz, /readyz; SIGHUP or a
     change of the file reloads the configuration."""
-    from aiops_plugin.agent import Agent
     from aiops_plugin.api import HttpServer
 
     _setup_logging(verbose)
-    Agent(_load(config)).run(http=HttpServer.for_agent, config_path=config)
+    _agent(_load(config)).run(http=HttpServer.for_agent, config_path=config)
 
 
 @app.command()
 def fit(config: ConfigOption, verbose: bool = False) -> None:
     """Fit every enabled detector on the configured history window and store the models."""
-    from aiops_plugin.agent import Agent
-
     _setup_logging(verbose)
-    agent = Agent(_load(config))
+    agent = _agent(_load(config))
     agent.start_up()
     with _cycle_errors_reported():
         summary = agent.fit()
@@ -130,15 +142,13 @@ def score(
     verbose: bool = False,
 ) -> None:
     """Score the current data once with the stored models (fitting first where none exists)."""
-    from aiops_plugin.agent import Agent
-
     if not once:
         typer.echo(
             "error: only --once is supported; use `aiops-plugin run` to keep scoring", err=True
         )
         raise typer.Exit(EXIT_BAD_CONFIG)
     _setup_logging(verbose)
-    agent = Agent(_load(config))
+    agent = _agent(_load(config))
     agent.start_up()
     with _cycle_errors_reported():
         if agent.missing_models():

@@ -701,6 +701,14 @@ class LogIntakeConfig(_Strict):
     )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="after decompression")
     max_record_bytes: int = Field(64 * 1024, ge=256, description="larger bodies are rejected")
+    max_requests_per_second: float = Field(
+        0.0,
+        ge=0,
+        le=1e6,
+        description="requests per second /v1/logs accepts (a token bucket, bursts of one "
+        "second's worth); beyond it 429 with Retry-After; 0 = no limit (backpressure still "
+        "bounds the queue)",
+    )
     max_label_value_chars: int = Field(
         256,
         ge=16,
@@ -818,6 +826,16 @@ class LogsConfig(_Strict):
 class ServerConfig(_Strict):
     host: Annotated[str, AfterValidator(check_listen_host)] = "0.0.0.0"
     port: int = Field(9108, ge=0, le=65535)
+    tls_cert_file: str | None = Field(
+        None, description="PEM certificate (chain): serve HTTPS instead of HTTP; with tls_key_file"
+    )
+    tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file")
+
+    @model_validator(mode="after")
+    def _tls_both_or_neither(self) -> ServerConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("server.tls_cert_file and server.tls_key_file go together")
+        return self
 
 
 class GrafanaConfig(_Strict):

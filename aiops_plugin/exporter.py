@@ -48,6 +48,7 @@ LOG_REJECTION_REASONS = (
     "too_large",
     "unauthorized",
     "queue_full",
+    "rate_limited",
     "store_unavailable",
 )
 
@@ -365,6 +366,13 @@ class Exporter:
             "1 - rate(this) / rate(aiops_log_lines_mined_total) is the embedding cache hit rate.",
             registry=self.monitoring,
         )
+        self.entities_over_limit = Gauge(
+            "aiops_entities_over_limit",
+            "Entities the last read of a group found beyond its max_entities and left out "
+            "(not scored, not exported): raise max_entities, or narrow the queries.",
+            ["entity_group"],
+            registry=self.monitoring,
+        )
         self.device_fallback = Gauge(
             "aiops_device_fallback",
             "1 while the agent computes on the CPU although a GPU is configured: 'unavailable' "
@@ -536,6 +544,7 @@ class Exporter:
         """Create every group's series of the skip, anomalous-step and suppression counters at 0,
         so rates and dashboards see the counters before the first count instead of no series."""
         for group in groups:
+            self.entities_over_limit.labels(entity_group=group)
             for reason in SKIP_REASONS:
                 self.entities_skipped.labels(entity_group=group, reason=reason)
             self.anomalous_steps.labels(entity_group=group)

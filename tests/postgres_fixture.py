@@ -30,7 +30,7 @@ from typing import NoReturn
 import psycopg2
 import pytest
 
-__all__ = ["PostgresServer", "postgresql_server", "postgresql_url"]
+__all__ = ["PostgresServer", "postgresql_server", "postgresql_url", "start_server", "stop_server"]
 
 START_TIMEOUT_S = 60.0
 SUPERUSER = "postgres"
@@ -122,6 +122,34 @@ def _wait_until_accepting(server: PostgresServer, log: Path) -> None:
             time.sleep(0.05)
 
 
+def _server_options(port: int, socket_dir: Path) -> str:
+    # Durability is irrelevant for a throw-away test server; skipping fsync makes it fast.
+    return (
+        f"-h 127.0.0.1 -p {port} -k {socket_dir} "
+        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    )
+
+
+def stop_server(server: PostgresServer) -> None:
+    """Stop the server (a database outage, for the tests of one); :func:`start_server` again
+    before the test ends: the session's other tests use it."""
+    pg_ctl = [str(_find_bin_dir() / "pg_ctl"), "-D", str(server.data_dir), "-m", "fast", "stop"]
+    result = _run(pg_ctl)
+    if result.returncode != 0:
+        _fail("pg_ctl stop", result)
+
+
+def start_server(server: PostgresServer) -> None:
+    """Start a server stopped by :func:`stop_server` on the same port."""
+    log = server.data_dir.parent / "server.log"
+    pg_ctl = [str(_find_bin_dir() / "pg_ctl"), "-D", str(server.data_dir), "-l", str(log)]
+    options = _server_options(server.port, server.data_dir.parent)
+    result = _run([*pg_ctl, "-o", options, "-w", "start"])
+    if result.returncode != 0:
+        _fail("pg_ctl start", result, log)
+    _wait_until_accepting(server, log)
+
+
 @pytest.fixture(scope="session")
 def postgresql_server() -> Iterator[PostgresServer]:
     """Start one PostgreSQL server for the whole session; stop it and delete its files after."""
@@ -143,11 +171,7 @@ def postgresql_server() -> Iterator[PostgresServer]:
         # Another process may take the free port before the server binds it: try a few ports.
         for _attempt in range(3):
             port = _free_port()
-            # Durability is irrelevant for a throw-away test server; skipping fsync makes it fast.
-            options = (
-                f"-h 127.0.0.1 -p {port} -k {root} "
-                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-            )
+            options = _server_options(port, root)
             pg_ctl = [str(bin_dir / "pg_ctl"), "-D", str(data_dir), "-l", str(log)]
             result = _run([*pg_ctl, "-o", options, "-w", "start"])
             if result.returncode == 0:

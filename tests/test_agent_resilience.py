@@ -22,6 +22,7 @@ from sqlalchemy import text
 
 from aiops_plugin.agent import Agent, CycleFailed
 from aiops_plugin.demo.polling import poll_until
+from aiops_plugin.detectors.baselines import RollingMadDetector
 from aiops_plugin.logs.pipeline import LogPipeline
 from tests.test_agent import QUERY, History, history, make_config  # noqa: F401 - fixture
 
@@ -318,5 +319,71 @@ def test_a_gpu_failing_mid_cycle_moves_every_model_to_the_cpu(
         assert next(model.detector.model_.parameters()).device.type == "cpu"
         assert _value(agent, "aiops_device_fallback", reason="device_error") == 1
         assert agent.infer(now=history.end)[0].error is None
+    finally:
+        agent.store.close()
+
+
+def test_a_fleet_over_max_entities_is_capped_with_a_log_and_a_metric(
+    history: History,  # noqa: F811
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Four machines, ``max_entities: 2``: two are fitted and scored, the others are left out
+    with a warning and counted in ``aiops_entities_over_limit``; /metrics does not grow."""
+    config = make_config(history.prometheus.url, tmp_path)
+    config.entities[0].max_entities = 2
+    agent = Agent(config)
+    try:
+        agent.start_up()
+        agent.fit(now=history.end)
+        agent.infer(now=history.end)
+        scored = {
+            s.labels["instance"]
+            for s in _samples(agent, "aiops_anomaly_score")
+            if s.labels["detector"] == "fused"
+        }
+        assert len(scored) == 2
+        over = _value(agent, "aiops_entities_over_limit", entity_group="smd")
+        assert over is not None and over >= 1
+        assert "over max_entities=2 were not read" in caplog.text
+    finally:
+        agent.store.close()
+
+
+def test_one_detectors_failed_fit_leaves_the_others_fitted_and_is_retried(
+    history: History,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """mad's fit raises (first in the detector order): pca is still fitted and installed,
+    mad's fit timestamp stays 0 (AiopsModelNotFitted can fire), and the retry is scheduled."""
+    config = make_config(
+        history.prometheus.url,
+        tmp_path,
+        detectors={"device": "cpu", "mad": {"window": 30}, "pca": {"enabled": True}},
+    )
+    agent = Agent(config)
+
+    def exploding(self, windows):  # noqa: ANN001, ANN202 - the detector's signature
+        raise RuntimeError("mad exploded")
+
+    monkeypatch.setattr(RollingMadDetector, "fit", exploding)
+    try:
+        agent.start_up()
+        summary = agent.fit(now=history.end)
+        assert summary["smd"]["mad"] == {"error": "mad exploded"}
+        assert "version" in summary["smd"]["pca"]
+        assert ("pca", "smd") in agent.models and ("mad", "smd") not in agent.models
+        assert agent.missing_models() == [("mad", "smd")]
+        fitted = {
+            s.labels["detector"]: s.value
+            for s in _samples(agent, "aiops_model_last_fit_timestamp_seconds")
+        }
+        assert fitted["mad"] == 0 and fitted["pca"] > 0
+        agent._schedule_fit_retry("mad exploded")
+        assert agent.last_fit_error is not None and "next try in" in agent.last_fit_error
+        monkeypatch.undo()
+        agent.fit(now=history.end, groups={"smd"})
+        assert agent.missing_models() == []
     finally:
         agent.store.close()

@@ -26,6 +26,7 @@ import yaml
 from aiops_plugin.agent import Agent, CycleFailed, check_startable
 from aiops_plugin.config import Config, ConfigError, load_config
 from aiops_plugin.demo.ports import free_port
+from aiops_plugin.store import StoreError
 
 BASE = {
     "prometheus": {"url": "http://127.0.0.1:9", "retries": 0, "timeout": "1s"},
@@ -221,7 +222,11 @@ def test_random_mutations_are_refused_with_the_field_named_or_give_a_working_age
         except ValueError as exc:
             assert re.search(r"\b(sharding|logs\.embedder)\.", str(exc)), (change, exc)
             continue
-        agent = Agent(config)
+        try:
+            agent = Agent(config)
+        except StoreError as exc:  # what `run` says in one line (exit 1), e.g. no data folder
+            assert "store" in str(exc) or "folder" in str(exc), (change, exc)
+            continue
         try:
             agent.start_up()
             with contextlib.suppress(CycleFailed):  # Prometheus is a closed port
@@ -232,3 +237,22 @@ def test_random_mutations_are_refused_with_the_field_named_or_give_a_working_age
                 agent.log_intake.close()
             agent.store.close()
     assert refused > 50 and loaded > 30, (refused, loaded)
+
+
+def test_a_store_that_cannot_be_opened_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    """A data folder that cannot be made (a name too long for the file system): `run` says
+    so in one line, no traceback."""
+    raw = copy.deepcopy(BASE)
+    raw["store"] = {"data_dir": str(tmp_path / ("x" * 300))}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    done = subprocess.run(
+        [sys.executable, "-m", "aiops_plugin.cli", "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("error: cannot create the folder") and "Traceback" not in (
+        done.stderr + done.stdout
+    )

@@ -10,7 +10,9 @@ from __future__ import annotations
 import gzip
 import json
 import sqlite3
+import subprocess
 import threading
+import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
@@ -52,6 +54,7 @@ from aiops_plugin.logs.receiver import DECOMPRESS_CHUNK, MAX_GZIP_MEMBERS, decom
 from aiops_plugin.store import Store
 from aiops_plugin.store.models import LogRecordRow
 from aiops_plugin.windows import entity_key
+from tests.postgres_fixture import PostgresServer, start_server, stop_server
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
@@ -660,3 +663,146 @@ def test_log_entities_are_bounded_like_metric_entities(tmp_path: Path) -> None:
         )
         assert receiver.post(again.SerializeToString()).status_code == 200
         assert {row.entity_key for row in receiver.rows()} == stored
+
+
+def test_postgresql_stopped_answers_503_loses_nothing_and_recovers_by_itself(
+    tmp_path: Path, postgresql_server: PostgresServer, postgresql_url: str
+) -> None:
+    """The store's database stops (an outage, a failover): intake answers 503 with Retry-After
+    (the senders retry), /metrics keeps answering with the logs source down, and once the
+    database is back the intake writes again without a restart; every 200 is in the store."""
+    config = make_config(tmp_path)
+    config.store.url = postgresql_url
+    with running_receiver(config) as receiver:
+        assert receiver.post(web_request("before", 5)).status_code == 200
+
+        stop_server(postgresql_server)
+        try:
+            refused = receiver.post(web_request("during", 5))
+            assert refused.status_code == 503, refused.content
+            assert int(refused.headers["retry-after"]) >= 1
+            assert requests.get(f"{receiver.url}/metrics", timeout=10).ok
+            assert receiver.metric("aiops_source_up", source="logs") == 0
+        finally:
+            start_server(postgresql_server)
+        poll_until(
+            lambda: receiver.post(web_request("after", 5)).status_code == 200 or None,
+            timeout=60,
+            interval=1.0,
+            what="the intake writing again",
+        )
+        assert receiver.metric("aiops_source_up", source="logs") == 1
+        bodies = receiver.bodies()
+    expected = [line.body.string_value for line in lines("before", 5)]
+    assert [b for b in bodies if b.startswith("before")] == expected
+    assert not any(b.startswith("during") for b in bodies)  # a 503 stored nothing
+    assert [b for b in bodies if b.startswith("after")] == [
+        line.body.string_value for line in lines("after", 5)
+    ]
+
+
+# -------------------------------------------------------- TLS, rate limit, secrets kept secret
+
+
+def test_the_rate_limit_answers_429_with_retry_after_and_stores_nothing_refused(
+    tmp_path: Path,
+) -> None:
+    config = make_config(tmp_path, max_requests_per_second=2.0)
+    with running_receiver(config) as receiver:
+        answers = [receiver.post(web_request(f"r{i}", 1)) for i in range(6)]
+        codes = [answer.status_code for answer in answers]
+        assert codes[:2] == [200, 200] and 429 in codes[2:]
+        limited = next(answer for answer in answers if answer.status_code == 429)
+        assert int(limited.headers["retry-after"]) >= 1
+        assert "max_requests_per_second=2" in status_message(limited)
+        stored = receiver.bodies()
+        assert len(stored) == codes.count(200)
+        assert receiver.metric("aiops_logs_rejected_total", reason="rate_limited") == codes.count(
+            429
+        )
+        time.sleep(1.1)
+        assert receiver.post(web_request("later", 1)).status_code == 200
+
+
+def test_tokens_never_appear_in_answers_or_logs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Wrong, missing and right tokens on the log intake, and a wrong one on the feedback API:
+    no answer and no log line of the agent repeats the configured token or the one offered."""
+    secret, guess = "s3cret-intake-t0ken-42", "guessed-t0ken-17"
+    config = make_config(tmp_path, token=secret)
+    config.feedback.token = "s3cret-feedback-t0ken-99"
+    caplog.set_level("DEBUG")
+    texts: list[str] = []
+    with running_receiver(config) as receiver:
+        for token in (guess, None, secret):
+            answer = receiver.post(web_request("t", 1), token=token)
+            texts.append(answer.text + str(answer.headers))
+        answer = requests.post(
+            f"{receiver.url}/api/v1/anomalies/1/feedback",
+            json={"label": "false_positive"},
+            headers={"Authorization": f"Bearer {guess}"},
+            timeout=10,
+        )
+        assert answer.status_code == 401
+        texts.append(answer.text + str(answer.headers))
+        texts.append(requests.get(f"{receiver.url}/metrics", timeout=10).text)
+        texts.append(requests.get(f"{receiver.url}/readyz", timeout=10).text)
+    everything = "\n".join(texts) + caplog.text
+    for value in (secret, guess, config.feedback.token):
+        assert value not in everything
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_the_optional_tls_listener_serves_https_only(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    config = make_config(tmp_path)
+    config.server.tls_cert_file, config.server.tls_key_file = str(cert), str(key)
+    agent = Agent(config)
+    agent.open_log_intake()
+    server = HttpServer.for_agent(agent)
+    server.start()
+    try:
+        url = f"127.0.0.1:{config.server.port}"
+        assert requests.get(f"https://{url}/healthz", verify=str(cert), timeout=10).ok
+        answer = requests.post(
+            f"https://{url}/v1/logs",
+            data=web_request("tls", 2),
+            headers={"Content-Type": PROTOBUF},
+            verify=str(cert),
+            timeout=10,
+        )
+        assert answer.status_code == 200
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://{url}/healthz", timeout=5)
+    finally:
+        server.stop()
+        assert agent.log_intake is not None
+        agent.log_intake.close()
+        agent.store.close()

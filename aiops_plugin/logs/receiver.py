@@ -19,7 +19,9 @@ from __future__ import annotations
 import base64
 import hmac
 import json
+import math
 import threading
+import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -164,6 +166,26 @@ class EntityMapper:
         return mapping.group, entity_key({mapping.label: label_value})
 
 
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved up; safe across request threads."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self._tokens, self._at = burst, time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self) -> float:
+        """Take a token: 0.0 when one was there, else the seconds until one will be."""
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+            if self._tokens >= 1.0:
+                self._tokens -= 1.0
+                return 0.0
+            return (1.0 - self._tokens) / self.rate
+
+
 class EntityBudget:
     """Log entities per group, bounded like metric entities: a group's first ``max_entities``
     distinct entities (those already in the store count first) are accepted; records of a
@@ -220,6 +242,8 @@ class LogReceiver:
         self.intake = intake
         self.config = config.intake
         self.mapper = EntityMapper(config.entities, config.intake.max_label_value_chars)
+        rate = self.config.max_requests_per_second
+        self.rate_limit = TokenBucket(rate, burst=max(1.0, rate)) if rate > 0 else None
         self.budget = EntityBudget(
             intake.store,
             max_entities
@@ -230,6 +254,17 @@ class LogReceiver:
         self.limiter: anyio.CapacityLimiter | None = None  # made in the event loop, on first use
         for reason in LOG_REJECTION_REASONS:
             exporter.logs_rejected.labels(reason=reason)
+
+    def check_rate(self) -> None:
+        """429 with Retry-After beyond ``logs.intake.max_requests_per_second``."""
+        wait = self.rate_limit.take() if self.rate_limit is not None else 0.0
+        if wait > 0:
+            raise RequestRefused(
+                429,
+                "rate_limited",
+                f"over logs.intake.max_requests_per_second={self.config.max_requests_per_second:g}",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
 
     def check_token(self, authorization: str | None) -> None:
         """401 unless the bearer token matches ``logs.intake.token`` (constant-time)."""
@@ -530,6 +565,7 @@ def register_log_receiver(
         media_type = _media_type(request.headers.get("content-type"))
         try:
             receiver.check_token(request.headers.get("authorization"))
+            receiver.check_rate()
             if media_type not in (PROTOBUF, JSON):
                 raise RequestRefused(
                     415,
