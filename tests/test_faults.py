@@ -168,3 +168,28 @@ def test_a_full_store_answers_503_keeps_what_it_had_and_recovers(tmp_path: Path)
         line.body.string_value for line in lines("kept", 20)
     ]
     assert len([b for b in bodies if b.startswith("full")]) == 200  # once: the 503 stored none
+
+
+def test_prometheus_failing_during_the_fit_leaves_no_model_and_the_retry_fits(
+    history: History,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Prometheus fails while the fit reads (the proxy answers 503): the fit job installs
+    nothing, says why and schedules its retry; the retry after Prometheus is back fits."""
+    proxy = FaultyProxy(history.prometheus.url)
+    agent = Agent(make_config(proxy.url, tmp_path))
+    try:
+        agent.start_up()
+        proxy.mode = "error"
+        agent._fit_job()  # what the scheduler runs
+        assert agent.models == {} and agent.missing_models()
+        assert agent.last_fit_error is not None
+        assert "prometheus unavailable" in agent.last_fit_error
+        assert "next try in" in agent.last_fit_error
+        assert _source_up(agent) == 0
+        proxy.mode = "pass"
+        agent.fit(now=history.end)
+        assert agent.missing_models() == [] and _source_up(agent) == 1
+    finally:
+        agent.store.close()
+        proxy.close()
