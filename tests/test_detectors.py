@@ -12,8 +12,9 @@ import torch
 from aiops_plugin.calibration import TailCalibrator, score_from_p
 from aiops_plugin.config import DetectorsConfig
 from aiops_plugin.demo import DemoSample, load_demo_sample
+from aiops_plugin.detectors import baselines
 from aiops_plugin.detectors.base import NotFittedError, choose_device
-from aiops_plugin.detectors.baselines import RollingMadDetector
+from aiops_plugin.detectors.baselines import MAX_Z, PcaReconstructionDetector, RollingMadDetector
 from aiops_plugin.detectors.registry import FittedModel, build_detector
 from aiops_plugin.windows import Windows
 
@@ -202,6 +203,21 @@ def test_mad_chunked_over_entities_and_steps_equals_one_pass(fitted: FittedModel
     assert np.isnan(whole.score[1, 150]) and np.isfinite(whole.score[0]).sum() > 300
 
 
+def test_mad_fit_in_entity_blocks_equals_one_block(smd) -> None:
+    """The fit's reference quantiles computed a few entities at a time (bounded memory) are
+    exactly those of one pass over the whole fleet."""
+    fleet = _fleet(smd)
+    whole = RollingMadDetector(window=60)
+    whole.fit(fleet)
+    blocks = RollingMadDetector(window=60, chunk_elements=len(fleet.timestamps) * 38 + 1)
+    blocks.fit(fleet)
+    assert blocks.state_dict()["entity_keys"] == whole.state_dict()["entity_keys"]
+    np.testing.assert_array_equal(
+        blocks.state_dict()["entity_references"], whole.state_dict()["entity_references"]
+    )
+    np.testing.assert_array_equal(blocks.default_reference_, whole.default_reference_)
+
+
 def test_mad_scores_the_latest_step_alone_as_the_full_pass_does(fitted: FittedModel, smd) -> None:
     """A cycle asks for the last step: computing only it equals the last step of a full pass,
     on the context the agent passes and on the whole history."""
@@ -217,3 +233,26 @@ def test_mad_scores_the_latest_step_alone_as_the_full_pass_does(fitted: FittedMo
         np.testing.assert_array_equal(
             latest.contributions, detector.score(context).contributions[:, -1:]
         )
+
+
+def test_pointwise_rows_are_standardised_only_where_sampled_and_scored_in_blocks(
+    smd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fit standardises only the rows it samples, and they are exactly the rows of the
+    whole block's standardisation; scoring block by block (a few entities per call) equals
+    one call over the fleet."""
+    fleet = _fleet(smd)
+    pca = PcaReconstructionDetector(max_train_samples=500)
+    pca.fit(fleet)
+    whole, _ = pca.scaler_.transform(fleet, clip=MAX_Z)
+    entities = np.array([0, 1, 3, 3, 4])
+    times = np.array([0, 7, 150, 151, 299])
+    np.testing.assert_array_equal(
+        pca.scaler_.transform_rows(fleet, entities, times, clip=MAX_Z), whole[entities, times]
+    )
+    one_call = pca.score(fleet)
+    monkeypatch.setattr(baselines, "SCORE_BLOCK_ROWS", 2 * len(fleet.timestamps))
+    blocks = pca.score(fleet)
+    np.testing.assert_allclose(blocks.score, one_call.score, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(blocks.contributions, one_call.contributions, rtol=1e-5, atol=1e-6)
+    assert np.isfinite(blocks.score).mean() > 0.5

@@ -29,6 +29,7 @@ from __future__ import annotations
 import pickle
 import time
 import warnings
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -82,10 +83,19 @@ class RollingMadDetector(Detector):
         n_entities, _, n_features = windows.values.shape
         self.entity_references_ = {key: np.ones(n_features, np.float32) for key in windows.keys}
         self.default_reference_ = np.ones(n_features, np.float32)
-        z = self._feature_z(windows)
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            reference = np.nanquantile(z, self.reference_quantile, axis=1)
+        # the reference quantile of each entity's z over the fit window, a block of entities
+        # at a time: the whole (entities, time, features) z and nanquantile's copy of it were
+        # twice the fit block at once
+        n_time = windows.values.shape[1]
+        block = max(1, self.chunk_elements // max(1, n_time * n_features))
+        reference = np.empty((n_entities, n_features), dtype=np.float32)
+        for e0 in range(0, n_entities, block):
+            e1 = min(e0 + block, n_entities)
+            z = self._feature_z(windows, entities=(e0, e1))
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                reference[e0:e1] = np.nanquantile(z, self.reference_quantile, axis=1)
+            del z
         reference = np.where(np.isfinite(reference), np.maximum(reference, 1.0), 1.0)
         reference = reference.astype(np.float32)
         self.entity_references_ = dict(zip(windows.keys, reference, strict=True))
@@ -114,28 +124,43 @@ class RollingMadDetector(Detector):
         return self._scores(windows, from_step=len(windows.timestamps) - 1)
 
     def _scores(self, windows: Windows, from_step: int) -> Scores:
+        """Scores and contributions from ``from_step`` on, a block of entities at a time
+        (``chunk_elements`` z values): the temporaries of one pass were five times the z."""
         features = self._require_fitted()
         windows = windows.reindex_features(features)
         references = self._per_entity(
             self.entity_references_, self.default_reference_, windows.keys
         )
-        z = self._feature_z(windows, from_step) / references[:, None, :]
-        defined = np.isfinite(z)
-        any_defined = defined.any(axis=2)
-        score = np.where(any_defined, np.where(defined, z, -np.inf).max(axis=2), np.nan)
-        total = np.where(defined, z, 0.0).sum(axis=2, keepdims=True)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            contributions = np.where(total > 0, np.where(defined, z, 0.0) / total, np.nan)
-        return Scores(
-            score=score.astype(np.float32), contributions=contributions.astype(np.float32)
-        )
+        n_entities, n_time, n_features = windows.values.shape
+        steps = n_time - from_step
+        score = np.empty((n_entities, steps), dtype=np.float32)
+        contributions = np.empty((n_entities, steps, n_features), dtype=np.float32)
+        # a quarter of chunk_elements: about five z-sized temporaries are alive at once
+        block = max(1, self.chunk_elements // 4 // max(1, steps * n_features))
+        for e0 in range(0, n_entities, block):
+            e1 = min(e0 + block, n_entities)
+            z = self._feature_z(windows, from_step, (e0, e1)) / references[e0:e1, None, :]
+            defined = np.isfinite(z)
+            score[e0:e1] = np.where(
+                defined.any(axis=2), np.where(defined, z, -np.inf).max(axis=2), np.nan
+            )
+            shown = np.where(defined, z, 0.0)
+            total = shown.sum(axis=2, keepdims=True)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                contributions[e0:e1] = np.where(total > 0, shown / total, np.nan)
+        return Scores(score=score, contributions=contributions)
 
-    def _feature_z(self, windows: Windows, from_step: int = 0) -> np.ndarray:
+    def _feature_z(
+        self, windows: Windows, from_step: int = 0, entities: tuple[int, int] | None = None
+    ) -> np.ndarray:
         """Robust z ``(entities, time - from_step, features)`` of each value from ``from_step``
         on against its trailing window; NaN where the value is missing or the window holds too
-        few observed values. Chunked over entities and steps (``chunk_elements``)."""
-        scales = self._per_entity(self.entity_scales_, self.default_scale_, windows.keys)
-        n_entities, n_time, n_features = windows.values.shape
+        few observed values. Chunked over entities and steps (``chunk_elements``).
+        ``entities``: ``(first, end)`` rows of ``windows`` only."""
+        lo, hi = entities if entities is not None else (0, windows.values.shape[0])
+        scales = self._per_entity(self.entity_scales_, self.default_scale_, windows.keys[lo:hi])
+        values_all, observed_all = windows.values[lo:hi], windows.observed[lo:hi]
+        n_entities, n_time, n_features = values_all.shape
         per_step = n_features * self.window
         steps = max(1, min(n_time - from_step, self.chunk_elements // per_step))
         entities = max(1, self.chunk_elements // (steps * per_step))
@@ -145,7 +170,7 @@ class RollingMadDetector(Detector):
             e1 = min(e0 + entities, n_entities)
             floor = torch.as_tensor(self.min_scale_fraction * scales[e0:e1], device=self.device)
             values = torch.as_tensor(
-                np.where(windows.observed[e0:e1, first:], windows.values[e0:e1, first:], np.nan),
+                np.where(observed_all[e0:e1, first:], values_all[e0:e1, first:], np.nan),
                 device=self.device,
             )
             # padded[:, t - first + pad] is step t; `pad` NaN steps stand before the data
@@ -196,6 +221,10 @@ class RollingMadDetector(Detector):
         self.default_reference_ = np.asarray(state["default_reference"], dtype=np.float32)
 
 
+#: Rows per ``decision_function`` call when scoring (a block of entities' steps).
+SCORE_BLOCK_ROWS = 200_000
+
+
 class PointwiseDetector(Detector):
     """A PyOD model over each step's feature vector, one model for the whole entity group.
 
@@ -229,16 +258,20 @@ class PointwiseDetector(Detector):
         return standard.reshape(-1, standard.shape[2]), valid.reshape(-1)
 
     def fit(self, windows: Windows) -> FitReport:
+        """Fit on at most ``max_train_samples`` valid rows, drawn with the seed first and only
+        then standardised (standardising the whole block to keep 20,000 rows of it cost about
+        five copies of the fit block)."""
         started = time.perf_counter()
         self.features_ = list(windows.features)
         self.scaler_.fit(windows)
-        rows, valid = self._rows(windows)
-        rows = rows[valid]
-        if len(rows) > self.max_train_samples:
+        valid = np.flatnonzero((windows.observed.mean(axis=2) >= 0.5).reshape(-1))
+        if len(valid) > self.max_train_samples:
             pick = np.random.default_rng(self.seed).choice(
-                len(rows), self.max_train_samples, replace=False
+                len(valid), self.max_train_samples, replace=False
             )
-            rows = rows[np.sort(pick)]
+            valid = valid[np.sort(pick)]
+        entities, times = np.divmod(valid, windows.values.shape[1])
+        rows = self.scaler_.transform_rows(windows, entities, times, clip=MAX_Z)
         self.model_ = self.build_model()
         self.model_.fit(rows)
         return FitReport(
@@ -250,17 +283,34 @@ class PointwiseDetector(Detector):
         )
 
     def score(self, windows: Windows) -> Scores:
+        """One ``decision_function`` call per block of entities (``SCORE_BLOCK_ROWS`` rows),
+        so the standardised copies stay bounded whatever the fleet's size."""
         features = self._require_fitted()
         windows = windows.reindex_features(features)
-        rows, valid = self._rows(windows)
-        raw = np.full(len(rows), np.nan, dtype=np.float32)
-        if valid.any():
-            raw[valid] = self.model_.decision_function(rows[valid])
-        n_entities, n_time = windows.values.shape[:2]
-        contributions = self._contributions(rows, valid)
-        if contributions is not None:
-            contributions = contributions.reshape(n_entities, n_time, -1)
-        return Scores(score=raw.reshape(n_entities, n_time), contributions=contributions)
+        n_entities, n_time, n_features = windows.values.shape
+        raw = np.full((n_entities, n_time), np.nan, dtype=np.float32)
+        contributions: np.ndarray | None = None
+        block = max(1, SCORE_BLOCK_ROWS // max(1, n_time))
+        for e0 in range(0, n_entities, block):
+            e1 = min(e0 + block, n_entities)
+            part = replace(
+                windows,
+                values=windows.values[e0:e1],
+                observed=windows.observed[e0:e1],
+                entities=windows.entities[e0:e1],
+                logs=None,
+            )
+            rows, valid = self._rows(part)
+            if valid.any():
+                raw[e0:e1].reshape(-1)[valid] = self.model_.decision_function(rows[valid])
+            shares = self._contributions(rows, valid)
+            if shares is not None:
+                if contributions is None:
+                    contributions = np.full(
+                        (n_entities, n_time, n_features), np.nan, dtype=np.float32
+                    )
+                contributions[e0:e1] = shares.reshape(e1 - e0, n_time, -1)
+        return Scores(score=raw, contributions=contributions)
 
     def _contributions(self, rows: np.ndarray, valid: np.ndarray) -> np.ndarray | None:
         return None

@@ -21,6 +21,10 @@ FLAT_FEATURE_SCALE = 1e-3
 MAX_STANDARD = 50.0
 
 
+#: Values per block of entities in ``RobustScaler.fit`` (16 MB of float32).
+FIT_CHUNK_ELEMENTS = 2**22
+
+
 class RobustScaler:
     """Per-entity, per-feature median and robust scale from the fit window.
 
@@ -34,12 +38,24 @@ class RobustScaler:
         self.default_scale_: np.ndarray | None = None
 
     def fit(self, windows: Windows) -> RobustScaler:
-        values = np.where(windows.observed, windows.values, np.nan)
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            center = np.nanmedian(values, axis=1)
-            scale = MAD_TO_SIGMA * np.nanmedian(np.abs(values - center[:, None, :]), axis=1)
-            spread = np.nanstd(values, axis=1)
+        """Each entity's statistics over its own steps, a block of entities at a time (at most
+        ``FIT_CHUNK_ELEMENTS`` values): the whole block's masked copy, nanmedian's copy of it
+        and the deviations were over twice the fit block at once."""
+        n_entities, n_time, n_features = windows.values.shape
+        block = max(1, FIT_CHUNK_ELEMENTS // max(1, n_time * n_features))
+        center = np.empty((n_entities, n_features), dtype=windows.values.dtype)
+        scale = np.empty_like(center)
+        spread = np.empty_like(center)
+        for e0 in range(0, n_entities, block):
+            e1 = min(e0 + block, n_entities)
+            values = np.where(windows.observed[e0:e1], windows.values[e0:e1], np.nan)
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                center[e0:e1] = np.nanmedian(values, axis=1)
+                deviation = np.abs(values - center[e0:e1, None, :])
+                scale[e0:e1] = MAD_TO_SIGMA * np.nanmedian(deviation, axis=1)
+                spread[e0:e1] = np.nanstd(values, axis=1)
+            del values, deviation
         scale = np.where(scale > 0, scale, spread)
         flat = FLAT_FEATURE_SCALE * np.maximum(np.abs(np.nan_to_num(center)), 1.0)
         scale = np.where(np.isfinite(scale) & (scale > 0), scale, flat).astype(np.float32)
@@ -62,6 +78,21 @@ class RobustScaler:
         standard = (values - centers[:, None, :]) / scales[:, None, :]
         standard = np.clip(np.nan_to_num(standard, nan=0.0), -clip, clip)
         return standard.astype(np.float32), windows.observed.astype(np.float32)
+
+    def transform_rows(
+        self, windows: Windows, entities: np.ndarray, times: np.ndarray, clip: float = MAX_STANDARD
+    ) -> np.ndarray:
+        """:meth:`transform`'s standardised values at ``(entities[i], times[i])`` only,
+        ``(n, F)``: the same numbers without the whole ``(E, T, F)`` block and its copies."""
+        assert self.default_center_ is not None and self.default_scale_ is not None
+        centers = np.stack([self.centers_.get(k, self.default_center_) for k in windows.keys])
+        scales = np.stack([self.scales_.get(k, self.default_scale_) for k in windows.keys])
+        values = np.where(
+            windows.observed[entities, times], windows.values[entities, times], np.nan
+        )
+        standard = (values - centers[entities]) / scales[entities]
+        standard = np.clip(np.nan_to_num(standard, nan=0.0), -clip, clip)
+        return standard.astype(np.float32)
 
     def state_dict(self) -> dict[str, Any]:
         return {
