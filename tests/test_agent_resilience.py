@@ -25,6 +25,7 @@ from aiops_plugin.demo.polling import poll_until
 from aiops_plugin.detectors.baselines import RollingMadDetector
 from aiops_plugin.logs.pipeline import LogPipeline
 from tests.test_agent import QUERY, History, history, make_config  # noqa: F401 - fixture
+from tests.test_dashboards import SCENE_DETECTORS
 
 
 def _samples(agent: Agent, name: str) -> list:
@@ -252,15 +253,6 @@ def test_the_log_miner_has_one_caller_at_a_time(tmp_path: Path) -> None:
     agent.store.close()
 
 
-TINY_MULTISCALE = {
-    "enabled": True,
-    "window": 32,
-    "epochs": 1,
-    "max_train_windows": 300,
-    "d_model": 16,
-}
-
-
 def test_a_gpu_that_is_not_there_at_start_means_the_cpu_not_a_crash_loop(
     history: History,  # noqa: F811
     tmp_path: Path,
@@ -291,7 +283,11 @@ def test_a_gpu_failing_mid_cycle_moves_every_model_to_the_cpu(
     config = make_config(
         history.prometheus.url,
         tmp_path,
-        detectors={"device": "cpu", "mad": {"window": 30}, "multiscale": TINY_MULTISCALE},
+        detectors={
+            "device": "cpu",
+            "mad": {"window": 30},
+            "multiscale": SCENE_DETECTORS["multiscale"],
+        },
     )
     agent = Agent(config)
     try:

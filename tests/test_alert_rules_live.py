@@ -33,6 +33,7 @@ from aiops_plugin.demo.polling import poll_until
 from aiops_plugin.demo.ports import free_port
 from aiops_plugin.demo.processes import PrometheusServer, ScrapeJob
 from tests.test_agent import History, history, make_config  # noqa: F401 - fixture
+from tests.test_dashboards import SCENE_DETECTORS
 
 REPO_ROOT = Path(__file__).parents[1]
 RULES = REPO_ROOT / "alert_rules" / "aiops-plugin.rules.yml"
@@ -142,13 +143,7 @@ def test_promtool_input_series_have_the_label_sets_the_exporter_emits(
                 "mad": {"window": 30},
                 "pca": {"enabled": True},
                 # a deep detector, tiny, for the series only deep fits have (training windows)
-                "multiscale": {
-                    "enabled": True,
-                    "window": 32,
-                    "epochs": 1,
-                    "max_train_windows": 300,
-                    "d_model": 16,
-                },
+                "multiscale": SCENE_DETECTORS["multiscale"],
             },
         )
     )

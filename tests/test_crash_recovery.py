@@ -5,18 +5,12 @@ agent fits and scores without manual repair."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 import torch
 import yaml
 from opentelemetry._logs import SeverityNumber
@@ -32,51 +26,16 @@ from aiops_plugin.demo.ports import free_port
 from aiops_plugin.detectors.registry import FittedModel
 from aiops_plugin.store import Store
 from aiops_plugin.store.models import AnomalyEventRow, JobRun, LogRecordRow, ModelVersionRow
+from tests.agent_process import AgentProcess
 from tests.test_agent import QUERY, ROWS, History, history  # noqa: F401 - fixture
 
 TOKEN = "crash-test-token"
 
 
-class _Agent:
-    """``aiops-plugin run`` as a process, with its log in a file."""
-
-    def __init__(self, config: dict[str, Any], workdir: Path) -> None:
-        self.port = config["server"]["port"]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.path = workdir / "config.yaml"
-        self.path.write_text(yaml.safe_dump(config))
-        self.log = workdir / "agent.log"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> _Agent:
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "aiops_plugin.cli", "run", "--config", str(self.path)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-            )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log.read_text()[-3000:]
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{self.url}/healthz", timeout=1).ok:
-                    return self
-            time.sleep(0.2)
-        raise AssertionError(f"the agent did not start: {self.log.read_text()[-3000:]}")
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.kill()
+def _agent(config: dict[str, Any], workdir: Path) -> AgentProcess:
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return AgentProcess(path, config["server"]["port"], workdir / "agent.log")
 
 
 class _Sender(threading.Thread):
@@ -143,7 +102,7 @@ def _log_config(store_url: str, workdir: Path) -> dict[str, Any]:
 def test_sigkill_mid_ingest_loses_no_acknowledged_record(store_url: str, tmp_path: Path) -> None:
     if store_url.startswith("sqlite"):
         (tmp_path / "data").mkdir(exist_ok=True)
-    agent = _Agent(_log_config(store_url, tmp_path), tmp_path)
+    agent = _agent(_log_config(store_url, tmp_path), tmp_path)
     senders = [_Sender(agent.url, f"web-{i}") for i in range(2)]
     try:
         agent.start()
@@ -200,7 +159,7 @@ def test_sigkill_mid_fit_leaves_no_half_written_model(
         "store": {"url": store_url},
         "server": {"host": "127.0.0.1", "port": free_port()},
     }
-    agent = _Agent(config, tmp_path)
+    agent = _agent(config, tmp_path)
     try:
         agent.start()
         with Store.open(store_url) as store:
@@ -235,14 +194,7 @@ def test_sigkill_mid_fit_leaves_no_half_written_model(
             config["detectors"]["multiscale"]["max_train_windows"] = 300
             agent.path.write_text(yaml.safe_dump(config))
             agent.start()
-            deadline = time.monotonic() + 180
-            ready = None
-            while time.monotonic() < deadline:
-                ready = requests.get(f"{agent.url}/readyz", timeout=5)
-                if ready.ok:
-                    break
-                time.sleep(1)
-            assert ready is not None and ready.ok, ready.text if ready is not None else None
+            agent.wait_ready()
             with store.engine.connect() as connection:
                 statuses = [
                     row.status
@@ -274,13 +226,10 @@ def test_sigkill_mid_infer_recovers_without_repair(
         "store": {"url": store_url},
         "server": {"host": "127.0.0.1", "port": free_port()},
     }
-    agent = _Agent(config, tmp_path)
+    agent = _agent(config, tmp_path)
     try:
         agent.start()
-        deadline = time.monotonic() + 120
-        while not requests.get(f"{agent.url}/readyz", timeout=5).ok:
-            assert time.monotonic() < deadline, agent.log.read_text()[-2000:]
-            time.sleep(0.5)
+        agent.wait_ready()
         with Store.open(store_url) as store:
 
             def inferring() -> bool:
@@ -300,10 +249,7 @@ def test_sigkill_mid_infer_recovers_without_repair(
             agent.kill()
             fits_before = _count_jobs(store, "fit")
             agent.start()
-            deadline = time.monotonic() + 120
-            while not requests.get(f"{agent.url}/readyz", timeout=5).ok:
-                assert time.monotonic() < deadline, agent.log.read_text()[-2000:]
-                time.sleep(0.5)
+            agent.wait_ready()
             assert _count_jobs(store, "fit") == fits_before  # models loaded, not refitted
             with store.engine.connect() as connection:
                 statuses = set(

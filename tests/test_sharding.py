@@ -8,9 +8,6 @@ agent on the same configuration.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 import yaml
 from opentelemetry._logs import SeverityNumber
 from opentelemetry.exporter.otlp.proto.http import Compression
@@ -39,6 +35,7 @@ from aiops_plugin.sources.prometheus import PrometheusReader
 from aiops_plugin.store import Store
 from aiops_plugin.store.models import LogMinerStateRow, LogRecordRow, LogTemplateRow
 from aiops_plugin.windows import entity_key
+from tests.agent_process import AgentProcess
 from tests.test_agent import History, history, make_config  # noqa: F401 - fixture
 
 INSTANCES = ["machine-1-7", "machine-1-7-shifted", "vanished", "holey"]
@@ -218,49 +215,6 @@ def _log_shard_config(path: Path, postgresql_url: str, shard: int, port: int) ->
     return path
 
 
-class _ShardProcess:
-    """One ``aiops-plugin run`` process of the three."""
-
-    def __init__(self, config: Path, port: int, log_file: Path) -> None:
-        self.config, self.port, self.log_file = config, port, log_file
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> _ShardProcess:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-        with self.log_file.open("ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "aiops_plugin.cli", "run", "--config", str(self.config)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log_file.read_text()[-3000:]
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{self.url}/healthz", timeout=1).ok:
-                    return self
-            time.sleep(0.3)
-        raise AssertionError(f"shard on port {self.port} did not start: {self.log_file}")
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
 def _send_logs(url: str, host: str, bodies: list[str]) -> None:
     """The real SDK exporter of one host; returns once every record was acknowledged."""
     provider = LoggerProvider(resource=Resource.create({"host.name": host}))
@@ -300,7 +254,7 @@ def test_three_agent_processes_mine_each_log_record_exactly_once_across_a_kill(
     once (the Drain3 cluster sizes of each tree add up to the records it owns)."""
     ports = [free_port() for _ in range(3)]
     shards = [
-        _ShardProcess(
+        AgentProcess(
             _log_shard_config(tmp_path / f"shard-{i}.yaml", postgresql_url, i, ports[i]),
             ports[i],
             tmp_path / f"shard-{i}.log",
