@@ -163,21 +163,7 @@ def test_sigkill_mid_fit_leaves_no_half_written_model(
     try:
         agent.start()
         with Store.open(store_url) as store:
-
-            def fitting() -> bool:
-                with store.engine.connect() as connection:
-                    return bool(
-                        connection.scalar(
-                            select(func.count()).where(
-                                JobRun.kind == "fit", JobRun.status == "running"
-                            )
-                        )
-                    )
-
-            deadline = time.monotonic() + 60
-            while not fitting() and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert fitting()
+            _wait_for_running_job(store, "fit", poll=0.2)
             time.sleep(2)  # into the multiscale epochs
             agent.kill()
             with store.engine.connect() as connection:
@@ -231,21 +217,7 @@ def test_sigkill_mid_infer_recovers_without_repair(
         agent.start()
         agent.wait_ready()
         with Store.open(store_url) as store:
-
-            def inferring() -> bool:
-                with store.engine.connect() as connection:
-                    return bool(
-                        connection.scalar(
-                            select(func.count()).where(
-                                JobRun.kind == "infer", JobRun.status == "running"
-                            )
-                        )
-                    )
-
-            deadline = time.monotonic() + 60
-            while not inferring():
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            _wait_for_running_job(store, "infer", poll=0.01)
             agent.kill()
             fits_before = _count_jobs(store, "fit")
             agent.start()
@@ -269,3 +241,15 @@ def test_sigkill_mid_infer_recovers_without_repair(
 def _count_jobs(store: Store, kind: str) -> int:
     with store.engine.connect() as connection:
         return int(connection.scalar(select(func.count()).where(JobRun.kind == kind)))
+
+
+def _wait_for_running_job(store: Store, kind: str, poll: float, timeout: float = 60.0) -> None:
+    """Until the store records a ``kind`` job as running (the moment to kill the agent)."""
+    query = select(func.count()).where(JobRun.kind == kind, JobRun.status == "running")
+    deadline = time.monotonic() + timeout
+    while True:
+        with store.engine.connect() as connection:
+            if connection.scalar(query):
+                return
+        assert time.monotonic() < deadline, f"no {kind} job ran within {timeout:g} s"
+        time.sleep(poll)
