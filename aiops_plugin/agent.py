@@ -826,6 +826,7 @@ class Agent:
         self.exporter.entities_over_limit.labels(entity_group=group.name).set(
             result.dropped_entities
         )
+        self.exporter.foreign_series.labels(entity_group=group.name).set(result.foreign_series)
         return result.windows
 
     # ----------------------------------------------------------------- infer

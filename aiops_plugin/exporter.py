@@ -373,6 +373,14 @@ class Exporter:
             ["entity_group"],
             registry=self.monitoring,
         )
+        self.foreign_series = Gauge(
+            "aiops_read_foreign_series",
+            "Series of other shards' entities that the last read of a group received and "
+            "skipped: 0 where each query is read restricted to this shard's entities; above 0 "
+            "for a query that cannot be (logged at start), whose every answer each shard reads.",
+            ["entity_group"],
+            registry=self.monitoring,
+        )
         self.device_fallback = Gauge(
             "aiops_device_fallback",
             "1 while the agent computes on the CPU although a GPU is configured: 'unavailable' "
@@ -545,6 +553,7 @@ class Exporter:
         so rates and dashboards see the counters before the first count instead of no series."""
         for group in groups:
             self.entities_over_limit.labels(entity_group=group)
+            self.foreign_series.labels(entity_group=group)
             for reason in SKIP_REASONS:
                 self.entities_skipped.labels(entity_group=group, reason=reason)
             self.anomalous_steps.labels(entity_group=group)

@@ -6,10 +6,11 @@ of their identifying labels, modulo N, is ``i``. The hash is BLAKE2b of the enti
 labels as canonical JSON), not Python's ``hash``, which is salted per process: every agent, on
 every restart, computes the same owner, so the shards are disjoint and together cover the fleet.
 
-Each agent reads its groups' queries and keeps only the series of its own entities while it
-decodes the answer, so its memory and every later phase are proportional to its share. The
-answers themselves are not: PromQL offers no way to select an arbitrary expression's result by
-a hash of its labels, so each shard still receives (and skips) the others' series.
+Each agent reads only its own entities' series of its groups' queries: the reader lists the
+entities of a query and reads it with their label values pinned in its selectors
+(:mod:`aiops_plugin.sources.shard_filter`); a query that narrowing would change is read in full
+and the others' series skipped while decoding. Memory and every later phase are proportional to
+the agent's share either way.
 
 The agents share one PostgreSQL store. Anomaly events are per entity and so already disjoint;
 the rows that belong to one agent's model of a group (model and calibration versions) are kept

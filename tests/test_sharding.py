@@ -31,12 +31,12 @@ from aiops_plugin.agent import Agent
 from aiops_plugin.config import Config
 from aiops_plugin.demo.ports import free_port
 from aiops_plugin.sharding import owned_mask, resolve_shard, shard_of, store_group
-from aiops_plugin.sources.prometheus import PrometheusReader
+from aiops_plugin.sources.prometheus import PrometheusReader, ReadResult
 from aiops_plugin.store import Store
 from aiops_plugin.store.models import LogMinerStateRow, LogRecordRow, LogTemplateRow
 from aiops_plugin.windows import entity_key
 from tests.agent_process import AgentProcess
-from tests.test_agent import History, history, make_config  # noqa: F401 - fixture
+from tests.test_agent import QUERY, History, history, make_config  # noqa: F401 - fixture
 
 INSTANCES = ["machine-1-7", "machine-1-7-shifted", "vanished", "holey"]
 
@@ -85,9 +85,10 @@ def test_the_shard_comes_from_the_setting_the_environment_or_the_pod_ordinal(
     assert store_group("smd", 1, 3) == "smd@1/3" and store_group("smd", 0, 1) == "smd"
 
 
-def test_each_shard_reads_only_its_own_entities(history: History) -> None:  # noqa: F811
+def _split_read(history: History, query: str) -> tuple[ReadResult, list[ReadResult]]:  # noqa: F811
+    """The group read whole and by each of three shards, over the last 300 s of history."""
     config = make_config(history.prometheus.url, Path("/tmp"))
-    group = config.entities[0]
+    group = config.entities[0].model_copy(update={"queries": {"smd": query}})
     whole = PrometheusReader(config.prometheus).read_range(group, history.end - 300, history.end)
     parts = [
         PrometheusReader(config.prometheus, shard, 3).read_range(
@@ -95,6 +96,12 @@ def test_each_shard_reads_only_its_own_entities(history: History) -> None:  # no
         )
         for shard in range(3)
     ]
+    return whole, parts
+
+
+def _assert_partition(whole: ReadResult, parts: list[ReadResult]) -> None:
+    """The shards' entities are disjoint, their owners', and together the whole read, with
+    the same values."""
     assert whole.windows is not None
     seen = [set() if part.windows is None else set(part.windows.keys) for part in parts]
     assert set().union(*seen) == set(whole.windows.keys)
@@ -104,6 +111,31 @@ def test_each_shard_reads_only_its_own_entities(history: History) -> None:  # no
         if part.windows is not None:
             rows = [whole.windows.keys.index(key) for key in part.windows.keys]
             np.testing.assert_array_equal(part.windows.values, whole.windows.values[rows])
+
+
+def test_each_shard_receives_only_its_own_entities_series(history: History) -> None:  # noqa: F811
+    # the plain query and one whose label_replace regex needs escaping on the way back
+    # (the parser's printer does not escape strings)
+    escaped = rf'label_replace({QUERY}, "site", "dc\\1", "instance", "[a-z]+(-\\d+)*.*")'
+    for query in (QUERY, escaped):
+        whole, parts = _split_read(history, query)
+        _assert_partition(whole, parts)
+        assert [part.foreign_series for part in parts] == [0, 0, 0], query
+        assert not any(part.failures for part in parts)
+
+
+def test_a_query_that_narrowing_would_change_is_read_in_full(history: History) -> None:  # noqa: F811
+    # each machine's share of the fleet's total: with the selectors narrowed to one shard's
+    # machines the total, and so every value, would change; the first read's check sees it
+    share = f"{QUERY} / on (dim) group_left () sum by (dim) ({QUERY})"
+    whole, parts = _split_read(history, share)
+    _assert_partition(whole, parts)
+    assert whole.windows is not None
+    features = len(whole.windows.features)
+    for part in parts:
+        mine = 0 if part.windows is None else len(part.windows.keys)
+        # every other entity's series came in and was skipped
+        assert part.foreign_series >= (len(whole.windows.keys) - mine) * features
 
 
 def _scored(agent: Agent) -> set[str]:

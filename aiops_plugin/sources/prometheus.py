@@ -29,7 +29,7 @@ import math
 import re
 import socket
 import ssl
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -43,6 +43,13 @@ from urllib3.util.retry import Retry
 
 from aiops_plugin.config import EntityGroupConfig, PrometheusConfig
 from aiops_plugin.sharding import shard_of
+from aiops_plugin.sources.shard_filter import (
+    NotRestrictable,
+    owned_values,
+    restrict_query,
+    same_owned_series,
+    selectors,
+)
 from aiops_plugin.windows import EntityLabels, Windows, entity_key
 
 log = logging.getLogger(__name__)
@@ -122,6 +129,9 @@ class ReadResult:
     dropped_entities: int = 0
     #: series of the answers that were not in the Prometheus API's shape (skipped)
     malformed_series: int = 0
+    #: series of other shards' entities received and skipped (0 where the queries were
+    #: restricted to this shard's entities)
+    foreign_series: int = 0
 
 
 def plan_chunks(
@@ -222,13 +232,21 @@ class PrometheusReader:
             allowed_methods=("GET", "POST"),
             raise_on_status=False,
         )
+        # our own session (the client mounts its retries on it), so that the long queries of
+        # a shard (its entities' label values) can go in a POST body instead of the URL
+        self.session = requests.Session()
+        self.session.verify = config.verify_tls
         self.client = PrometheusConnect(
             url=config.url,
             headers=headers,
             disable_ssl=not config.verify_tls,
             retry=retry,
+            session=self.session,
             timeout=config.timeout,
         )
+        # per (identifying labels, query): whether the query restricted to this shard's
+        # entities was checked to give its series unchanged (shard_filter)
+        self._restrictable: dict[tuple[tuple[str, ...], str], bool] = {}
 
     def ping(self) -> bool:
         try:
@@ -237,14 +255,51 @@ class PrometheusReader:
             return False
 
     def _query_range(self, promql: str, start: float, end: float) -> list[dict]:
-        try:
-            return self.client.custom_query_range(
+        return self._call(
+            lambda: self.client.custom_query_range(
                 promql,
                 start_time=datetime.fromtimestamp(start, UTC),
                 end_time=datetime.fromtimestamp(end, UTC),
                 step=f"{self.config.step:g}s",
                 timeout=self.config.timeout,
             )
+        )
+
+    def _api(self, api: str, form: Mapping[str, object], method: str = "POST") -> list:
+        """``/api/v1/<api>`` with ``form`` in a POST body (Prometheus takes both; a URL of a
+        shard's query can pass the limits of servers and proxies), or as GET parameters where
+        the API takes no POST: the answer's ``data`` (the result of a query)."""
+
+        def request() -> list:
+            response = self.session.request(
+                method,
+                f"{self.config.url.rstrip('/')}/api/v1/{api}",
+                **({"data": form} if method == "POST" else {"params": form}),
+                headers=self.client.headers,
+                timeout=self.config.timeout,
+            )
+            if response.status_code != 200:
+                raise PrometheusApiClientException(
+                    f"HTTP Status Code {response.status_code} ({response.content!r})"
+                )
+            data = response.json()["data"]
+            return data["result"] if isinstance(data, dict) else data
+
+        return self._call(request)
+
+    def _instant(self, promql: str, at: float) -> list[dict]:
+        return self._api("query", {"query": promql, "time": f"{at:.3f}"})
+
+    def _post_range(self, promql: str, start: float, end: float) -> list[dict]:
+        step = f"{self.config.step:g}s"
+        form = {"query": promql, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": step}
+        return self._api("query_range", form)
+
+    def _call(self, request: Callable[[], list]) -> list:
+        """``request()``, its failures told apart: a PromQL error (HTTP 400/422) raised as
+        it is, anything else as :class:`SourceUnavailable` naming the cause."""
+        try:
+            return request()
         except PrometheusApiClientException as exc:
             match = _STATUS_CODE.search(str(exc))
             status = int(match.group(1)) if match else None
@@ -254,7 +309,7 @@ class PrometheusReader:
                 f"Prometheus at {self.config.url} answered {_http_answer(status, exc)}"
                 f"{self._tries()}"
             ) from exc
-        except requests.JSONDecodeError as exc:
+        except (requests.JSONDecodeError, KeyError, TypeError) as exc:
             raise SourceUnavailable(
                 f"Prometheus at {self.config.url} answered with something other than the "
                 "Prometheus API's JSON; is that the base URL of its HTTP API?"
@@ -308,6 +363,17 @@ class PrometheusReader:
         max_age = self.config.max_sample_age or 2 * step
         identifying = frozenset(group.labels)
         owned: dict[str, bool] = {}  # entity key -> this shard owns it
+        foreign = 0  # series of other shards' entities received and skipped
+
+        def is_owned(metric: Mapping[str, object]) -> bool:
+            if any(label not in metric for label in group.labels):
+                return False
+            key = entity_key({label: str(metric[label]) for label in group.labels})
+            mine = owned.get(key)
+            if mine is None:
+                mine = owned[key] = shard_of(key, self.shards) == self.shard
+            return mine
+
         for query_name, promql in group.queries.items():
             guarded = drop_stale_samples(promql, max_age)
             # decoded chunk by chunk, so only one answer's JSON is held at a time; the query's
@@ -319,6 +385,14 @@ class PrometheusReader:
             # more than max_samples_per_request samples
             chunk_start, seen = start, group.max_entities * group.max_features
             try:
+                pinned = None
+                if self.shards > 1 and self._restricts(group, promql, max_age, end, is_owned):
+                    # this shard's own entities' series only: their label values pinned
+                    pins = self._own_values(group, promql, start, end, is_owned)
+                    if pins is None:
+                        chunk_start = end + step  # none of the query's entities is this shard's
+                    else:
+                        pinned = drop_stale_samples(restrict_query(promql, pins), max_age)
                 while chunk_start <= end:
                     chunk_end = sample_bounded_end(
                         chunk_start,
@@ -328,7 +402,10 @@ class PrometheusReader:
                         self.config.max_points_per_request,
                         self.config.max_samples_per_request,
                     )
-                    answer = self._query_range(guarded, chunk_start, chunk_end)
+                    if pinned is None:
+                        answer = self._query_range(guarded, chunk_start, chunk_end)
+                    else:
+                        answer = self._post_range(pinned, chunk_start, chunk_end)
                     if not isinstance(answer, list):  # not a range answer's result list
                         answer = [answer]
                     seen = len(answer) or seen
@@ -341,12 +418,9 @@ class PrometheusReader:
                                 continue
                             labels = {label: str(metric[label]) for label in group.labels}
                             key = entity_key(labels)
-                            if self.shards > 1:
-                                mine = owned.get(key)
-                                if mine is None:
-                                    mine = owned[key] = shard_of(key, self.shards) == self.shard
-                                if not mine:
-                                    continue
+                            if self.shards > 1 and not is_owned(metric):
+                                foreign += 1
+                                continue
                             name = feature_name(query_name, metric, identifying)
                             index, samples = decode_points(
                                 item.get("values", []), start, step, n_time
@@ -382,7 +456,80 @@ class PrometheusReader:
                 group.labels,
             )
         windows, dropped = assemble_windows(group, series, labels_by_key, start, step, n_time)
-        return ReadResult(windows, failures, dropped, malformed)
+        return ReadResult(windows, failures, dropped, malformed, foreign)
+
+    def _restricts(
+        self,
+        group: EntityGroupConfig,
+        promql: str,
+        max_age: float,
+        at: float,
+        is_owned: Callable[[Mapping[str, object]], bool],
+    ) -> bool:
+        """Whether ``promql`` is read restricted to this shard's entities: it can be rewritten
+        (:func:`~.shard_filter.restrict_query`) and, evaluated once at ``at`` both ways, gives
+        this shard's series with the same values (the verdict is kept for the process; a check
+        that finds none of this shard's series at ``at`` decides nothing and is repeated)."""
+        cache_key = (tuple(group.labels), promql)
+        verdict = self._restrictable.get(cache_key)
+        if verdict is not None:
+            return verdict
+        try:
+            restrict_query(promql, {label: {"x"} for label in group.labels})
+            if not selectors(promql)[0]:
+                raise NotRestrictable("it selects no series")
+        except NotRestrictable as exc:
+            log.info(
+                "group %r: query %r is read in full by each shard (%s)", group.name, promql, exc
+            )
+            self._restrictable[cache_key] = False
+            return False
+        full = self._instant(drop_stale_samples(promql, max_age), at)
+        mine = [item.get("metric", {}) for item in full if is_owned(item.get("metric", {}))]
+        if not mine:
+            return False
+        values = owned_values(mine, group.labels)
+        try:
+            narrowed = self._instant(
+                drop_stale_samples(restrict_query(promql, values), max_age), at
+            )
+            verdict = same_owned_series(full, narrowed, is_owned)
+        except PrometheusApiClientException as exc:
+            log.warning("group %r: query %r restricted is refused: %s", group.name, promql, exc)
+            verdict = False
+        if not verdict:
+            log.warning(
+                "group %r: query %r gives other series or values when restricted to this "
+                "shard's entities (it aggregates across entities, or takes the identifying "
+                "labels from elsewhere): each shard reads it in full and skips the others' series",
+                group.name,
+                promql,
+            )
+        self._restrictable[cache_key] = verdict
+        return verdict
+
+    def _own_values(
+        self,
+        group: EntityGroupConfig,
+        promql: str,
+        start: float,
+        end: float,
+        is_owned: Callable[[Mapping[str, object]], bool],
+    ) -> dict[str, set[str]] | None:
+        """The identifying label values of this shard's entities among the raw series the
+        selectors of ``promql`` match over ``[start, end]`` (widened by how far back the query
+        reads), from Prometheus' index (the label-values API for one identifying label, the
+        series API for several); None when this shard owns none of them."""
+        found, reach = selectors(promql)
+        form = {"match[]": found, "start": f"{start - reach:.3f}", "end": f"{end:.3f}"}
+        if len(group.labels) == 1:
+            (label,) = group.labels
+            values = self._api(f"label/{label}/values", form, method="GET")
+            entities: list[Mapping[str, object]] = [{label: value} for value in values]
+        else:
+            entities = [m for m in self._api("series", form) if isinstance(m, Mapping)]
+        mine = [entity for entity in entities if is_owned(entity)]
+        return owned_values(mine, group.labels) if mine else None
 
 
 def assemble_windows(
@@ -396,7 +543,7 @@ def assemble_windows(
     """The group's ``(entities, time, features)`` block from points keyed by (entity, feature).
 
     ``series`` maps ``(entity key, feature)`` to its float32 ``(n_time,)`` row on the grid (NaN
-    where no sample). Entities and features
+    where no sample); it is emptied as the block is filled. Entities and features
     beyond the group's bounds are dropped (the count of dropped entities is returned). Linear in
     the number of series and points: at 10k entities x 40 features a read is 400k series.
     """
@@ -425,13 +572,17 @@ def assemble_windows(
     values = np.full((len(keys), n_time, len(features)), np.nan, dtype=np.float32)
     key_index = {key: i for i, key in enumerate(keys)}
     feature_index = {name: j for j, name in enumerate(features)}
-    for (key, feature), row in series.items():
+    # each row is dropped once copied, so the rows and the block are not both held whole
+    for key, feature in list(series):
+        row = series.pop((key, feature))
         if key in key_index and feature in feature_index:
             values[key_index[key], :, feature_index[feature]] = row
+    observed = np.isnan(values)
+    np.logical_not(observed, out=observed)
     windows = Windows(
         group=group.name,
         values=values,
-        observed=~np.isnan(values),
+        observed=observed,
         timestamps=start + step * np.arange(n_time, dtype=np.float64),
         entities=[labels_by_key[key] for key in keys],
         features=features,
