@@ -129,14 +129,14 @@ def test_reads_of_many_series_are_split_by_samples_without_changing_the_result(
     config.prometheus.max_samples_per_request = 1000
     reader = PrometheusReader(config.prometheus)
     requests = []
-    original = reader._query_range
+    original = reader._range_answer
 
-    def counted(promql: str, start: float, end: float) -> list[dict]:
-        answer = original(promql, start, end)
+    def counted(promql: str, start: float, end: float, post: bool = False) -> Iterator[dict]:
+        answer = list(original(promql, start, end, post))
         requests.append((end - start + 1, sum(len(item["values"]) for item in answer)))
-        return answer
+        return iter(answer)
 
-    reader._query_range = counted
+    reader._range_answer = counted
     split = reader.read_range(group, history.end - 600, history.end)
     assert whole.windows is not None and split.windows is not None
     np.testing.assert_array_equal(whole.windows.values, split.windows.values)
@@ -157,7 +157,7 @@ def _per_point_read(reader: PrometheusReader, group, start: float, end: float): 
     for query_name, promql in group.queries.items():
         guarded = drop_stale_samples(promql, reader.config.max_sample_age or 2 * step)
         for chunk_start, chunk_end in chunks:
-            for item in reader._query_range(guarded, chunk_start, chunk_end):
+            for item in reader._range_answer(guarded, chunk_start, chunk_end):
                 metric = item["metric"]
                 key = entity_key({label: metric[label] for label in group.labels})
                 name = feature_name(query_name, metric, frozenset(group.labels))

@@ -171,6 +171,11 @@ def test_three_shards_on_one_postgresql_split_the_fleet_and_survive_a_restart(
         agent.fit(now=history.end)
         agent.infer(now=history.end)
     scored = [_scored(agent) for agent in agents]
+    for agent in agents:  # each read only its own entities' series
+        foreign = agent.exporter.monitoring.get_sample_value(
+            "aiops_read_foreign_series", {"entity_group": "smd"}
+        )
+        assert foreign == 0
     owners = {name: shard_of(entity_key({"instance": name}), 3) for name in INSTANCES}
     for shard, names in enumerate(scored):
         assert names == {n for n, o in owners.items() if o == shard and n != "vanished"}

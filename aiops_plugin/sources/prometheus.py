@@ -23,20 +23,24 @@ missing for the cycle, the rest of the group and the other groups are still read
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import math
 import re
 import socket
 import ssl
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
+from typing import BinaryIO
 
+import ijson
 import numpy as np
 import requests
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
+from urllib3.exceptions import HTTPError as Urllib3HTTPError
 from urllib3.exceptions import ProtocolError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util.retry import Retry
@@ -212,6 +216,12 @@ def decode_points(
     return index[keep], samples[keep].astype(np.float32)
 
 
+def answer_series(stream: BinaryIO) -> Iterator[dict]:
+    """The items of ``data.result`` of a query's JSON answer read from ``stream``, one at a
+    time, numbers as floats (a range answer's series: ``{"metric": ..., "values": ...}``)."""
+    return ijson.items(stream, "data.result.item", use_float=True)
+
+
 class PrometheusReader:
     """Range reads of entity groups through ``prometheus-api-client``."""
 
@@ -290,16 +300,17 @@ class PrometheusReader:
     def _instant(self, promql: str, at: float) -> list[dict]:
         return self._api("query", {"query": promql, "time": f"{at:.3f}"})
 
-    def _post_range(self, promql: str, start: float, end: float) -> list[dict]:
-        step = f"{self.config.step:g}s"
-        form = {"query": promql, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": step}
-        return self._api("query_range", form)
-
     def _call(self, request: Callable[[], list]) -> list:
-        """``request()``, its failures told apart: a PromQL error (HTTP 400/422) raised as
-        it is, anything else as :class:`SourceUnavailable` naming the cause."""
-        try:
+        """``request()``, its failures told apart (:meth:`_answer_errors`)."""
+        with self._answer_errors():
             return request()
+
+    @contextlib.contextmanager
+    def _answer_errors(self) -> Iterator[None]:
+        """A PromQL error (HTTP 400/422) raised as it is; anything else that goes wrong with a
+        request or its answer as :class:`SourceUnavailable` naming the cause."""
+        try:
+            yield
         except PrometheusApiClientException as exc:
             match = _STATUS_CODE.search(str(exc))
             status = int(match.group(1)) if match else None
@@ -309,16 +320,48 @@ class PrometheusReader:
                 f"Prometheus at {self.config.url} answered {_http_answer(status, exc)}"
                 f"{self._tries()}"
             ) from exc
-        except (requests.JSONDecodeError, KeyError, TypeError) as exc:
+        except (requests.JSONDecodeError, ijson.JSONError, KeyError, TypeError) as exc:
             raise SourceUnavailable(
                 f"Prometheus at {self.config.url} answered with something other than the "
                 "Prometheus API's JSON; is that the base URL of its HTTP API?"
             ) from exc
-        except requests.RequestException as exc:
+        except (requests.RequestException, Urllib3HTTPError, OSError) as exc:
             cause = transport_cause(exc, self.config.timeout)
             raise SourceUnavailable(
                 f"Prometheus at {self.config.url} is unreachable: {cause}{self._tries()}"
             ) from exc
+
+    def _range_answer(
+        self, promql: str, start: float, end: float, post: bool = False
+    ) -> Iterator[dict]:
+        """The series of a range query's answer, each parsed off the wire as it arrives
+        (``ijson``): an answer's JSON is never held whole, nor as one tree of Python objects
+        (about 300 bytes a sample, 600 MB for an answer of 2M samples). ``post``: the query in
+        the request's body (a shard's pinned label values make it long)."""
+        form = {
+            "query": promql,
+            "start": f"{start:.3f}",
+            "end": f"{end:.3f}",
+            "step": f"{self.config.step:g}s",
+        }
+        with self._answer_errors():
+            response = self.session.request(
+                "POST" if post else "GET",
+                f"{self.config.url.rstrip('/')}/api/v1/query_range",
+                **({"data": form} if post else {"params": form}),
+                headers=self.client.headers,
+                timeout=self.config.timeout,
+                stream=True,
+            )
+            try:
+                if response.status_code != 200:
+                    raise PrometheusApiClientException(
+                        f"HTTP Status Code {response.status_code} ({response.content!r})"
+                    )
+                response.raw.decode_content = True
+                yield from answer_series(response.raw)
+            finally:
+                response.close()
 
     def _tries(self) -> str:
         tries = self.config.retries + 1
@@ -403,14 +446,13 @@ class PrometheusReader:
                         self.config.max_samples_per_request,
                     )
                     if pinned is None:
-                        answer = self._query_range(guarded, chunk_start, chunk_end)
+                        answer = self._range_answer(guarded, chunk_start, chunk_end)
                     else:
-                        answer = self._post_range(pinned, chunk_start, chunk_end)
-                    if not isinstance(answer, list):  # not a range answer's result list
-                        answer = [answer]
-                    seen = len(answer) or seen
+                        answer = self._range_answer(pinned, chunk_start, chunk_end, post=True)
                     chunk_start = chunk_end + step
+                    received = 0
                     for item in answer:
+                        received += 1
                         try:
                             metric = item.get("metric", {})
                             if any(label not in metric for label in group.labels):
@@ -433,7 +475,7 @@ class PrometheusReader:
                         if row is None:
                             row = rows[(key, name)] = np.full(n_time, np.nan, dtype=np.float32)
                         row[index] = samples
-                    del answer
+                    seen = received or seen
             except PrometheusApiClientException as exc:
                 failure = QueryFailure(group.name, query_name, promql, str(exc))
                 log.error("query failed, its features are missing this cycle: %s", failure)
