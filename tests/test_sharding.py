@@ -36,7 +36,13 @@ from aiops_plugin.store import Store
 from aiops_plugin.store.models import LogMinerStateRow, LogRecordRow, LogTemplateRow
 from aiops_plugin.windows import entity_key
 from tests.agent_process import AgentProcess
-from tests.test_agent import QUERY, History, history, make_config  # noqa: F401 - fixture
+from tests.test_agent import (  # noqa: F401 - fixture
+    METRIC,
+    QUERY,
+    History,
+    history,
+    make_config,
+)
 
 INSTANCES = ["machine-1-7", "machine-1-7-shifted", "vanished", "holey"]
 
@@ -85,10 +91,14 @@ def test_the_shard_comes_from_the_setting_the_environment_or_the_pod_ordinal(
     assert store_group("smd", 1, 3) == "smd@1/3" and store_group("smd", 0, 1) == "smd"
 
 
-def _split_read(history: History, query: str) -> tuple[ReadResult, list[ReadResult]]:  # noqa: F811
+def _split_read(
+    history: History,  # noqa: F811
+    query: str,
+    labels: tuple[str, ...] = ("instance",),
+) -> tuple[ReadResult, list[ReadResult]]:
     """The group read whole and by each of three shards, over the last 300 s of history."""
     config = make_config(history.prometheus.url, Path("/tmp"))
-    group = config.entities[0].model_copy(update={"queries": {"smd": query}})
+    group = config.entities[0].model_copy(update={"queries": {"smd": query}, "labels": labels})
     whole = PrometheusReader(config.prometheus).read_range(group, history.end - 300, history.end)
     parts = [
         PrometheusReader(config.prometheus, shard, 3).read_range(
@@ -122,6 +132,15 @@ def test_each_shard_receives_only_its_own_entities_series(history: History) -> N
         _assert_partition(whole, parts)
         assert [part.foreign_series for part in parts] == [0, 0, 0], query
         assert not any(part.failures for part in parts)
+
+
+def test_entities_of_several_labels_are_listed_from_the_series_index(
+    history: History,  # noqa: F811
+) -> None:
+    query = f"sum by (instance, job, dim) ({METRIC})"
+    whole, parts = _split_read(history, query, ("instance", "job"))
+    _assert_partition(whole, parts)
+    assert [part.foreign_series for part in parts] == [0, 0, 0]
 
 
 def test_a_query_that_narrowing_would_change_is_read_in_full(history: History) -> None:  # noqa: F811

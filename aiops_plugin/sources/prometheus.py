@@ -429,12 +429,14 @@ class PrometheusReader:
             chunk_start, seen = start, group.max_entities * group.max_features
             try:
                 pinned = None
-                if self.shards > 1 and self._restricts(group, promql, max_age, end, is_owned):
-                    # this shard's own entities' series only: their label values pinned
+                verdict = self._restricts(group, promql, max_age, end, is_owned)
+                if self.shards > 1 and verdict is not False:
+                    # this shard's own entities' series only: their label values pinned (until
+                    # the check has decided, the whole answer, if the shard has entities at all)
                     pins = self._own_values(group, promql, start, end, is_owned)
                     if pins is None:
                         chunk_start = end + step  # none of the query's entities is this shard's
-                    else:
+                    elif verdict:
                         pinned = drop_stale_samples(restrict_query(promql, pins), max_age)
                 while chunk_start <= end:
                     chunk_end = sample_bounded_end(
@@ -507,11 +509,14 @@ class PrometheusReader:
         max_age: float,
         at: float,
         is_owned: Callable[[Mapping[str, object]], bool],
-    ) -> bool:
+    ) -> bool | None:
         """Whether ``promql`` is read restricted to this shard's entities: it can be rewritten
         (:func:`~.shard_filter.restrict_query`) and, evaluated once at ``at`` both ways, gives
-        this shard's series with the same values (the verdict is kept for the process; a check
-        that finds none of this shard's series at ``at`` decides nothing and is repeated)."""
+        this shard's series with the same values. The verdict is kept for the process; a check
+        that finds none of this shard's series at ``at`` decides nothing (None) and is repeated.
+        False when not sharded."""
+        if self.shards == 1:
+            return False
         cache_key = (tuple(group.labels), promql)
         verdict = self._restrictable.get(cache_key)
         if verdict is not None:
@@ -529,7 +534,7 @@ class PrometheusReader:
         full = self._instant(drop_stale_samples(promql, max_age), at)
         mine = [item.get("metric", {}) for item in full if is_owned(item.get("metric", {}))]
         if not mine:
-            return False
+            return None
         values = owned_values(mine, group.labels)
         try:
             narrowed = self._instant(
