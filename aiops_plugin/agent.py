@@ -76,6 +76,7 @@ from aiops_plugin.fit_exclusions import (
 from aiops_plugin.grafana import AnnotationWriter, BackgroundAnnotations
 from aiops_plugin.logs.intake import LogIntake
 from aiops_plugin.logs.pipeline import LogPipeline
+from aiops_plugin.memory import return_freed_memory
 from aiops_plugin.reload import ReloadRefused, restart_only_changes, stale_groups
 from aiops_plugin.rootcause import joined_candidates, rank_root_causes
 from aiops_plugin.score_history import ScoreHistory
@@ -1409,6 +1410,7 @@ class Agent:
 
     # ------------------------------------------------------------------- run
     def start_up(self) -> None:
+        return_freed_memory()
         interrupted = self.store.mark_running_jobs_interrupted()
         if interrupted:
             log.warning(

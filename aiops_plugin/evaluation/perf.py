@@ -48,6 +48,7 @@ from aiops_plugin.detectors.base import choose_device
 from aiops_plugin.detectors.deep import default_score_batch_size
 from aiops_plugin.detectors.training import autocast
 from aiops_plugin.evaluation import datasets
+from aiops_plugin.memory import return_freed_memory
 from aiops_plugin.windows import Windows
 
 if TYPE_CHECKING:
@@ -421,6 +422,7 @@ def fit_memory(
     def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+    return_freed_memory()  # as the agent does at start-up
     machines, _ = _machines(data_root, fit_steps, n_features)
     values = np.empty((n, fit_steps, n_features), dtype=np.float32)
     for i in range(n):

@@ -409,7 +409,9 @@ class PrometheusReader:
         foreign = 0  # series of other shards' entities received and skipped
 
         def is_owned(metric: Mapping[str, object]) -> bool:
-            if any(label not in metric for label in group.labels):
+            if not isinstance(metric, Mapping) or any(
+                label not in metric for label in group.labels
+            ):
                 return False
             key = entity_key({label: str(metric[label]) for label in group.labels})
             mine = owned.get(key)
@@ -531,7 +533,11 @@ class PrometheusReader:
             )
             self._restrictable[cache_key] = False
             return False
-        full = self._instant(drop_stale_samples(promql, max_age), at)
+        full = [
+            item
+            for item in self._instant(drop_stale_samples(promql, max_age), at)
+            if isinstance(item, dict)
+        ]
         mine = [item.get("metric", {}) for item in full if is_owned(item.get("metric", {}))]
         if not mine:
             return None
@@ -543,6 +549,8 @@ class PrometheusReader:
             verdict = same_owned_series(full, narrowed, is_owned)
         except PrometheusApiClientException as exc:
             log.warning("group %r: query %r restricted is refused: %s", group.name, promql, exc)
+            verdict = False
+        except (TypeError, ValueError, IndexError):  # an answer not in the API's shape
             verdict = False
         if not verdict:
             log.warning(
