@@ -30,6 +30,7 @@ from sqlalchemy import func, select
 from aiops_plugin.agent import Agent
 from aiops_plugin.config import Config
 from aiops_plugin.demo.ports import free_port
+from aiops_plugin.evaluation import shard_reads
 from aiops_plugin.sharding import owned_mask, resolve_shard, shard_of, store_group
 from aiops_plugin.sources.prometheus import PrometheusReader, ReadResult
 from aiops_plugin.store import Store
@@ -367,3 +368,16 @@ def test_three_agent_processes_mine_each_log_record_exactly_once_across_a_kill(
     owned = Counter(miner for _, _, miner in records)
     assert sizes == {miner: owned[miner] for miner in owned}  # each record mined once
     assert trees == {"0/3", "1/3", "2/3"}
+
+
+def test_the_shard_reads_benchmark_splits_a_fleet_read_from_a_real_prometheus() -> None:
+    # 20 hosts x 38 metrics: an answer size whose compressed stream once gave the JSON parser
+    # an empty read before its end (taken for a truncated answer)
+    rows, n_features = shard_reads.measure(20, 3, 60, 16, None)
+    assert n_features == 38
+    for read in {row.read for row in rows}:
+        whole = [r for r in rows if r.read == read and r.shard == "whole fleet"]
+        parts = [r for r in rows if r.read == read and r.shard != "whole fleet"]
+        assert [r.entities for r in whole] == [20]
+        assert sum(r.entities for r in parts) == 20
+        assert all(r.foreign_series == 0 for r in parts)

@@ -216,7 +216,26 @@ def decode_points(
     return index[keep], samples[keep].astype(np.float32)
 
 
-def answer_series(stream: BinaryIO) -> Iterator[dict]:
+class _ChunkReader:
+    """A ``read(size)`` file over an iterator of non-empty byte chunks: b"" only at its end."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._pending = b""
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._pending:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return b""
+            self._pending = chunk
+        if size < 0:
+            size = len(self._pending)
+        out, self._pending = self._pending[:size], self._pending[size:]
+        return out
+
+
+def answer_series(stream: BinaryIO | _ChunkReader) -> Iterator[dict]:
     """The items of ``data.result`` of a query's JSON answer read from ``stream``, one at a
     time, numbers as floats (a range answer's series: ``{"metric": ..., "values": ...}``)."""
     return ijson.items(stream, "data.result.item", use_float=True)
@@ -358,8 +377,9 @@ class PrometheusReader:
                     raise PrometheusApiClientException(
                         f"HTTP Status Code {response.status_code} ({response.content!r})"
                     )
-                response.raw.decode_content = True
-                yield from answer_series(response.raw)
+                # the decoded body chunk by chunk (requests skips the empty reads a compressed
+                # stream can give before its end, which the parser would take for its end)
+                yield from answer_series(_ChunkReader(response.iter_content(1 << 16)))
             finally:
                 response.close()
 
