@@ -208,6 +208,31 @@ def fleet_values(
     return window * (1.0 + JITTER * rng.standard_normal(window.shape))
 
 
+def backfill_fleet(
+    tsdb: Path,
+    n: int,
+    machines: Sequence[np.ndarray],
+    features: Sequence[str],
+    timestamps: np.ndarray,
+) -> None:
+    """The fleet of ``n`` hosts (``host-00000`` ...) over ``timestamps`` written as TSDB blocks
+    in ``tsdb`` for a Prometheus to start on (the OpenMetrics file in between is removed)."""
+    history = tsdb.parent / "fleet.om"
+    entities = [{"instance": f"host-{i:05d}", "job": "perf"} for i in range(n)]
+    steps = len(timestamps)
+    write_openmetrics_fleet(
+        history,
+        METRIC,
+        entities,
+        "dim",
+        features,
+        lambda i: fleet_values(machines, i, steps),
+        timestamps,
+    )
+    backfill(history, tsdb)
+    history.unlink()
+
+
 def _machines(
     data_root: Path | None, steps: int, n_features: int | None = None
 ) -> tuple[list[np.ndarray], list[str]]:
@@ -290,19 +315,7 @@ def measure(
     timestamps = end - STEP_SECONDS * np.arange(steps - 1, -1, -1, dtype=np.float64)
     with tempfile.TemporaryDirectory(prefix="aiops-perf-", dir=workdir) as scratch:
         root = Path(scratch)
-        history = root / "fleet.om"
-        entities = [{"instance": f"host-{i:05d}", "job": "perf"} for i in range(n)]
-        write_openmetrics_fleet(
-            history,
-            METRIC,
-            entities,
-            "dim",
-            features,
-            lambda i: fleet_values(machines, i, steps),
-            timestamps,
-        )
-        backfill(history, root / "tsdb")
-        history.unlink()
+        backfill_fleet(root / "tsdb", n, machines, features, timestamps)
         setup = time.perf_counter() - began
         device = choose_device(device_name)
         with PrometheusServer(tsdb_dir=root / "tsdb", workdir=root / "prometheus") as prometheus:

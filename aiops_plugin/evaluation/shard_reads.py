@@ -27,9 +27,8 @@ import numpy as np
 import requests
 
 from aiops_plugin.config import Config
-from aiops_plugin.demo import PrometheusServer, backfill
-from aiops_plugin.demo.openmetrics import write_openmetrics_fleet
-from aiops_plugin.evaluation.perf import METRIC, STEP_SECONDS, _config, _machines, fleet_values
+from aiops_plugin.demo import PrometheusServer
+from aiops_plugin.evaluation.perf import STEP_SECONDS, _config, _machines, backfill_fleet
 from aiops_plugin.sources.prometheus import PrometheusReader
 
 SECTION = "shard-reads"
@@ -87,19 +86,7 @@ def measure(
     rows: list[ReadRow] = []
     with tempfile.TemporaryDirectory(prefix="aiops-shard-reads-") as scratch:
         root = Path(scratch)
-        history = root / "fleet.om"
-        entities = [{"instance": f"host-{i:05d}", "job": "perf"} for i in range(n)]
-        write_openmetrics_fleet(
-            history,
-            METRIC,
-            entities,
-            "dim",
-            features,
-            lambda i: fleet_values(machines, i, steps),
-            timestamps,
-        )
-        backfill(history, root / "tsdb")
-        history.unlink()
+        backfill_fleet(root / "tsdb", n, machines, features, timestamps)
         with PrometheusServer(tsdb_dir=root / "tsdb", workdir=root / "prometheus") as prometheus:
             prometheus.start()
             config = Config.model_validate(
