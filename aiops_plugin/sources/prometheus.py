@@ -294,24 +294,33 @@ class PrometheusReader:
             )
         )
 
-    def _api(self, api: str, form: Mapping[str, object], method: str = "POST") -> list:
+    def _request(
+        self, api: str, form: Mapping[str, object], method: str = "POST", stream: bool = False
+    ) -> requests.Response:
         """``/api/v1/<api>`` with ``form`` in a POST body (Prometheus takes both; a URL of a
         shard's query can pass the limits of servers and proxies), or as GET parameters where
-        the API takes no POST: the answer's ``data`` (the result of a query)."""
+        the API takes no POST; an answer other than 200 raised as the client library does."""
+        response = self.session.request(
+            method,
+            f"{self.config.url.rstrip('/')}/api/v1/{api}",
+            **({"data": form} if method == "POST" else {"params": form}),
+            headers=self.client.headers,
+            timeout=self.config.timeout,
+            stream=stream,
+        )
+        if response.status_code != 200:
+            content = response.content
+            response.close()
+            raise PrometheusApiClientException(
+                f"HTTP Status Code {response.status_code} ({content!r})"
+            )
+        return response
+
+    def _api(self, api: str, form: Mapping[str, object], method: str = "POST") -> list:
+        """:meth:`_request`'s answer's ``data`` (the result, for a query)."""
 
         def request() -> list:
-            response = self.session.request(
-                method,
-                f"{self.config.url.rstrip('/')}/api/v1/{api}",
-                **({"data": form} if method == "POST" else {"params": form}),
-                headers=self.client.headers,
-                timeout=self.config.timeout,
-            )
-            if response.status_code != 200:
-                raise PrometheusApiClientException(
-                    f"HTTP Status Code {response.status_code} ({response.content!r})"
-                )
-            data = response.json()["data"]
+            data = self._request(api, form, method).json()["data"]
             return data["result"] if isinstance(data, dict) else data
 
         return self._call(request)
@@ -364,19 +373,8 @@ class PrometheusReader:
             "step": f"{self.config.step:g}s",
         }
         with self._answer_errors():
-            response = self.session.request(
-                "POST" if post else "GET",
-                f"{self.config.url.rstrip('/')}/api/v1/query_range",
-                **({"data": form} if post else {"params": form}),
-                headers=self.client.headers,
-                timeout=self.config.timeout,
-                stream=True,
-            )
+            response = self._request("query_range", form, "POST" if post else "GET", stream=True)
             try:
-                if response.status_code != 200:
-                    raise PrometheusApiClientException(
-                        f"HTTP Status Code {response.status_code} ({response.content!r})"
-                    )
                 # the decoded body chunk by chunk (requests skips the empty reads a compressed
                 # stream can give before its end, which the parser would take for its end)
                 yield from answer_series(_ChunkReader(response.iter_content(1 << 16)))

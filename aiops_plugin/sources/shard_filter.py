@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 import promql_parser
 
@@ -195,7 +195,7 @@ def owned_values(
 def same_owned_series(
     full: Iterable[Mapping[str, object]],
     restricted: Iterable[Mapping[str, object]],
-    is_owned: object,
+    is_owned: Callable[[Mapping[str, object]], bool],
 ) -> bool:
     """Whether two instant answers (``[{"metric": ..., "value": [t, "v"]}]``) hold the same
     series with the same values, among those ``is_owned(metric)`` says the shard owns."""
@@ -204,7 +204,7 @@ def same_owned_series(
         out: dict[frozenset, float] = {}
         for item in answer:
             metric = item.get("metric", {})
-            if not isinstance(metric, Mapping) or not is_owned(metric):  # type: ignore[operator]
+            if not isinstance(metric, Mapping) or not is_owned(metric):
                 continue
             value = item.get("value", [None, "nan"])
             out[frozenset((k, v) for k, v in metric.items() if k != "__name__")] = float(
