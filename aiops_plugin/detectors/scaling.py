@@ -66,14 +66,19 @@ class RobustScaler:
         self.default_scale_ = np.median(scale, axis=0)
         return self
 
+    def _parameters(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(E, F)`` centers and scales of ``keys`` (the defaults for entities not fitted)."""
+        assert self.default_center_ is not None and self.default_scale_ is not None
+        centers = np.stack([self.centers_.get(k, self.default_center_) for k in keys])
+        scales = np.stack([self.scales_.get(k, self.default_scale_) for k in keys])
+        return centers, scales
+
     def transform(
         self, windows: Windows, clip: float = MAX_STANDARD
     ) -> tuple[np.ndarray, np.ndarray]:
         """Standardised values with missing = 0 (clipped to +-``clip``), and the float mask;
         both ``(E, T, F)``."""
-        assert self.default_center_ is not None and self.default_scale_ is not None
-        centers = np.stack([self.centers_.get(k, self.default_center_) for k in windows.keys])
-        scales = np.stack([self.scales_.get(k, self.default_scale_) for k in windows.keys])
+        centers, scales = self._parameters(windows.keys)
         # one copy worked in place: the expression form held four copies of the block at once
         dtype = np.result_type(windows.values.dtype, np.float32)
         standard = windows.values.astype(dtype, copy=True)
@@ -90,9 +95,7 @@ class RobustScaler:
     ) -> np.ndarray:
         """:meth:`transform`'s standardised values at ``(entities[i], times[i])`` only,
         ``(n, F)``: the same numbers without the whole ``(E, T, F)`` block and its copies."""
-        assert self.default_center_ is not None and self.default_scale_ is not None
-        centers = np.stack([self.centers_.get(k, self.default_center_) for k in windows.keys])
-        scales = np.stack([self.scales_.get(k, self.default_scale_) for k in windows.keys])
+        centers, scales = self._parameters(windows.keys)
         values = np.where(
             windows.observed[entities, times], windows.values[entities, times], np.nan
         )
