@@ -565,13 +565,14 @@ class GroupEarlyWarning:
         ``trend_steps - 1`` of them sees only the scores from ``first`` on. Feeds the recent
         p-values as the updates would. Returns ``(entities, steps, horizons)``.
         """
-        self._require_fitted()
-        scores = np.asarray(fused_scores, dtype=np.float64)
-        expected = (len(windows.entities), len(windows.timestamps) - first)
-        if scores.shape != expected:
-            raise ValueError(f"fused_scores must be {expected}, got {scores.shape}")
-        statistics, uncertainty = self._evidence(scores, windows, first, forecaster, self.evidence_)
-        p = self._p_values(statistics, windows.keys)
+        p, uncertainty = self.replay_p_values(fused_scores, windows, first, forecaster)
+        return self.replay_probabilities(p, uncertainty, refit_every)
+
+    def replay_probabilities(
+        self, p: np.ndarray, uncertainty: np.ndarray | None, refit_every: int = 1
+    ) -> np.ndarray:
+        """Stage 3 of :meth:`replay` on the combined p-values and uncertainty that
+        :meth:`replay_p_values` gave: the mixtures' probabilities, gated; feeds the mixtures."""
         replayed = [
             replay_recent_probability(recent_j, p[:, :, j], refit_every)
             for j, recent_j in enumerate(self.recent_)
@@ -579,6 +580,24 @@ class GroupEarlyWarning:
         probability = np.stack([part[0] for part in replayed], axis=-1)
         prior = np.stack([part[1] for part in replayed], axis=-1)[None]
         return self._gated(probability, uncertainty, prior)
+
+    def replay_p_values(
+        self,
+        fused_scores: np.ndarray,
+        windows: Windows,
+        first: int,
+        forecaster: ForecasterDetector | None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The combined p-values ``(entities, steps, horizons)`` of every step ``first..`` of
+        ``windows`` (stage 2, before the mixture and the gate) and the forecast uncertainty
+        (None without forecasts); arguments as :meth:`replay`, nothing is fed."""
+        self._require_fitted()
+        scores = np.asarray(fused_scores, dtype=np.float64)
+        expected = (len(windows.entities), len(windows.timestamps) - first)
+        if scores.shape != expected:
+            raise ValueError(f"fused_scores must be {expected}, got {scores.shape}")
+        statistics, uncertainty = self._evidence(scores, windows, first, forecaster, self.evidence_)
+        return self._p_values(statistics, windows.keys), uncertainty
 
     # -------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

@@ -386,7 +386,7 @@ def test_warning_threshold_is_matched_to_a_false_warning_rate_from_the_top_down(
     signal[[100, 900, 1700]] = 0.9
     signal[1990:2010] = 0.95
     item = benchmark.EntityWarnings(
-        "x", "x", 60.0, labels, signal, signal, signal[:, None], [5], "m", 0.0
+        "x", "x", 60.0, labels, signal, signal, signal[:, None], signal[:, None], [5], "m", 0.0
     )
     # one false warning per day allowed: the threshold stays above the three
     assert benchmark.choose_threshold([signal], [item], 5, 1.0, 1.0) > 0.9
@@ -414,12 +414,24 @@ def test_benchmark_on_a_tiny_nab_slice(tmp_path: Path) -> None:
         assert item.early_warning.shape == (400, 3) and item.horizons_steps == [1, 3, 6]
         finite = item.early_warning[np.isfinite(item.early_warning)]
         assert finite.size > 1000 and ((finite >= 0) & (finite <= 1)).all()
-    signals = (benchmark.FUSED_SCORE, benchmark.EARLY_WARNING, benchmark.EARLY_WARNING_TUNED)
+    for item in run.entities:
+        scores = item.early_warning_scores
+        assert scores.shape == (400, 3) and (scores[np.isfinite(scores)] >= 0).all()
+    signals = (
+        benchmark.FUSED_SCORE,
+        benchmark.EARLY_WARNING,
+        benchmark.EARLY_WARNING_TUNED,
+        benchmark.EARLY_WARNING_SCORE_AT_ONE,
+        benchmark.EARLY_WARNING_SCORE,
+        benchmark.EARLY_WARNING_SCORE_TUNED,
+    )
     assert [(row.horizon, row.signal) for row in run.lead] == [
         (h, s) for h in ("5m", "15m", "30m") for s in signals
     ]
     fused = [row for row in run.lead if row.signal == benchmark.FUSED_SCORE]
     assert all(row.thresholds == "1.000" and row.entity_days > 2.5 for row in fused)
+    at_one = [row for row in run.lead if row.signal == benchmark.EARLY_WARNING_SCORE_AT_ONE]
+    assert all(row.thresholds == "1.000" for row in at_one)
     # each half is evaluated at a threshold chosen on the other: one per half
     warned = [row for row in run.lead if row.signal == benchmark.EARLY_WARNING]
     assert all(len(row.thresholds.split(" / ")) == 2 for row in warned)

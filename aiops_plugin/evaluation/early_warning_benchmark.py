@@ -30,7 +30,10 @@ What is measured, per horizon ``h`` (``H`` steps):
   in alarm, than the fused score does there: alarms that merge into a few endless runs count as
   few false warnings, and the time bound rules such thresholds out. Beside it, as an upper
   bound, the early warning with its threshold tuned by the same rule on the very entities it is
-  evaluated on.
+  evaluated on. And the **early-warning score**: the same evidence before the mixture and the
+  gate, its combined p-value on the exported score's scale (1.0 at the false-alarm rate), per
+  entity calibrated on its own calibration slice, at 1.0 (the rule the fused score is held to,
+  nothing chosen on any data) and by the two threshold rules above.
 - **Calibration**: ECE (10 equal-width bins) and Brier score of each horizon's probability
   against the label "a labelled event starts within the next ``H`` steps", over the steps
   outside labelled events (inside one the entity already is anomalous, which the anomaly
@@ -49,10 +52,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import pickle
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +89,10 @@ FORECASTER_SECTION = "early-warning-forecaster"
 DEFAULT_DETECTORS = ("mad", "pca")
 FUSED_SCORE = "fused score >= 1"
 EARLY_WARNING = "early warning"
-EARLY_WARNING_TUNED = "early warning, tuned in-sample"
+EARLY_WARNING_TUNED = f"{EARLY_WARNING}, tuned in-sample"
+EARLY_WARNING_SCORE = "early-warning score"
+EARLY_WARNING_SCORE_AT_ONE = "early-warning score >= 1"
+EARLY_WARNING_SCORE_TUNED = f"{EARLY_WARNING_SCORE}, tuned in-sample"
 ANOMALY_PROBABILITY = "P(anomalous now)"
 #: Candidate thresholds of a probability per selection: quantiles this close to the top.
 _CANDIDATES = 400
@@ -96,7 +103,9 @@ _DEFAULT_CALIBRATION = CalibrationConfig()
 class EntityWarnings:
     """One entity's test-split signals.
 
-    ``early_warning``: ``(T, horizons)`` probabilities; ``fused_scores``, ``probability``:
+    ``early_warning``: ``(T, horizons)`` probabilities; ``early_warning_scores``: the same
+    horizons' combined p-values on the exported score scale (``score_from_p``: 1.0 where the
+    p-value is the false-alarm rate), per-entity calibrated; ``fused_scores``, ``probability``:
     ``(T,)`` exported fused score and P(anomalous now); ``labels``: ``(T,)``."""
 
     dataset: str
@@ -106,6 +115,7 @@ class EntityWarnings:
     fused_scores: np.ndarray
     probability: np.ndarray
     early_warning: np.ndarray
+    early_warning_scores: np.ndarray
     horizons_steps: list[int]
     method: str
     seconds: float
@@ -217,7 +227,10 @@ def warn_series(
     fused_p = calibration.p_values(raw, keys)["fused"]
     fused_scores = score_from_p(fused_p, false_alarm_rate)
     refit_every = max(1, math.ceil(refit_seconds / series.step_seconds - 1e-9))
-    early_warning = warning.replay(fused_scores, test_windows, context, forecaster, refit_every)
+    warning_p, uncertainty = warning.replay_p_values(
+        fused_scores, test_windows, context, forecaster
+    )
+    early_warning = warning.replay_probabilities(warning_p, uncertainty, refit_every)
     recent = RecentProbability(capacity).seed(calibration.fused_calibration_p_)
     probability, _ = replay_recent_probability(recent, fused_p, refit_every)
     return EntityWarnings(
@@ -228,6 +241,7 @@ def warn_series(
         fused_scores=fused_scores[0],
         probability=probability[0],
         early_warning=early_warning[0],
+        early_warning_scores=score_from_p(warning_p[0], false_alarm_rate),
         horizons_steps=horizons,
         method=warning.method,
         seconds=time.perf_counter() - started,
@@ -367,31 +381,64 @@ def _lead_row(
     )
 
 
+def _cross_fold_rows(
+    dataset: str,
+    items: Sequence[EntityWarnings],
+    j: int,
+    signal: str,
+    values: Sequence[np.ndarray],
+) -> list[LeadRow]:
+    """Horizon ``j``'s rows of one early-warning signal at the fused score's false-warning rate:
+    its threshold chosen on the other half of the entities, and tuned in-sample."""
+    steps = items[0].horizons_steps[j]
+    step_seconds = items[0].step_seconds
+    fused = [item.fused_scores for item in items]
+    cross, thresholds, targets = [], [], []
+    for evaluated, selected in halves(items):
+        target = _fused_target(fused, items, selected, steps)
+        picked = [items[i] for i in selected]
+        threshold = choose_threshold([values[i] for i in selected], picked, steps, *target)
+        cross.append(([values[i] for i in evaluated], [items[i] for i in evaluated], threshold))
+        thresholds.append(threshold)
+        targets.append(target[0])
+    overall = _fused_target(fused, items, list(range(len(items))), steps)
+    tuned = choose_threshold(values, items, steps, *overall)
+    return [
+        _lead_row(
+            dataset,
+            steps,
+            step_seconds,
+            signal,
+            " / ".join(_fmt(t) for t in thresholds),
+            float(np.mean(targets)),
+            cross,
+        ),
+        _lead_row(
+            dataset,
+            steps,
+            step_seconds,
+            f"{signal}, tuned in-sample",
+            _fmt(tuned),
+            overall[0],
+            [(values, items, tuned)],
+        ),
+    ]
+
+
 def lead_rows(dataset: str, items: Sequence[EntityWarnings]) -> list[LeadRow]:
-    """Per horizon: the fused score at 1.0; the early warning at the same false-warning rate,
-    its threshold chosen on the other half of the entities; and, as an upper bound, the early
-    warning with its threshold tuned on the entities it is evaluated on."""
+    """Per horizon: the fused score at 1.0; the early-warning probability at the same
+    false-warning rate, its threshold chosen on the other half of the entities, and, as an upper
+    bound, tuned on the entities it is evaluated on; the early-warning score at 1.0 (its
+    p-value at the false-alarm rate, no threshold chosen) and by the same two rules."""
     rows: list[LeadRow] = []
     if not items:
         return rows
     step_seconds = items[0].step_seconds
-    everyone = list(range(len(items)))
+    fused = [item.fused_scores for item in items]
     for j, steps in enumerate(items[0].horizons_steps):
-        fused = [item.fused_scores for item in items]
-        warning = [item.early_warning[:, j] for item in items]
-        cross, thresholds, targets = [], [], []
-        for evaluated, selected in halves(items):
-            target = _fused_target(fused, items, selected, steps)
-            picked = [items[i] for i in selected]
-            threshold = choose_threshold([warning[i] for i in selected], picked, steps, *target)
-            cross.append(
-                ([warning[i] for i in evaluated], [items[i] for i in evaluated], threshold)
-            )
-            thresholds.append(threshold)
-            targets.append(target[0])
-        overall = _fused_target(fused, items, everyone, steps)
-        tuned = choose_threshold(warning, items, steps, *overall)
-        rows += [
+        overall = _fused_target(fused, items, list(range(len(items))), steps)
+        scores = [item.early_warning_scores[:, j] for item in items]
+        rows.append(
             _lead_row(
                 dataset,
                 steps,
@@ -400,26 +447,23 @@ def lead_rows(dataset: str, items: Sequence[EntityWarnings]) -> list[LeadRow]:
                 _fmt(OPERATING_THRESHOLD),
                 overall[0],
                 [(fused, items, OPERATING_THRESHOLD)],
-            ),
+            )
+        )
+        rows += _cross_fold_rows(
+            dataset, items, j, EARLY_WARNING, [item.early_warning[:, j] for item in items]
+        )
+        rows.append(
             _lead_row(
                 dataset,
                 steps,
                 step_seconds,
-                EARLY_WARNING,
-                " / ".join(_fmt(t) for t in thresholds),
-                float(np.mean(targets)),
-                cross,
-            ),
-            _lead_row(
-                dataset,
-                steps,
-                step_seconds,
-                EARLY_WARNING_TUNED,
-                _fmt(tuned),
+                EARLY_WARNING_SCORE_AT_ONE,
+                _fmt(OPERATING_THRESHOLD),
                 overall[0],
-                [(warning, items, tuned)],
-            ),
-        ]
+                [(scores, items, OPERATING_THRESHOLD)],
+            )
+        )
+        rows += _cross_fold_rows(dataset, items, j, EARLY_WARNING_SCORE, scores)
     return rows
 
 
@@ -725,7 +769,10 @@ def early_warning_markdown(run: EarlyWarningRun, image_links: dict[str, str]) ->
         "gave on that half (*target*: its false warnings per day). *Evaluated*: the realised "
         "numbers on the entities scored. *Tuned in-sample*: the same rule applied on all the "
         "dataset's entities and evaluated on them, an upper bound on what a threshold chosen "
-        "elsewhere can give.",
+        "elsewhere can give. *Early-warning score*: the same evidence's combined p-value before "
+        "the mixture and the gate, on the exported score's scale (1.0 at the false-alarm rate, "
+        "calibrated per entity on its calibration slice), at 1.0 (nothing chosen on any data) "
+        "and by the same two rules.",
         "",
     ]
     for dataset in run.datasets:
@@ -816,16 +863,22 @@ def early_warning_reading(run: EarlyWarningRun) -> list[str]:
         if not rows:
             continue
         horizons = list(dict.fromkeys(h for h, _ in rows))
-        parts, earlier, carried, silent = [], 0, 0, 0
+        parts, earlier, carried, silent, untuned = [], 0, 0, 0, 0
         for horizon in horizons:
             fused = rows[(horizon, FUSED_SCORE)]
             cross = rows[(horizon, EARLY_WARNING)]
             tuned = rows[(horizon, EARLY_WARNING_TUNED)]
+            at_one = rows[(horizon, EARLY_WARNING_SCORE_AT_ONE)]
             parts.append(
                 f"{horizon}: early warning {_before(cross)} (threshold from the other half), "
-                f"{_before(tuned)} (tuned in-sample); fused score {_before(fused)}"
+                f"{_before(tuned)} (tuned in-sample), early-warning score at 1.0 "
+                f"{_before(at_one)}; fused score {_before(fused)}"
             )
             earlier += tuned.warned_before_start > fused.warned_before_start
+            untuned += (
+                at_one.warned_before_start > fused.warned_before_start
+                and at_one.false_warnings_per_day <= fused.false_warnings_per_day
+            )
             carried += cross.false_warnings_per_day <= 1.25 * fused.false_warnings_per_day
             silent += "never" in cross.thresholds or "never" in tuned.thresholds
         calibration = {
@@ -854,7 +907,9 @@ def early_warning_reading(run: EarlyWarningRun) -> list[str]:
                 if silent
                 else ""
             )
-            + f". Its Brier "
+            + f"; the early-warning score at 1.0, with no threshold chosen at all, warned more "
+            f"events before their start than the fused score with no more false warnings at "
+            f"{untuned} of {n}" + f". Its Brier "
             f"score beats the constant base rate at {skill} of {n} horizons, and its ECE is "
             f"below P(anomalous now)'s against the same label at {sharper} of {n}."
         )
@@ -946,6 +1001,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         _write_rows(run.calibration, CalibrationRow, args.csv_dir / "early_warning_calibration.csv")
         if run.nab:
             _write_rows(run.nab, NabRow, args.csv_dir / "early_warning_nab.csv")
+        # every entity's signals, to evaluate other rules without scoring again
+        with (args.csv_dir / "early_warning_entities.pkl").open("wb") as handle:
+            pickle.dump([asdict(item) for item in run.entities], handle)
     text = early_warning_markdown(run, links)
     if args.markdown:
         section = FORECASTER_SECTION if "forecaster" in run.detectors else SECTION

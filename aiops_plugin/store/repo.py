@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -68,6 +70,8 @@ EVENT_DETAIL_FIELDS = ("probability", "contributions", "detector_scores", "log_t
 _MAX_ROW_ID = 2**63 - 1
 # Rows per INSERT .. ON CONFLICT statement: 5 parameters a row stays far below SQLite's limit.
 _UPSERT_CHUNK = 500
+#: Seconds an SQLite connection waits for another process's write lock.
+SQLITE_BUSY_SECONDS = 30.0
 # Key of the PostgreSQL advisory lock that serialises migrations of shards starting together.
 _MIGRATION_LOCK_KEY = 0x41_49_4F_50
 # Alembic's ``context`` and ``op`` are process-global proxies: one migration at a time per process.
@@ -237,7 +241,10 @@ class Store:
         options: dict[str, Any] = {"json_serializer": partial(json.dumps, allow_nan=False)}
         in_memory = _sqlite_in_memory(self.url)
         if backend == "sqlite":
-            options["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            options["connect_args"] = {
+                "check_same_thread": False,
+                "timeout": SQLITE_BUSY_SECONDS,
+            }
             if in_memory:
                 options["poolclass"] = StaticPool  # one shared connection, else one DB each
             elif self.url.database and not self.url.query.get("uri"):
@@ -938,12 +945,26 @@ def _sqlite_in_memory(url: URL) -> bool:
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any, *, wal: bool) -> None:
-    """Enforce foreign keys; WAL lets the API read while a job writes."""
+    """Enforce foreign keys; WAL lets the API read while a job writes.
+
+    Switching a new database file to WAL needs its exclusive lock, and SQLite answers "database
+    is locked" at once, without waiting out the busy timeout, while another process (a shard
+    starting at the same moment) holds it: the switch is retried for as long as that timeout."""
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA foreign_keys=ON")
-    if wal:
-        cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.close()
+    try:
+        cursor.execute("PRAGMA foreign_keys=ON")
+        if wal:
+            deadline = time.monotonic() + SQLITE_BUSY_SECONDS
+            while True:
+                try:
+                    cursor.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+    finally:
+        cursor.close()
 
 
 def _now() -> datetime:
