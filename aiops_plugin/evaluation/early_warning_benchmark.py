@@ -89,10 +89,17 @@ FORECASTER_SECTION = "early-warning-forecaster"
 DEFAULT_DETECTORS = ("mad", "pca")
 FUSED_SCORE = "fused score >= 1"
 EARLY_WARNING = "early warning"
-EARLY_WARNING_TUNED = f"{EARLY_WARNING}, tuned in-sample"
 EARLY_WARNING_SCORE = "early-warning score"
 EARLY_WARNING_SCORE_AT_ONE = "early-warning score >= 1"
-EARLY_WARNING_SCORE_TUNED = f"{EARLY_WARNING_SCORE}, tuned in-sample"
+
+
+def _tuned(signal: str) -> str:
+    """The name of ``signal``'s row with its threshold tuned in-sample."""
+    return f"{signal}, tuned in-sample"
+
+
+EARLY_WARNING_TUNED = _tuned(EARLY_WARNING)
+EARLY_WARNING_SCORE_TUNED = _tuned(EARLY_WARNING_SCORE)
 ANOMALY_PROBABILITY = "P(anomalous now)"
 #: Candidate thresholds of a probability per selection: quantiles this close to the top.
 _CANDIDATES = 400
@@ -381,28 +388,47 @@ def _lead_row(
     )
 
 
+def _at_one_row(
+    dataset: str,
+    items: Sequence[EntityWarnings],
+    steps: int,
+    signal: str,
+    values: Sequence[np.ndarray],
+    target: float,
+) -> LeadRow:
+    """A signal on the exported score's scale alarming at 1.0, the threshold nothing chose."""
+    return _lead_row(
+        dataset,
+        steps,
+        items[0].step_seconds,
+        signal,
+        _fmt(OPERATING_THRESHOLD),
+        target,
+        [(values, items, OPERATING_THRESHOLD)],
+    )
+
+
 def _cross_fold_rows(
     dataset: str,
     items: Sequence[EntityWarnings],
-    j: int,
+    steps: int,
     signal: str,
     values: Sequence[np.ndarray],
+    targets: Sequence[tuple[float, float]],
+    overall: tuple[float, float],
 ) -> list[LeadRow]:
-    """Horizon ``j``'s rows of one early-warning signal at the fused score's false-warning rate:
-    its threshold chosen on the other half of the entities, and tuned in-sample."""
-    steps = items[0].horizons_steps[j]
-    step_seconds = items[0].step_seconds
-    fused = [item.fused_scores for item in items]
-    cross, thresholds, targets = [], [], []
-    for evaluated, selected in halves(items):
-        target = _fused_target(fused, items, selected, steps)
+    """One early-warning signal's rows at the fused score's false-warning rate: its threshold
+    chosen on the other half of the entities (``targets``: the fused score's rate on each
+    half's other half, in :func:`halves` order), and tuned in-sample (``overall``: the rate on
+    all of them)."""
+    cross, thresholds = [], []
+    for (evaluated, selected), target in zip(halves(items), targets, strict=True):
         picked = [items[i] for i in selected]
         threshold = choose_threshold([values[i] for i in selected], picked, steps, *target)
         cross.append(([values[i] for i in evaluated], [items[i] for i in evaluated], threshold))
         thresholds.append(threshold)
-        targets.append(target[0])
-    overall = _fused_target(fused, items, list(range(len(items))), steps)
     tuned = choose_threshold(values, items, steps, *overall)
+    step_seconds = items[0].step_seconds
     return [
         _lead_row(
             dataset,
@@ -410,14 +436,14 @@ def _cross_fold_rows(
             step_seconds,
             signal,
             " / ".join(_fmt(t) for t in thresholds),
-            float(np.mean(targets)),
+            float(np.mean([target[0] for target in targets])),
             cross,
         ),
         _lead_row(
             dataset,
             steps,
             step_seconds,
-            f"{signal}, tuned in-sample",
+            _tuned(signal),
             _fmt(tuned),
             overall[0],
             [(values, items, tuned)],
@@ -433,37 +459,19 @@ def lead_rows(dataset: str, items: Sequence[EntityWarnings]) -> list[LeadRow]:
     rows: list[LeadRow] = []
     if not items:
         return rows
-    step_seconds = items[0].step_seconds
     fused = [item.fused_scores for item in items]
     for j, steps in enumerate(items[0].horizons_steps):
+        targets = [_fused_target(fused, items, selected, steps) for _, selected in halves(items)]
         overall = _fused_target(fused, items, list(range(len(items))), steps)
         scores = [item.early_warning_scores[:, j] for item in items]
-        rows.append(
-            _lead_row(
-                dataset,
-                steps,
-                step_seconds,
-                FUSED_SCORE,
-                _fmt(OPERATING_THRESHOLD),
-                overall[0],
-                [(fused, items, OPERATING_THRESHOLD)],
-            )
-        )
-        rows += _cross_fold_rows(
-            dataset, items, j, EARLY_WARNING, [item.early_warning[:, j] for item in items]
-        )
-        rows.append(
-            _lead_row(
-                dataset,
-                steps,
-                step_seconds,
-                EARLY_WARNING_SCORE_AT_ONE,
-                _fmt(OPERATING_THRESHOLD),
-                overall[0],
-                [(scores, items, OPERATING_THRESHOLD)],
-            )
-        )
-        rows += _cross_fold_rows(dataset, items, j, EARLY_WARNING_SCORE, scores)
+        probabilities = [item.early_warning[:, j] for item in items]
+        folds = (targets, overall)
+        rows += [
+            _at_one_row(dataset, items, steps, FUSED_SCORE, fused, overall[0]),
+            *_cross_fold_rows(dataset, items, steps, EARLY_WARNING, probabilities, *folds),
+            _at_one_row(dataset, items, steps, EARLY_WARNING_SCORE_AT_ONE, scores, overall[0]),
+            *_cross_fold_rows(dataset, items, steps, EARLY_WARNING_SCORE, scores, *folds),
+        ]
     return rows
 
 
