@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from aiops_plugin.calibration import score_from_p
 from aiops_plugin.calibration.stage import GroupCalibration
@@ -33,6 +34,7 @@ from aiops_plugin.early_warning import (
 )
 from aiops_plugin.evaluation import datasets
 from aiops_plugin.evaluation import early_warning_benchmark as benchmark
+from aiops_plugin.exporter import horizon_label
 from aiops_plugin.windows import Windows
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -425,9 +427,16 @@ def test_benchmark_on_a_tiny_nab_slice(tmp_path: Path) -> None:
         benchmark.EARLY_WARNING_SCORE,
         benchmark.EARLY_WARNING_SCORE_TUNED,
     )
+    alerts = [(benchmark.EARLY_WARNING_ALERT_HORIZON, s) for s in benchmark.ALERT_SIGNALS]
     assert [(row.horizon, row.signal) for row in run.lead] == [
-        (h, s) for h in ("5m", "15m", "30m") for s in signals
+        *[("5m", s) for s in signals],
+        *[("15m", s) for s in signals],
+        *alerts,
+        *[("30m", s) for s in signals],
     ]
+    either = [row for row in run.lead if row.signal == "either alert"][0]
+    alone = [row for row in run.lead if row.signal.startswith("alert ")]
+    assert either.detected_by_end >= max(row.detected_by_end for row in alone)
     fused = [row for row in run.lead if row.signal == benchmark.FUSED_SCORE]
     assert all(row.thresholds == "1.000" and row.entity_days > 2.5 for row in fused)
     at_one = [row for row in run.lead if row.signal == benchmark.EARLY_WARNING_SCORE_AT_ONE]
@@ -442,3 +451,76 @@ def test_benchmark_on_a_tiny_nab_slice(tmp_path: Path) -> None:
     assert text.startswith("## Early warning") and "Command: " in text
     assert "| 30m (6 steps) | early warning |" in text and "early_warning_nab.png" in text
     assert "### Reading" in text and "events warned before their start" in text
+
+
+def test_schedule_refits_before_each_block_as_the_agent_does() -> None:
+    """On the agent's schedule every block of ``fit_every`` is scored by a fresh fit on the
+    trailing ``fit_window``; the first block is the single fit's, the later ones are not."""
+    (series,) = datasets.load_datasets(
+        ["nab"], ["realAWSCloudwatch/ec2_cpu_utilization_24ae8d"], DATA_ROOT
+    )
+    series = benchmark.short_slice(series, 400)
+    args = (series, ["mad", "pca"], DetectorsConfig(), 0.001, torch.device("cpu"), 3600.0)
+    single = benchmark.warn_series(*args)
+    block = 144  # 12 h of 5-minute steps
+    scheduled = benchmark.warn_series(
+        *args, fit_every_seconds=block * 300.0, fit_window_seconds=400 * 300.0
+    )
+    assert (single.fits, scheduled.fits) == (1, 3)
+    assert scheduled.early_warning.shape == single.early_warning.shape == (400, 3)
+    for name in ("fused_scores", "probability", "early_warning", "early_warning_scores"):
+        ours, theirs = getattr(scheduled, name), getattr(single, name)
+        np.testing.assert_array_equal(ours[:block], theirs[:block], err_msg=name)
+        assert not np.allclose(ours[block:], theirs[block:], equal_nan=True), name
+    later = scheduled.early_warning[block:]
+    assert np.isfinite(later).mean() > 0.9 and (later[np.isfinite(later)] <= 1).all()
+    run = benchmark.EarlyWarningRun(
+        "cmd",
+        ["nab"],
+        ["mad", "pca"],
+        0.001,
+        3600.0,
+        [scheduled],
+        [],
+        [],
+        [],
+        1.0,
+        "cpu",
+        fit_every_seconds=block * 300.0,
+        fit_window_seconds=7 * 86400.0,
+    )
+    assert "refitted every 0.5 days of data on the trailing 7 days" in benchmark._protocol(run)
+    assert "(3 to 3 fits per entity)" in benchmark._protocol(run)
+
+
+def test_replayed_alert_rules_fire_as_prometheus_would() -> None:
+    """``for:`` is held without a break; a step stands for its whole duration."""
+    held = np.array([1, 1, 1, 0, 1, 1, 1, 1, 0, 1], dtype=bool)
+    np.testing.assert_array_equal(benchmark.firing(held, 120, 60), [0, 0, 1, 0, 0, 0, 1, 1, 0, 0])
+    np.testing.assert_array_equal(benchmark.firing(held, 120, 300), held.astype(float))
+    np.testing.assert_array_equal(benchmark.firing(held, 300, 300), [0, 1, 1, 0, 0, 1, 1, 1, 0, 0])
+
+
+def test_replayed_alert_rules_are_the_shipped_ones() -> None:
+    rules_file = Path(__file__).resolve().parents[1] / "alert_rules" / "aiops-plugin.rules.yml"
+    rules = {
+        rule["alert"]: rule
+        for group in yaml.safe_load(rules_file.read_text())["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    }
+    anomaly = rules[benchmark.ANOMALY_ALERT.name]
+    assert anomaly["expr"].strip() == (
+        f"aiops_anomaly_probability > {benchmark.ANOMALY_ALERT.threshold:g}"
+    )
+    assert anomaly["for"] == horizon_label(benchmark.ANOMALY_ALERT.for_seconds)
+    warning = rules[benchmark.EARLY_WARNING_ALERT.name]
+    assert (
+        warning["expr"].split()
+        == (
+            f'aiops_early_warning_probability{{horizon="{benchmark.EARLY_WARNING_ALERT_HORIZON}"}} '
+            f"> {benchmark.EARLY_WARNING_ALERT.threshold:g} unless on(entity_group, entity) "
+            f"aiops_anomaly_probability > {benchmark.ANOMALY_ALERT.threshold:g}"
+        ).split()
+    )
+    assert warning["for"] == horizon_label(benchmark.EARLY_WARNING_ALERT.for_seconds)

@@ -1,15 +1,19 @@
 """How early, and how well calibrated, the early warning is on real labelled data.
 
-Per entity of SMD, ASD and NAB (each entity one group, as in :mod:`.benchmark`), single fit on the
-train split (the schedule-free protocol): the detectors are fitted with
-:meth:`~aiops_plugin.detectors.registry.FittedModel.fit_split` on its earlier 75 % and the group
-calibrated on the rest (:func:`.benchmark._fit_detectors`), the early warning
+Per entity of SMD, ASD and NAB (each entity one group, as in :mod:`.benchmark`), on the agent's
+schedule (``schedule.fit_every`` / ``fit_window``, by default a refit every day on the trailing
+week): before every day of the test split the detectors are fitted with
+:meth:`~aiops_plugin.detectors.registry.FittedModel.fit_split` on the earlier 75 % of the
+trailing week of history (the train split followed by the test rows before the refit) and the
+group calibrated on the rest (:func:`.benchmark._fit_detectors`), the early warning
 (:class:`~aiops_plugin.early_warning.GroupEarlyWarning`) is fitted on that calibration slice's
 exported fused scores (and the forecaster's forecasts, when it is among the detectors), and the
-test split is scored as the agent would score it, cycle after cycle
-(:meth:`GroupEarlyWarning.replay`): the fused score, the anomaly probability P(anomalous now)
-and the early-warning probability of each default horizon (5, 15, 30 min, in steps of the
-dataset, rounded up). The beta-uniform mixtures behind both probabilities are refitted every
+day is scored as the agent would score it, cycle after cycle (:meth:`GroupEarlyWarning.replay`):
+the fused score, the anomaly probability P(anomalous now) and the early-warning probability of
+each default horizon (5, 15, 30 min, in steps of the dataset, rounded up). ``--single-fit``
+fits once on the train split and scores the whole test split with it (the literature's
+protocol; by the end of SMD's test split its calibration is 16 days old, which the agent never
+lets happen). The beta-uniform mixtures behind both probabilities are refitted every
 ``refit_seconds`` of data instead of every step (the agent refits them every cycle), on the
 p-values before the step, to keep the run within minutes on two cores.
 
@@ -64,7 +68,14 @@ import torch
 
 from aiops_plugin.calibration import score_from_p
 from aiops_plugin.calibration.stage import GroupCalibration, RecentProbability
-from aiops_plugin.config import CalibrationConfig, DetectorsConfig, EarlyWarningConfig
+from aiops_plugin.config import (
+    CalibrationConfig,
+    DetectorsConfig,
+    EarlyWarningConfig,
+    ScheduleConfig,
+)
+from aiops_plugin.detectors.forecaster import ForecasterDetector
+from aiops_plugin.detectors.registry import FittedModel
 from aiops_plugin.early_warning import GroupEarlyWarning, replay_recent_probability
 from aiops_plugin.evaluation import datasets, metrics
 from aiops_plugin.evaluation.benchmark import (
@@ -101,9 +112,35 @@ def _tuned(signal: str) -> str:
 EARLY_WARNING_TUNED = _tuned(EARLY_WARNING)
 EARLY_WARNING_SCORE_TUNED = _tuned(EARLY_WARNING_SCORE)
 ANOMALY_PROBABILITY = "P(anomalous now)"
+
+
+@dataclass(frozen=True)
+class AlertRule:
+    """One of the shipped alert rules (``alert_rules/aiops-plugin.rules.yml``) as the replay
+    applies it: the probability above ``threshold`` for ``for_seconds``."""
+
+    name: str
+    threshold: float
+    for_seconds: float
+
+    def describe(self) -> str:
+        return f"> {self.threshold:g} for {horizon_label(self.for_seconds)}"
+
+
+#: The rules as shipped; tests/test_early_warning.py checks them against the rule file.
+ANOMALY_ALERT = AlertRule("AiopsAnomalyDetected", 0.9, 120.0)
+EARLY_WARNING_ALERT = AlertRule("AiopsEarlyWarning", 0.8, 300.0)
+#: The horizon the early-warning alert reads.
+EARLY_WARNING_ALERT_HORIZON = "15m"
+ALERT_SIGNALS = (
+    f"alert {ANOMALY_ALERT.name}",
+    f"alert {EARLY_WARNING_ALERT.name}",
+    "either alert",
+)
 #: Candidate thresholds of a probability per selection: quantiles this close to the top.
 _CANDIDATES = 400
 _DEFAULT_CALIBRATION = CalibrationConfig()
+_DEFAULT_SCHEDULE = ScheduleConfig()
 
 
 @dataclass
@@ -126,6 +163,8 @@ class EntityWarnings:
     horizons_steps: list[int]
     method: str
     seconds: float
+    #: fits of the models over the test split (1: single fit)
+    fits: int = 1
 
 
 @dataclass
@@ -185,9 +224,103 @@ class EarlyWarningRun:
     wall_seconds: float
     machine: str
     methods: dict[str, list[str]] = field(default_factory=dict)
+    #: the schedule replayed (seconds of data); None: single fit on the train split
+    fit_every_seconds: float | None = None
+    fit_window_seconds: float | None = None
 
 
 # ----------------------------------------------------------------------------------- scoring
+@dataclass
+class _Fit:
+    """One fit of an entity's models: detectors, their group calibration, the early warning."""
+
+    models: dict[str, FittedModel]
+    calibration: GroupCalibration
+    warning: GroupEarlyWarning
+    forecaster: ForecasterDetector | None
+
+
+def _fit_models(
+    series: datasets.LabelledSeries,
+    history: np.ndarray,
+    detector_names: Sequence[str],
+    detectors: DetectorsConfig,
+    false_alarm_rate: float,
+    device: torch.device,
+    horizons: list[int],
+    settings: EarlyWarningConfig | None,
+) -> _Fit:
+    """Fit the detectors on ``history`` (its earlier 75 %), the group calibration and the early
+    warning on its calibration slice, as one agent fit does; ValueError where it is too short."""
+    fraction = _DEFAULT_CALIBRATION.calibration_fraction
+    tail_fraction = _DEFAULT_CALIBRATION.tail_fraction
+    models, raw_calibration, _ = _fit_detectors(
+        series, history, detector_names, detectors, device, fraction
+    )
+    fit_windows = series_windows(series, history)
+    calibration = GroupCalibration(list(detector_names), tail_fraction).fit(
+        raw_calibration, fit_windows.keys
+    )
+    first = len(history) - next(iter(raw_calibration.values())).shape[1]
+    forecaster = models["forecaster"].detector if "forecaster" in models else None
+    warning = GroupEarlyWarning(
+        horizons,
+        settings or EarlyWarningConfig(),
+        {},
+        false_alarm_rate,
+        tail_fraction,
+        _DEFAULT_CALIBRATION.recent_p_values,
+    ).fit(
+        score_from_p(calibration.fused_calibration_p_, false_alarm_rate),
+        fit_windows,
+        first,
+        forecaster,
+    )
+    return _Fit(models, calibration, warning, forecaster)
+
+
+def _replay_block(
+    series: datasets.LabelledSeries,
+    fit: _Fit,
+    full: np.ndarray,
+    start: int,
+    end: int,
+    lead_in: int,
+    refit_every: int,
+) -> tuple[np.ndarray, ...]:
+    """Rows ``start..end`` of ``full`` (train split then test split) scored with ``fit``, cycle
+    by cycle: ``(fused p, fused scores, P(anomalous now), early warning, early-warning p)``.
+
+    The ``lead_in`` rows before ``start`` are scored too, with the same models, and give the
+    trend of the first rows its score history, as the agent's history of exported scores does
+    across a refit; nothing of them is returned or fed to the mixtures. Both mixtures start
+    from their fit's calibration slice, as after an agent's refit."""
+    first = start - lead_in
+    context = min(first, max(model.detector.context_steps for model in fit.models.values()))
+    windows = series_windows(series, full[first - context : end])
+    keys = windows.keys
+    raw = {name: model.score(windows).score[:, context:] for name, model in fit.models.items()}
+    fused_p = fit.calibration.p_values(raw, keys)["fused"]
+    fused_scores = score_from_p(fused_p, fit.warning.false_alarm_rate)
+    warning_p, uncertainty = fit.warning.replay_p_values(
+        fused_scores, windows, context, fit.forecaster
+    )
+    warning_p = warning_p[:, lead_in:]
+    uncertainty = None if uncertainty is None else uncertainty[:, lead_in:]
+    early_warning = fit.warning.replay_probabilities(warning_p, uncertainty, refit_every)
+    recent = RecentProbability(_DEFAULT_CALIBRATION.recent_p_values).seed(
+        fit.calibration.fused_calibration_p_
+    )
+    probability, _ = replay_recent_probability(recent, fused_p[:, lead_in:], refit_every)
+    return (
+        fused_p[0, lead_in:],
+        fused_scores[0, lead_in:],
+        probability[0],
+        early_warning[0],
+        warning_p[0],
+    )
+
+
 def warn_series(
     series: datasets.LabelledSeries,
     detector_names: Sequence[str],
@@ -196,63 +329,77 @@ def warn_series(
     device: torch.device,
     refit_seconds: float = 3600.0,
     settings: EarlyWarningConfig | None = None,
+    fit_every_seconds: float | None = None,
+    fit_window_seconds: float | None = None,
 ) -> EntityWarnings:
-    """Fit on the train split, then replay the test split cycle by cycle (module docstring)."""
+    """Fit, then replay the test split cycle by cycle (module docstring).
+
+    Single fit (``fit_every_seconds`` None): one fit on the train split scores the whole test
+    split. On the agent's schedule (``schedule.fit_every`` / ``fit_window``): before every block
+    of ``fit_every_seconds`` of the test split, everything is refitted on the trailing
+    ``fit_window_seconds`` (default: the train split's length) of the history so far, the train
+    split followed by the test rows before the block. A refit whose window is too short keeps
+    the previous fit for its block (the first fit must succeed)."""
     started = time.perf_counter()
     horizons = horizon_steps_for(series.step_seconds)
     detectors = detectors.model_copy(deep=True)
     detectors.forecaster.horizon_steps = horizons
-    fraction = _DEFAULT_CALIBRATION.calibration_fraction
-    tail_fraction = _DEFAULT_CALIBRATION.tail_fraction
-    capacity = _DEFAULT_CALIBRATION.recent_p_values
-    models, raw_calibration, _ = _fit_detectors(
-        series, series.train, detector_names, detectors, device, fraction
+    n_train, n_test = len(series.train), len(series.test)
+    step = series.step_seconds
+    block = n_test if fit_every_seconds is None else _rows(fit_every_seconds, step)
+    window = n_train if fit_window_seconds is None else _rows(fit_window_seconds, step)
+    refit_every = _rows(refit_seconds, step)
+    trend_steps = (settings or EarlyWarningConfig()).trend_steps
+    full = np.concatenate([series.train, series.test])
+    parts: list[tuple[np.ndarray, ...]] = []
+    fit: _Fit | None = None
+    fits = 0
+    for start in range(0, max(n_test, 1), max(block, 1)):
+        end = min(start + block, n_test)
+        history = full[max(0, n_train + start - window) : n_train + start]
+        try:
+            fit = _fit_models(
+                series,
+                history,
+                detector_names,
+                detectors,
+                false_alarm_rate,
+                device,
+                horizons,
+                settings,
+            )
+            fits += 1
+        except ValueError:
+            if fit is None:
+                raise
+        # the first block is the single fit's protocol: its trend starts with the test split
+        lead_in = 0 if start == 0 else min(trend_steps - 1, start)
+        parts.append(
+            _replay_block(series, fit, full, n_train + start, n_train + end, lead_in, refit_every)
+        )
+    fused_p, fused_scores, probability, early_warning, warning_p = (
+        np.concatenate(column) for column in zip(*parts, strict=True)
     )
-    fit_windows = series_windows(series, series.train)
-    keys = fit_windows.keys
-    calibration = GroupCalibration(list(detector_names), tail_fraction).fit(raw_calibration, keys)
-    first = len(series.train) - next(iter(raw_calibration.values())).shape[1]
-    forecaster = models["forecaster"].detector if "forecaster" in models else None
-    warning = GroupEarlyWarning(
-        horizons,
-        settings or EarlyWarningConfig(),
-        {},
-        false_alarm_rate,
-        tail_fraction,
-        capacity,
-    ).fit(
-        score_from_p(calibration.fused_calibration_p_, false_alarm_rate),
-        fit_windows,
-        first,
-        forecaster,
-    )
-    context = min(len(series.train), max(model.detector.context_steps for model in models.values()))
-    test_windows = series_windows(
-        series, np.concatenate([series.train[len(series.train) - context :], series.test])
-    )
-    raw = {name: model.score(test_windows).score[:, context:] for name, model in models.items()}
-    fused_p = calibration.p_values(raw, keys)["fused"]
-    fused_scores = score_from_p(fused_p, false_alarm_rate)
-    refit_every = max(1, math.ceil(refit_seconds / series.step_seconds - 1e-9))
-    warning_p, uncertainty = warning.replay_p_values(
-        fused_scores, test_windows, context, forecaster
-    )
-    early_warning = warning.replay_probabilities(warning_p, uncertainty, refit_every)
-    recent = RecentProbability(capacity).seed(calibration.fused_calibration_p_)
-    probability, _ = replay_recent_probability(recent, fused_p, refit_every)
+    assert fit is not None
     return EntityWarnings(
         dataset=series.dataset,
         entity=series.entity,
         step_seconds=series.step_seconds,
         labels=series.test_labels.astype(np.int8),
-        fused_scores=fused_scores[0],
-        probability=probability[0],
-        early_warning=early_warning[0],
-        early_warning_scores=score_from_p(warning_p[0], false_alarm_rate),
+        fused_scores=fused_scores,
+        probability=probability,
+        early_warning=early_warning,
+        early_warning_scores=score_from_p(warning_p, false_alarm_rate),
         horizons_steps=horizons,
-        method=warning.method,
+        method=fit.warning.method,
         seconds=time.perf_counter() - started,
+        fits=fits,
     )
+
+
+def _rows(seconds: float, step_seconds: float) -> int:
+    """``seconds`` of data in rows of ``step_seconds``, rounded up, at least one."""
+    return max(1, math.ceil(seconds / step_seconds - 1e-9))
 
 
 # ------------------------------------------------------------------------------- evaluation
@@ -455,7 +602,8 @@ def lead_rows(dataset: str, items: Sequence[EntityWarnings]) -> list[LeadRow]:
     """Per horizon: the fused score at 1.0; the early-warning probability at the same
     false-warning rate, its threshold chosen on the other half of the entities, and, as an upper
     bound, tuned on the entities it is evaluated on; the early-warning score at 1.0 (its
-    p-value at the false-alarm rate, no threshold chosen) and by the same two rules."""
+    p-value at the false-alarm rate, no threshold chosen) and by the same two rules; at the
+    early-warning alert's horizon, the shipped alert rules (:func:`alert_signals`)."""
     rows: list[LeadRow] = []
     if not items:
         return rows
@@ -472,7 +620,62 @@ def lead_rows(dataset: str, items: Sequence[EntityWarnings]) -> list[LeadRow]:
             _at_one_row(dataset, items, steps, EARLY_WARNING_SCORE_AT_ONE, scores, overall[0]),
             *_cross_fold_rows(dataset, items, steps, EARLY_WARNING_SCORE, scores, *folds),
         ]
+        if horizon_label(steps * items[0].step_seconds) == EARLY_WARNING_ALERT_HORIZON:
+            rows += _alert_rows(dataset, items, j, overall[0])
     return rows
+
+
+def firing(condition: np.ndarray, for_seconds: float, step_seconds: float) -> np.ndarray:
+    """1.0 at the steps where a rule with this ``condition`` (bool per step) and ``for:`` fires,
+    else 0.0. Prometheus fires once the condition has held without a break for ``for_seconds``;
+    a step's value stands for the whole step, so that is ``for_seconds // step_seconds + 1``
+    consecutive steps (the last ones a fraction of a step early where ``for`` is not a whole
+    number of steps)."""
+    held = np.asarray(condition, dtype=bool)
+    index = np.arange(held.size)
+    last_break = np.maximum.accumulate(np.where(held, -1, index))
+    needed = int(for_seconds // step_seconds) + 1
+    return ((index - last_break) >= needed).astype(np.float64)
+
+
+def alert_signals(item: EntityWarnings, horizon: int) -> list[np.ndarray]:
+    """The shipped rules on one entity's replayed probabilities: the anomaly alert, the
+    early-warning alert on horizon column ``horizon`` (held back while the anomaly alert's
+    condition holds, as its ``unless`` does) and either of the two, as :func:`firing` gives."""
+    with np.errstate(invalid="ignore"):
+        anomalous = item.probability > ANOMALY_ALERT.threshold
+        warned = (item.early_warning[:, horizon] > EARLY_WARNING_ALERT.threshold) & ~anomalous
+    step = item.step_seconds
+    anomaly = firing(anomalous, ANOMALY_ALERT.for_seconds, step)
+    warning = firing(warned, EARLY_WARNING_ALERT.for_seconds, step)
+    return [anomaly, warning, np.maximum(anomaly, warning)]
+
+
+def _alert_rows(
+    dataset: str, items: Sequence[EntityWarnings], horizon: int, target: float
+) -> list[LeadRow]:
+    """The shipped alert rules replayed on every entity, events counted at the early-warning
+    alert's horizon."""
+    signals = [alert_signals(item, horizon) for item in items]
+    steps = items[0].horizons_steps[horizon]
+    return [
+        _lead_row(
+            dataset,
+            steps,
+            items[0].step_seconds,
+            name,
+            rule,
+            target,
+            [([signal[k] for signal in signals], items, 0.5)],
+        )
+        for k, (name, rule) in enumerate(
+            zip(
+                ALERT_SIGNALS,
+                (ANOMALY_ALERT.describe(), EARLY_WARNING_ALERT.describe(), "as shipped"),
+                strict=True,
+            )
+        )
+    ]
 
 
 def starts_within(labels: np.ndarray, steps: int) -> np.ndarray:
@@ -612,9 +815,12 @@ def run_early_warning_benchmark(
     device: torch.device | None = None,
     detectors: DetectorsConfig | None = None,
     command: str = "",
+    fit_every_seconds: float | None = None,
+    fit_window_seconds: float | None = None,
 ) -> EarlyWarningRun:
     """Score every requested entity (the first ``max_entities`` of each dataset when given;
-    ``slice_rows`` cuts each to a short slice, for smoke tests) and evaluate."""
+    ``slice_rows`` cuts each to a short slice, for smoke tests) and evaluate; single fit, or the
+    schedule ``fit_every_seconds`` / ``fit_window_seconds`` (:func:`warn_series`)."""
     started = time.perf_counter()
     torch.manual_seed(0)
     device = device or torch.device("cpu")
@@ -629,11 +835,19 @@ def run_early_warning_benchmark(
                 series = short_slice(series, slice_rows)
             scored.append(
                 warn_series(
-                    series, detector_names, detectors, false_alarm_rate, device, refit_seconds
+                    series,
+                    detector_names,
+                    detectors,
+                    false_alarm_rate,
+                    device,
+                    refit_seconds,
+                    fit_every_seconds=fit_every_seconds,
+                    fit_window_seconds=fit_window_seconds,
                 )
             )
             print(
-                f"{series.dataset} {series.entity}: {scored[-1].seconds:.1f} s",
+                f"{series.dataset} {series.entity}: {scored[-1].seconds:.1f} s, "
+                f"{scored[-1].fits} fits",
                 file=sys.stderr,
                 flush=True,
             )
@@ -659,6 +873,8 @@ def run_early_warning_benchmark(
         wall_seconds=time.perf_counter() - started,
         machine=machine_description(device),
         methods=methods,
+        fit_every_seconds=fit_every_seconds,
+        fit_window_seconds=fit_window_seconds,
     )
 
 
@@ -745,6 +961,28 @@ def plot_reliability(run: EarlyWarningRun, directory: Path) -> list[Path]:
     return written
 
 
+def _protocol(run: EarlyWarningRun) -> str:
+    """How the models were fitted over the test split, in a sentence."""
+    split = (
+        "(detectors on the earlier 75 %, the fused calibration and the early warning on the "
+        "later 25 %)"
+    )
+    if run.fit_every_seconds is None:
+        return f"Single fit per entity on its train split {split}."
+    window = (
+        "the train split's length"
+        if run.fit_window_seconds is None
+        else f"{run.fit_window_seconds / 86400:g} days"
+    )
+    fits = [item.fits for item in run.entities]
+    return (
+        f"The agent's schedule: refitted every {run.fit_every_seconds / 86400:g} days of data "
+        f"on the trailing {window} of history {split}, the train split followed by the test "
+        "rows before the refit; each refit starts both mixtures afresh from its own calibration "
+        f"slice ({min(fits, default=0)} to {max(fits, default=0)} fits per entity)."
+    )
+
+
 def early_warning_markdown(run: EarlyWarningRun, image_links: dict[str, str]) -> str:
     """The "Early warning" section of docs/benchmarks.md."""
     refit = f"{run.refit_seconds:g} s"
@@ -756,9 +994,9 @@ def early_warning_markdown(run: EarlyWarningRun, image_links: dict[str, str]) ->
         "",
         f"Machine: {run.machine}. Wall time: {run.wall_seconds:.0f} s. Detectors: "
         f"{', '.join(run.detectors)} (fused); false_alarm_rate={run.false_alarm_rate}. "
-        "Single fit per entity on its train split (detectors on the earlier 75 %, the fused "
-        "calibration and the early warning on the later 25 %), then the test split replayed "
-        "cycle by cycle as the agent would score it; the beta-uniform mixtures behind both "
+        + _protocol(run)
+        + " The test split is replayed cycle by cycle as the agent would score it; the "
+        "beta-uniform mixtures behind both "
         f"probabilities are refitted every {refit} of data (the agent: every cycle) on the "
         "p-values before the step. Early-warning variants fitted: "
         + "; ".join(f"{d.upper()}: {', '.join(m)}" for d, m in run.methods.items() if m)
@@ -780,7 +1018,13 @@ def early_warning_markdown(run: EarlyWarningRun, image_links: dict[str, str]) ->
         "elsewhere can give. *Early-warning score*: the same evidence's combined p-value before "
         "the mixture and the gate, on the exported score's scale (1.0 at the false-alarm rate, "
         "calibrated per entity on its calibration slice), at 1.0 (nothing chosen on any data) "
-        "and by the same two rules.",
+        "and by the same two rules. *Alert ...*: the shipped alert rules replayed on the "
+        f"replayed probabilities, at the {EARLY_WARNING_ALERT_HORIZON} horizon the "
+        f"early-warning alert reads: {ANOMALY_ALERT.name} (P(anomalous now) "
+        f"{ANOMALY_ALERT.describe()}), {EARLY_WARNING_ALERT.name} (the "
+        f"{EARLY_WARNING_ALERT_HORIZON} early warning {EARLY_WARNING_ALERT.describe()}, unless "
+        f"P(anomalous now) > {ANOMALY_ALERT.threshold:g}) and *either alert*, what pages the "
+        "on-call; a `for:` is the steps it spans.",
         "",
     ]
     for dataset in run.datasets:
@@ -871,7 +1115,7 @@ def early_warning_reading(run: EarlyWarningRun) -> list[str]:
         if not rows:
             continue
         horizons = list(dict.fromkeys(h for h, _ in rows))
-        parts, earlier, carried, silent, untuned = [], 0, 0, 0, 0
+        parts, earlier, carried, silent, untuned, level = [], 0, 0, 0, 0, 0
         for horizon in horizons:
             fused = rows[(horizon, FUSED_SCORE)]
             cross = rows[(horizon, EARLY_WARNING)]
@@ -887,6 +1131,10 @@ def early_warning_reading(run: EarlyWarningRun) -> list[str]:
                 at_one.warned_before_start > fused.warned_before_start
                 and at_one.false_warnings_per_day <= fused.false_warnings_per_day
             )
+            level += (
+                0 < at_one.warned_before_start == fused.warned_before_start
+                and at_one.false_warnings_per_day < fused.false_warnings_per_day
+            )
             carried += cross.false_warnings_per_day <= 1.25 * fused.false_warnings_per_day
             silent += "never" in cross.thresholds or "never" in tuned.thresholds
         calibration = {
@@ -901,6 +1149,20 @@ def early_warning_reading(run: EarlyWarningRun) -> list[str]:
             for h in horizons
         )
         n = len(horizons)
+        alerts = [rows.get((EARLY_WARNING_ALERT_HORIZON, name)) for name in ALERT_SIGNALS]
+        alerting = (
+            ""
+            if None in alerts
+            else " The shipped alert rules ("
+            + f"{EARLY_WARNING_ALERT_HORIZON} horizon): "
+            + ", ".join(
+                f"{name.removeprefix('alert ')} warned {_before(row)}, detected "
+                f"{round(row.detected_by_end * row.events)}/{row.events} by their end"
+                for name, row in zip(ALERT_SIGNALS, alerts, strict=True)
+                if row is not None
+            )
+            + "."
+        )
         lines.append(
             f"- **{dataset.upper()}**, events warned before their start: "
             + "; ".join(parts)
@@ -917,16 +1179,22 @@ def early_warning_reading(run: EarlyWarningRun) -> list[str]:
             )
             + f"; the early-warning score at 1.0, with no threshold chosen at all, warned more "
             f"events before their start than the fused score with no more false warnings at "
-            f"{untuned} of {n}" + f". Its Brier "
+            f"{untuned} of {n}, as many (at least one) with fewer false warnings at {level} of "
+            f"{n}. Its Brier "
             f"score beats the constant base rate at {skill} of {n} horizons, and its ECE is "
-            f"below P(anomalous now)'s against the same label at {sharper} of {n}."
+            f"below P(anomalous now)'s against the same label at {sharper} of {n}." + alerting
         )
     lines += [
         "",
         'Where P(anomalous now) is as far from the "event starts within the horizon" label as '
         "the early warning, the miscalibration is the recent p-values' drift away from the "
-        "calibration slice's (this protocol never refits over the test split), not the "
-        "early-warning evidence. Refitting the mixtures every "
+        "calibration slice's"
+        + (
+            " (this protocol never refits over the test split)"
+            if run.fit_every_seconds is None
+            else f" (within the {run.fit_every_seconds / 86400:g} days between refits)"
+        )
+        + ", not the early-warning evidence. Refitting the mixtures every "
         f"{run.refit_seconds:g} s of data instead of every step makes them slower to follow an "
         "event's onset, so the lead times here err on the short side.",
     ]
@@ -959,6 +1227,24 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=3600.0,
         help="data seconds between refits of the probability mixtures (default %(default)s)",
+    )
+    parser.add_argument(
+        "--fit-every",
+        type=float,
+        default=_DEFAULT_SCHEDULE.fit_every,
+        help="data seconds between refits of the models, as schedule.fit_every "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--fit-window",
+        type=float,
+        default=_DEFAULT_SCHEDULE.fit_window,
+        help="seconds of history each refit uses, as schedule.fit_window (default %(default)s)",
+    )
+    parser.add_argument(
+        "--single-fit",
+        action="store_true",
+        help="one fit on the train split scores the whole test split (no schedule)",
     )
     parser.add_argument("--slice-rows", type=int, help="short slices of N rows (smoke tests)")
     parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
@@ -994,6 +1280,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.slice_rows,
             torch.device(args.device),
             command=command.strip(),
+            fit_every_seconds=None if args.single_fit else args.fit_every,
+            fit_window_seconds=None if args.single_fit else args.fit_window,
         )
     except datasets.DatasetError as exc:
         raise SystemExit(f"error: {exc}") from exc
