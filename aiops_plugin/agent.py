@@ -1004,10 +1004,10 @@ class Agent:
                 scored_windows.entities,
                 latest[FUSED],
             )
-            early = None
+            early = early_scores = None
             if early_warning is not None:
                 forecaster = models.get("forecaster")
-                early = early_warning.update(
+                early, early_scores = early_warning.update_scored(
                     history.rows(scored_windows.keys, self.config.early_warning.trend_steps),
                     scored_windows,
                     forecaster.detector if forecaster is not None else None,
@@ -1025,6 +1025,7 @@ class Agent:
                 forecast=forecast,
                 probability=fused_probability,
                 early_warning=early,
+                early_warning_score=early_scores,
                 horizons_seconds=list(self.config.calibration.horizons)
                 if early is not None
                 else [],

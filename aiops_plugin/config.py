@@ -546,7 +546,8 @@ class CalibrationConfig(_Strict):
 class EarlyWarningConfig(_Strict):
     """``aiops_early_warning_probability{horizon}``: P(the entity becomes anomalous within the
     horizon), from the forecaster's trajectory and interval, the SLO thresholds and the trend of
-    the fused score, held back where the models are unsure (:mod:`aiops_plugin.early_warning`)."""
+    the fused score, held back where the models are unsure (:mod:`aiops_plugin.early_warning`),
+    and ``aiops_early_warning_score{horizon}``, the same evidence on the anomaly score's scale."""
 
     enabled: bool = True
     trend_steps: int = Field(

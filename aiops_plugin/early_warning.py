@@ -99,7 +99,7 @@ from scipy.special import expit, log_ndtr, logit, ndtri, ndtri_exp
 
 from aiops_plugin.calibration.combination import cauchy_combination
 from aiops_plugin.calibration.stage import RecentProbability
-from aiops_plugin.calibration.tail import TailCalibrator
+from aiops_plugin.calibration.tail import TailCalibrator, score_from_p
 from aiops_plugin.config import EarlyWarningConfig, SloThreshold
 from aiops_plugin.detectors.forecaster import ForecastDistribution, ForecasterDetector
 from aiops_plugin.windows import Windows
@@ -254,6 +254,14 @@ def forecast_evidence(
     return crossing, breach, uncertainty
 
 
+def gate_weight(uncertainty: np.ndarray, threshold: float) -> np.ndarray:
+    """The weight ``tau`` the gate gives the evidence: ``threshold / uncertainty`` where the
+    uncertainty is above ``threshold``, 1 elsewhere (and where it is NaN)."""
+    u = np.asarray(uncertainty, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(np.isfinite(u) & (u > threshold), threshold / u, 1.0)
+
+
 def gate(
     probability: np.ndarray,
     prior: float | np.ndarray,
@@ -267,9 +275,7 @@ def gate(
     p = np.asarray(probability, dtype=np.float64)
     if uncertainty is None:
         return p
-    u = np.asarray(uncertainty, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        tau = np.where(np.isfinite(u) & (u > threshold), threshold / u, 1.0)
+    tau = gate_weight(uncertainty, threshold)
     clipped = np.clip(np.nan_to_num(p, nan=0.5), PROBABILITY_CLIP, 1.0 - PROBABILITY_CLIP)
     base = logit(
         np.clip(np.asarray(prior, dtype=np.float64), PROBABILITY_CLIP, 1 - PROBABILITY_CLIP)
@@ -507,13 +513,24 @@ class GroupEarlyWarning:
         windows: Windows,
         forecaster: ForecasterDetector | None,
     ) -> np.ndarray:
+        """One inference cycle: the probabilities of :meth:`update_scored`."""
+        return self.update_scored(fused_history, windows, forecaster)[0]
+
+    def update_scored(
+        self,
+        fused_history: np.ndarray,
+        windows: Windows,
+        forecaster: ForecasterDetector | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """One inference cycle.
 
         ``fused_history``: ``(entities, T)`` the recent exported fused scores ending with this
         cycle's (NaN where not scored; ``T`` may be shorter than ``trend_steps``); ``windows``:
         the scored windows, same entities, ending at this cycle (their tail is the forecaster's
-        context). Returns ``(entities, horizons)`` probabilities in [0, 1], NaN where no evidence
-        exists, and feeds the recent p-values.
+        context). Returns ``(probabilities, scores)``, both ``(entities, horizons)``, NaN where
+        no evidence exists: the gated probabilities in [0, 1], and the early-warning scores, the
+        combined p-values (stage 2) on the anomaly score's scale (``score_from_p``: 1.0 where
+        the p-value is the false-alarm rate). Feeds the recent p-values.
         """
         self._require_fitted()
         history = np.asarray(fused_history, dtype=np.float64)
@@ -547,7 +564,24 @@ class GroupEarlyWarning:
             [recent_j.update(p[:, j]) for j, recent_j in enumerate(self.recent_)], axis=-1
         )
         prior = np.array([recent_j.model.anomalous_share_ for recent_j in self.recent_])
-        return self._gated(probability, uncertainty, prior)
+        return self._gated(probability, uncertainty, prior), self.scores(p, uncertainty)
+
+    def scores(self, p: np.ndarray, uncertainty: np.ndarray | None) -> np.ndarray:
+        """The early-warning scores of combined p-values ``(entities, ..., horizons)`` and the
+        matching forecast uncertainty: ``score_from_p`` (1.0 at the false-alarm rate), tempered
+        by the gate as the probability's evidence is, times ``tau`` where the forecast is unsure
+        (the power likelihood ``p ** tau`` of the p-value)."""
+        scores = score_from_p(p, self.false_alarm_rate)
+        if self.gate_threshold_ is None or uncertainty is None:
+            return scores
+        tau = np.stack(
+            [
+                gate_weight(uncertainty[..., j], float(self.gate_threshold_[j]))
+                for j in range(len(self.horizons_steps))
+            ],
+            axis=-1,
+        )
+        return scores * tau
 
     def replay(
         self,

@@ -80,6 +80,9 @@ class GroupSnapshot:
             entities in the order of ``entities``, or None.
         early_warning: ``(entities, horizons)`` P(the entity becomes anomalous within each of
             ``horizons_seconds``), NaN where undefined, or None.
+        early_warning_score: ``(entities, horizons)`` the same evidence before the mixture and
+            the gate, on the anomaly score's scale (1.0 at the configured false-alarm rate), or
+            None.
         log_branch: for detectors that read logs, ``(entities,)`` bool: the entity's score used
             its logs (False: its metrics alone).
     """
@@ -94,6 +97,7 @@ class GroupSnapshot:
     forecast: Forecast | None = None
     probability: np.ndarray | None = None
     early_warning: np.ndarray | None = None
+    early_warning_score: np.ndarray | None = None
     horizons_seconds: list[float] = field(default_factory=list)
     log_branch: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -165,6 +169,13 @@ class _SnapshotCollector(Collector):
             "thresholds and the fused score's trend, held back where the models are unsure).",
             "gauge",
         )
+        early_warning_score = Metric(
+            "aiops_early_warning_score",
+            "Early-warning evidence on the anomaly score's scale: >= 0, 1.0 = the evidence that "
+            "normal behaviour gives at the configured false-alarm rate (what AiopsEarlyWarning "
+            "alerts on).",
+            "gauge",
+        )
         inputs = Metric(
             "aiops_detector_entities",
             "Entities a log-reading detector scored this cycle, by what it read: "
@@ -205,6 +216,15 @@ class _SnapshotCollector(Collector):
                                 {**base, "horizon": horizon},
                                 float(value),
                             )
+                if snapshot.early_warning_score is not None:
+                    for k, horizon in enumerate(horizons):
+                        value = snapshot.early_warning_score[i, k]
+                        if np.isfinite(value):
+                            early_warning_score.add_sample(
+                                "aiops_early_warning_score",
+                                {**base, "horizon": horizon},
+                                float(value),
+                            )
                 for detector, values in snapshot.uncertainty.items():
                     if np.isfinite(values[i]):
                         uncertainty.add_sample(
@@ -227,6 +247,8 @@ class _SnapshotCollector(Collector):
             yield probability
         if early_warning.samples:
             yield early_warning
+        if early_warning_score.samples:
+            yield early_warning_score
         if inputs.samples:
             yield inputs
         yield from self.exporter.root_cause_metrics()

@@ -239,6 +239,11 @@ def test_replay_exports_early_warnings_and_events_with_their_root_cause(
         for s in exported(agent)["aiops_early_warning_probability"]
     }
     assert all(0.0 <= value <= 1.0 for value in warning.values())
+    scores = {
+        (s.labels["instance"], s.labels["horizon"]): s.value
+        for s in exported(agent)["aiops_early_warning_score"]
+    }
+    assert set(scores) == set(warning) and all(value >= 0.0 for value in scores.values())
 
     events = {event.entity_labels["instance"]: event for event in agent.store.open_anomaly_events()}
     assert {"early", "late"} <= set(events)

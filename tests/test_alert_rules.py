@@ -109,7 +109,7 @@ def _rule(name: str) -> dict[str, Any]:
 
 
 _EARLY_WARNING = re.compile(
-    r'^aiops_early_warning_probability\{horizon="(?P<horizon>\w+)"\} > (?P<threshold>[0-9.]+)\n'
+    r'^aiops_early_warning_score\{horizon="(?P<horizon>\w+)"\} >= (?P<threshold>[0-9.]+)\n'
     r"unless on\(entity_group, entity\) aiops_anomaly_probability > (?P<anomalous>[0-9.]+)$"
 )
 
@@ -121,7 +121,7 @@ def test_early_warning_watches_a_default_horizon_and_not_what_is_already_anomalo
     assert match, _rule("AiopsEarlyWarning")["expr"]
     defaults = {horizon_label(seconds) for seconds in CalibrationConfig().horizons}
     assert match["horizon"] in defaults
-    assert 0 < float(match["threshold"]) < 1
+    assert float(match["threshold"]) == 1.0  # the score's own threshold, as the anomaly score's
     detected = _rule("AiopsAnomalyDetected")["expr"]
     assert detected == f"aiops_anomaly_probability > {match['anomalous']}"
 

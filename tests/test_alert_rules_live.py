@@ -10,7 +10,8 @@ Two checks that a hand-written promtool series cannot make on its own:
    really emits (same label names beyond the entity's own; detectors, sources and phases that
    exist, horizons it exports), checked against the ``/metrics`` of a fitted agent and of one
    that cannot fit; among them the anomaly alerts' ``aiops_anomaly_probability``, the early
-   warning's ``aiops_early_warning_probability`` and the ``aiops_metric_contribution`` their
+   warning's ``aiops_early_warning_score`` and ``aiops_early_warning_probability`` (its
+   description quotes it) and the ``aiops_metric_contribution`` their
    ``top_metrics`` annotation queries.
 """
 
@@ -188,6 +189,7 @@ def test_promtool_input_series_have_the_label_sets_the_exporter_emits(
             "aiops_anomaly_probability",
             "aiops_anomaly_score",
             "aiops_early_warning_probability",
+            "aiops_early_warning_score",
             "aiops_metric_contribution",
         } <= set(checked)
     finally:

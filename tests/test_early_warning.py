@@ -278,14 +278,22 @@ def test_update_cycle_by_cycle_is_what_the_replay_gives(
         if i == 0:
             assert history.shape[1] < cycles.settings.trend_steps
         scored = windows.head(step + 1).tail(fitted.forecaster.context_steps + 1)
-        by_update.append(cycles.update(history, scored, fitted.forecaster))
+        by_update.append(cycles.update_scored(history, scored, fitted.forecaster))
     start = steps[0]
     end = steps[-1] + 1
     replayed = copy.deepcopy(with_forecast).replay(
         fused[:, start:end], windows.head(end), start, fitted.forecaster, refit_every=1
     )
-    np.testing.assert_allclose(np.stack(by_update, axis=1), replayed, rtol=1e-4, atol=1e-7)
-    assert np.asarray(by_update).shape == (15, 1, 3)
+    probabilities = np.stack([probability for probability, _ in by_update], axis=1)
+    np.testing.assert_allclose(probabilities, replayed, rtol=1e-4, atol=1e-7)
+    assert probabilities.shape == (1, 15, 3)
+    # the exported early-warning score: the same evidence, on the anomaly score's scale
+    p, uncertainty = with_forecast.replay_p_values(
+        fused[:, start:end], windows.head(end), start, fitted.forecaster
+    )
+    scores = np.stack([score for _, score in by_update], axis=1)
+    np.testing.assert_allclose(scores, with_forecast.scores(p, uncertainty), rtol=1e-4)
+    assert (scores >= 0).all()
 
 
 def test_nothing_to_say_without_scores_or_forecasts(
@@ -330,6 +338,13 @@ def test_gate_holds_back_warnings_when_the_forecast_is_unsure(
     assert warned is not None and held[warned, 2] < 0.1
     later = first_at_or_above(held[:, 2], 0.5)
     assert later is None or later > warned + 10
+    # the score is tempered by the same weight: the p-value's power likelihood p ** tau
+    fused = fitted.fused(windows)[:, CONTEXT:]
+    p, spread = with_forecast.replay_p_values(fused, windows, CONTEXT, fitted.forecaster)
+    assert spread is not None
+    tau = np.minimum(1.0, strict.gate_threshold_ / spread)
+    assert (tau < 1).any()
+    np.testing.assert_allclose(strict.scores(p, spread), open_gate.scores(p, spread) * tau)
 
 
 def test_slo_crossing_raises_the_probability_as_the_forecast_approaches(
@@ -518,8 +533,9 @@ def test_replayed_alert_rules_are_the_shipped_ones() -> None:
     assert (
         warning["expr"].split()
         == (
-            f'aiops_early_warning_probability{{horizon="{benchmark.EARLY_WARNING_ALERT_HORIZON}"}} '
-            f"> {benchmark.EARLY_WARNING_ALERT.threshold:g} unless on(entity_group, entity) "
+            f'aiops_early_warning_score{{horizon="{benchmark.EARLY_WARNING_ALERT_HORIZON}"}} '
+            f"{benchmark.EARLY_WARNING_ALERT.operator} {benchmark.EARLY_WARNING_ALERT.threshold:g} "
+            "unless on(entity_group, entity) "
             f"aiops_anomaly_probability > {benchmark.ANOMALY_ALERT.threshold:g}"
         ).split()
     )

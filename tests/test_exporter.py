@@ -200,3 +200,34 @@ def test_a_scrape_serves_the_rendered_families_until_they_change(
     assert {value for *_, value in _parsed(third)["aiops_anomaly_probability"]} == {0.5}
     exporter.withdraw("pods")
     assert "aiops_anomaly_probability" not in _parsed(exporter.exposition())
+
+
+def test_early_warning_probability_and_score_per_horizon() -> None:
+    """Both early-warning series carry the entity's labels and the horizon; NaN is left out."""
+    snapshot = _snapshot(np.array([0.97, 0.02, 0.5]))
+    snapshot.early_warning = np.array([[0.9, 0.95], [0.1, np.nan], [0.3, 0.4]])
+    snapshot.early_warning_score = np.array([[1.4, 2.0], [0.2, np.nan], [np.nan, 0.6]])
+    snapshot.horizons_seconds = [300.0, 900.0]
+    exporter = Exporter()
+    exporter.publish(snapshot)
+
+    def by_entity(name: str) -> dict[tuple[str, str], float]:
+        return {(s.labels["pod"], s.labels["horizon"]): s.value for s in _samples(exporter, name)}
+
+    assert by_entity("aiops_early_warning_probability") == {
+        ("checkout-7d9f", "5m"): 0.9,
+        ("checkout-7d9f", "15m"): 0.95,
+        ("cart-5c8b", "5m"): 0.1,
+        ("ads-9f3d", "5m"): 0.3,
+        ("ads-9f3d", "15m"): 0.4,
+    }
+    assert by_entity("aiops_early_warning_score") == {
+        ("checkout-7d9f", "5m"): 1.4,
+        ("checkout-7d9f", "15m"): 2.0,
+        ("cart-5c8b", "5m"): 0.2,
+        ("ads-9f3d", "15m"): 0.6,
+    }
+    (sample, *_) = _samples(exporter, "aiops_early_warning_score")
+    assert set(sample.labels) == {"namespace", "pod", "entity", "entity_group", "horizon"}
+    documentation, _ = _families(exporter)["aiops_early_warning_score"]
+    assert "false-alarm rate" in documentation

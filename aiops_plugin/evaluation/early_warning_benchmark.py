@@ -117,25 +117,43 @@ ANOMALY_PROBABILITY = "P(anomalous now)"
 @dataclass(frozen=True)
 class AlertRule:
     """One of the shipped alert rules (``alert_rules/aiops-plugin.rules.yml``) as the replay
-    applies it: the probability above ``threshold`` for ``for_seconds``."""
+    applies it: its signal above ``threshold`` (``>=`` where ``inclusive``) for
+    ``for_seconds``."""
 
     name: str
     threshold: float
     for_seconds: float
+    inclusive: bool = False
+
+    @property
+    def operator(self) -> str:
+        return ">=" if self.inclusive else ">"
 
     def describe(self) -> str:
-        return f"> {self.threshold:g} for {horizon_label(self.for_seconds)}"
+        return f"{self.operator} {self.threshold:g} for {horizon_label(self.for_seconds)}"
+
+    def holds(self, values: np.ndarray) -> np.ndarray:
+        """Where the condition holds (NaN: never, as an absent series)."""
+        with np.errstate(invalid="ignore"):
+            if self.inclusive:
+                return np.asarray(values) >= self.threshold
+            return np.asarray(values) > self.threshold
 
 
-#: The rules as shipped; tests/test_early_warning.py checks them against the rule file.
+#: The rules as shipped; tests/test_early_warning.py checks them against the rule file:
+#: the anomaly alert on P(anomalous now), the early warning on the early-warning score.
 ANOMALY_ALERT = AlertRule("AiopsAnomalyDetected", 0.9, 120.0)
-EARLY_WARNING_ALERT = AlertRule("AiopsEarlyWarning", 0.8, 300.0)
+EARLY_WARNING_ALERT = AlertRule("AiopsEarlyWarning", 1.0, 300.0, inclusive=True)
+#: The alternative the rule file documents: the early warning on its probability.
+PROBABILITY_WARNING_ALERT = AlertRule("AiopsEarlyWarning on the probability", 0.8, 300.0)
 #: The horizon the early-warning alert reads.
 EARLY_WARNING_ALERT_HORIZON = "15m"
 ALERT_SIGNALS = (
     f"alert {ANOMALY_ALERT.name}",
     f"alert {EARLY_WARNING_ALERT.name}",
     "either alert",
+    f"alternative: {PROBABILITY_WARNING_ALERT.name}",
+    "either, with the alternative",
 )
 #: Candidate thresholds of a probability per selection: quantiles this close to the top.
 _CANDIDATES = 400
@@ -289,7 +307,7 @@ def _replay_block(
     refit_every: int,
 ) -> tuple[np.ndarray, ...]:
     """Rows ``start..end`` of ``full`` (train split then test split) scored with ``fit``, cycle
-    by cycle: ``(fused p, fused scores, P(anomalous now), early warning, early-warning p)``.
+    by cycle: ``(fused p, fused scores, P(anomalous now), early warning, early-warning scores)``.
 
     The ``lead_in`` rows before ``start`` are scored too, with the same models, and give the
     trend of the first rows its score history, as the agent's history of exported scores does
@@ -308,6 +326,7 @@ def _replay_block(
     warning_p = warning_p[:, lead_in:]
     uncertainty = None if uncertainty is None else uncertainty[:, lead_in:]
     early_warning = fit.warning.replay_probabilities(warning_p, uncertainty, refit_every)
+    early_warning_scores = fit.warning.scores(warning_p, uncertainty)
     recent = RecentProbability(_DEFAULT_CALIBRATION.recent_p_values).seed(
         fit.calibration.fused_calibration_p_
     )
@@ -317,7 +336,7 @@ def _replay_block(
         fused_scores[0, lead_in:],
         probability[0],
         early_warning[0],
-        warning_p[0],
+        early_warning_scores[0],
     )
 
 
@@ -377,7 +396,7 @@ def warn_series(
         parts.append(
             _replay_block(series, fit, full, n_train + start, n_train + end, lead_in, refit_every)
         )
-    fused_p, fused_scores, probability, early_warning, warning_p = (
+    fused_p, fused_scores, probability, early_warning, early_warning_scores = (
         np.concatenate(column) for column in zip(*parts, strict=True)
     )
     assert fit is not None
@@ -389,7 +408,7 @@ def warn_series(
         fused_scores=fused_scores,
         probability=probability,
         early_warning=early_warning,
-        early_warning_scores=score_from_p(warning_p, false_alarm_rate),
+        early_warning_scores=early_warning_scores,
         horizons_steps=horizons,
         method=fit.warning.method,
         seconds=time.perf_counter() - started,
@@ -639,16 +658,31 @@ def firing(condition: np.ndarray, for_seconds: float, step_seconds: float) -> np
 
 
 def alert_signals(item: EntityWarnings, horizon: int) -> list[np.ndarray]:
-    """The shipped rules on one entity's replayed probabilities: the anomaly alert, the
-    early-warning alert on horizon column ``horizon`` (held back while the anomaly alert's
-    condition holds, as its ``unless`` does) and either of the two, as :func:`firing` gives."""
-    with np.errstate(invalid="ignore"):
-        anomalous = item.probability > ANOMALY_ALERT.threshold
-        warned = (item.early_warning[:, horizon] > EARLY_WARNING_ALERT.threshold) & ~anomalous
+    """The shipped rules on one entity's replayed signals, as :func:`firing` gives them, in
+    :data:`ALERT_SIGNALS` order: the anomaly alert, the early-warning alert on the score's
+    horizon column ``horizon`` (held back while the anomaly alert's condition holds, as its
+    ``unless`` does), either of the two; then the documented alternative, the early warning on
+    the probability instead, alone and with the anomaly alert."""
+    anomalous = ANOMALY_ALERT.holds(item.probability)
     step = item.step_seconds
     anomaly = firing(anomalous, ANOMALY_ALERT.for_seconds, step)
-    warning = firing(warned, EARLY_WARNING_ALERT.for_seconds, step)
-    return [anomaly, warning, np.maximum(anomaly, warning)]
+    warning = firing(
+        EARLY_WARNING_ALERT.holds(item.early_warning_scores[:, horizon]) & ~anomalous,
+        EARLY_WARNING_ALERT.for_seconds,
+        step,
+    )
+    alternative = firing(
+        PROBABILITY_WARNING_ALERT.holds(item.early_warning[:, horizon]) & ~anomalous,
+        PROBABILITY_WARNING_ALERT.for_seconds,
+        step,
+    )
+    return [
+        anomaly,
+        warning,
+        np.maximum(anomaly, warning),
+        alternative,
+        np.maximum(anomaly, alternative),
+    ]
 
 
 def _alert_rows(
@@ -671,7 +705,13 @@ def _alert_rows(
         for k, (name, rule) in enumerate(
             zip(
                 ALERT_SIGNALS,
-                (ANOMALY_ALERT.describe(), EARLY_WARNING_ALERT.describe(), "as shipped"),
+                (
+                    ANOMALY_ALERT.describe(),
+                    EARLY_WARNING_ALERT.describe(),
+                    "as shipped",
+                    PROBABILITY_WARNING_ALERT.describe(),
+                    "anomaly alert or the alternative",
+                ),
                 strict=True,
             )
         )
@@ -1022,9 +1062,12 @@ def early_warning_markdown(run: EarlyWarningRun, image_links: dict[str, str]) ->
         f"replayed probabilities, at the {EARLY_WARNING_ALERT_HORIZON} horizon the "
         f"early-warning alert reads: {ANOMALY_ALERT.name} (P(anomalous now) "
         f"{ANOMALY_ALERT.describe()}), {EARLY_WARNING_ALERT.name} (the "
-        f"{EARLY_WARNING_ALERT_HORIZON} early warning {EARLY_WARNING_ALERT.describe()}, unless "
+        f"{EARLY_WARNING_ALERT_HORIZON} early-warning score {EARLY_WARNING_ALERT.describe()}, "
+        "unless "
         f"P(anomalous now) > {ANOMALY_ALERT.threshold:g}) and *either alert*, what pages the "
-        "on-call; a `for:` is the steps it spans.",
+        "on-call; a `for:` is the steps it spans. *Alternative*: the early-warning alert on its "
+        f"probability {PROBABILITY_WARNING_ALERT.describe()} instead of the score, as the rule "
+        "file documents.",
         "",
     ]
     for dataset in run.datasets:
