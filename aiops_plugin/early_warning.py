@@ -76,6 +76,12 @@ own chance of a crossing: a 20 % chance of crossing an SLO that the calibration 
 near is a tiny p-value, and a probability near 1. How well it matches real events is measured
 by :mod:`aiops_plugin.evaluation.early_warning_benchmark` (ECE, Brier, lead time).
 
+**The score.** ``aiops_early_warning_score{horizon}`` is stage 2's combined p-value on the
+anomaly score's scale (``score_from_p``: 1.0 where the p-value is the false-alarm rate), tempered
+by the same gate (times ``tau``, the power likelihood ``p ** tau``). It needs no threshold chosen
+on anyone's data, so the early-warning alert reads it at 1.0, as the anomaly score is read; the
+benchmark replays that rule beside one on the probability.
+
 Without a forecaster (it is optional; the default detector set is mad + pca) only the trend
 evidence is used and there is no forecast uncertainty to gate on; :attr:`GroupEarlyWarning.method`
 records which variant was fitted (it goes into the calibration version).
@@ -529,8 +535,8 @@ class GroupEarlyWarning:
         the scored windows, same entities, ending at this cycle (their tail is the forecaster's
         context). Returns ``(probabilities, scores)``, both ``(entities, horizons)``, NaN where
         no evidence exists: the gated probabilities in [0, 1], and the early-warning scores, the
-        combined p-values (stage 2) on the anomaly score's scale (``score_from_p``: 1.0 where
-        the p-value is the false-alarm rate). Feeds the recent p-values.
+        combined p-values (stage 2) on the anomaly score's scale (:meth:`scores`: 1.0 where the
+        p-value is the false-alarm rate, tempered by the gate). Feeds the recent p-values.
         """
         self._require_fitted()
         history = np.asarray(fused_history, dtype=np.float64)

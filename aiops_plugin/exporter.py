@@ -80,9 +80,9 @@ class GroupSnapshot:
             entities in the order of ``entities``, or None.
         early_warning: ``(entities, horizons)`` P(the entity becomes anomalous within each of
             ``horizons_seconds``), NaN where undefined, or None.
-        early_warning_score: ``(entities, horizons)`` the same evidence before the mixture and
-            the gate, on the anomaly score's scale (1.0 at the configured false-alarm rate), or
-            None.
+        early_warning_score: ``(entities, horizons)`` the same evidence before the mixture (tempered
+            by the gate), on the anomaly score's scale (1.0 at the configured false-alarm rate),
+            or None.
         log_branch: for detectors that read logs, ``(entities,)`` bool: the entity's score used
             its logs (False: its metrics alone).
     """

@@ -34,8 +34,9 @@ What is measured, per horizon ``h`` (``H`` steps):
   in alarm, than the fused score does there: alarms that merge into a few endless runs count as
   few false warnings, and the time bound rules such thresholds out. Beside it, as an upper
   bound, the early warning with its threshold tuned by the same rule on the very entities it is
-  evaluated on. And the **early-warning score**: the same evidence before the mixture and the
-  gate, its combined p-value on the exported score's scale (1.0 at the false-alarm rate), per
+  evaluated on. And the **early-warning score** (exported as ``aiops_early_warning_score``): the
+  same evidence before the mixture, tempered by the gate where there is one, its combined
+  p-value on the exported score's scale (1.0 at the false-alarm rate), per
   entity calibrated on its own calibration slice, at 1.0 (the rule the fused score is held to,
   nothing chosen on any data) and by the two threshold rules above.
 - **Calibration**: ECE (10 equal-width bins) and Brier score of each horizon's probability
@@ -1056,10 +1057,11 @@ def early_warning_markdown(run: EarlyWarningRun, image_links: dict[str, str]) ->
         "numbers on the entities scored. *Tuned in-sample*: the same rule applied on all the "
         "dataset's entities and evaluated on them, an upper bound on what a threshold chosen "
         "elsewhere can give. *Early-warning score*: the same evidence's combined p-value before "
-        "the mixture and the gate, on the exported score's scale (1.0 at the false-alarm rate, "
+        "the mixture (tempered by the gate where there is one), on the exported score's scale "
+        "(1.0 at the false-alarm rate, "
         "calibrated per entity on its calibration slice), at 1.0 (nothing chosen on any data) "
         "and by the same two rules. *Alert ...*: the shipped alert rules replayed on the "
-        f"replayed probabilities, at the {EARLY_WARNING_ALERT_HORIZON} horizon the "
+        f"replayed signals, at the {EARLY_WARNING_ALERT_HORIZON} horizon the "
         f"early-warning alert reads: {ANOMALY_ALERT.name} (P(anomalous now) "
         f"{ANOMALY_ALERT.describe()}), {EARLY_WARNING_ALERT.name} (the "
         f"{EARLY_WARNING_ALERT_HORIZON} early-warning score {EARLY_WARNING_ALERT.describe()}, "
