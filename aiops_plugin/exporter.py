@@ -207,23 +207,16 @@ class _SnapshotCollector(Collector):
                     probability.add_sample(
                         "aiops_anomaly_probability", base, float(snapshot.probability[i])
                     )
-                if snapshot.early_warning is not None:
+                for family, per_horizon in (
+                    (early_warning, snapshot.early_warning),
+                    (early_warning_score, snapshot.early_warning_score),
+                ):
+                    if per_horizon is None:
+                        continue
                     for k, horizon in enumerate(horizons):
-                        value = snapshot.early_warning[i, k]
-                        if np.isfinite(value):
-                            early_warning.add_sample(
-                                "aiops_early_warning_probability",
-                                {**base, "horizon": horizon},
-                                float(value),
-                            )
-                if snapshot.early_warning_score is not None:
-                    for k, horizon in enumerate(horizons):
-                        value = snapshot.early_warning_score[i, k]
-                        if np.isfinite(value):
-                            early_warning_score.add_sample(
-                                "aiops_early_warning_score",
-                                {**base, "horizon": horizon},
-                                float(value),
+                        if np.isfinite(per_horizon[i, k]):
+                            family.add_sample(
+                                family.name, {**base, "horizon": horizon}, float(per_horizon[i, k])
                             )
                 for detector, values in snapshot.uncertainty.items():
                     if np.isfinite(values[i]):

@@ -44,7 +44,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -192,6 +192,19 @@ def probabilities(
     return unlabelled, labelled, half
 
 
+def refit_blocks(
+    full: np.ndarray, n_train: int, block: int, window: int
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """The blocks of a periodic refit: ``(start, end, history)`` for every ``block`` rows of the
+    test split (``full``: the train split's ``n_train`` rows, then the test split), ``start..end``
+    in test rows and ``history`` the trailing ``window`` rows before the block, what its refit
+    reads (one empty block where the test split is empty)."""
+    n_test = len(full) - n_train
+    for start in range(0, max(n_test, 1), max(block, 1)):
+        end = min(start + block, n_test)
+        yield start, end, full[max(0, n_train + start - window) : n_train + start]
+
+
 def _fit_detectors(
     series: datasets.LabelledSeries,
     history: np.ndarray,
@@ -280,9 +293,7 @@ def score_series(
     models: dict[str, FittedModel] = {}
     calibration: GroupCalibration | None = None
     kept: list[str] = []
-    for start in range(0, max(n_test, 1), block):
-        end = min(start + block, n_test)
-        history = full[max(0, n_train + start - window) : n_train + start]
+    for start, end, history in refit_blocks(full, n_train, block, window):
         try:
             fitted, raw_calibration, seconds = _fit_detectors(
                 series, history, detector_names, detectors, device, calibration_fraction

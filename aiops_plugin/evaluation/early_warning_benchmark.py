@@ -87,6 +87,7 @@ from aiops_plugin.evaluation.benchmark import (
     _nab_file,
     _write_rows,
     machine_description,
+    refit_blocks,
     series_windows,
     short_slice,
     write_markdown_section,
@@ -374,9 +375,7 @@ def warn_series(
     parts: list[tuple[np.ndarray, ...]] = []
     fit: _Fit | None = None
     fits = 0
-    for start in range(0, max(n_test, 1), max(block, 1)):
-        end = min(start + block, n_test)
-        history = full[max(0, n_train + start - window) : n_train + start]
+    for start, end, history in refit_blocks(full, n_train, block, window):
         try:
             fit = _fit_models(
                 series,
