@@ -309,7 +309,7 @@ def _replay_block(
     refit_every: int,
 ) -> tuple[np.ndarray, ...]:
     """Rows ``start..end`` of ``full`` (train split then test split) scored with ``fit``, cycle
-    by cycle: ``(fused p, fused scores, P(anomalous now), early warning, early-warning scores)``.
+    by cycle: ``(fused scores, P(anomalous now), early warning, early-warning scores)``.
 
     The ``lead_in`` rows before ``start`` are scored too, with the same models, and give the
     trend of the first rows its score history, as the agent's history of exported scores does
@@ -334,7 +334,6 @@ def _replay_block(
     )
     probability, _ = replay_recent_probability(recent, fused_p[:, lead_in:], refit_every)
     return (
-        fused_p[0, lead_in:],
         fused_scores[0, lead_in:],
         probability[0],
         early_warning[0],
@@ -396,7 +395,7 @@ def warn_series(
         parts.append(
             _replay_block(series, fit, full, n_train + start, n_train + end, lead_in, refit_every)
         )
-    fused_p, fused_scores, probability, early_warning, early_warning_scores = (
+    fused_scores, probability, early_warning, early_warning_scores = (
         np.concatenate(column) for column in zip(*parts, strict=True)
     )
     assert fit is not None
