@@ -937,6 +937,8 @@ class Agent:
                 models = {}
         context = self._context_steps(group.name)
         keep_steps = 2 * context + 10
+        if early_warning is not None:  # the metrics' lines it extrapolates need their span
+            keep_steps = max(keep_steps, early_warning.history_steps)
         step = self.config.prometheus.step
 
         with timer.phase("fetch"):

@@ -560,6 +560,14 @@ class EarlyWarningConfig(_Strict):
         description="forecast uncertainty above this quantile of the calibration slice's holds "
         "the warning back toward the prior",
     )
+    ramp: bool = Field(
+        False,
+        description="also extrapolate every metric's own least-squares line (PromQL's "
+        "predict_linear) over max(trend_steps, the horizon) steps to the horizon's end, and warn "
+        "where one inside the metric's normal band leaves it; needs no forecaster (off by "
+        "default: on SMD it warns no event more at the fused score's false-warning rate, "
+        "docs/benchmarks.md 'Early warning: with the metrics' own lines')",
+    )
 
 
 class EventsConfig(_Strict):
@@ -977,7 +985,11 @@ class Config(_Strict):
             "tail_fraction": self.calibration.tail_fraction,
             "recent_p_values": self.calibration.recent_p_values,
             "horizons": self.calibration.horizons,
-            "early_warning": self.early_warning.model_dump(mode="json"),
+            # ``ramp`` only where it is on: a calibration stored before the setting existed
+            # stays valid under the default, so an upgrade recalibrates nothing
+            "early_warning": self.early_warning.model_dump(
+                mode="json", exclude=None if self.early_warning.ramp else {"ramp"}
+            ),
             "slo": {k: v.model_dump(mode="json") for k, v in self.group(group).slo.items()},
         }
         return _digest(payload)

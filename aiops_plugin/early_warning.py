@@ -28,6 +28,21 @@ anomaly score goes through (:mod:`aiops_plugin.calibration`).
   has the threshold moved into the entity's robust-scale units, ``(threshold - center) /
   scale``, and its one-sided crossing probability is combined as above. Present only when a
   forecaster is fitted and a configured query is among its features.
+- ``ramp`` (``early_warning.ramp``, off by default; needs no forecaster): every metric's own
+  line, PromQL's ``predict_linear`` for all of them at once. The entity's metrics are robustly
+  standardised (:class:`~aiops_plugin.detectors.scaling.RobustScaler`, fitted on the detectors'
+  training part of the fit read); over the last ``max(trend_steps, H_h)`` steps each one's
+  least-squares line (:func:`line_extrapolation`) is extrapolated ``H_h`` steps ahead, and the
+  statistic is the largest ``|line| / b_h,f`` over the metrics whose line is still inside their
+  normal band ``b_f`` at the step itself (one already outside is anomalous now, the fused
+  score's to say; a level that moved and stayed there, which the fused score's calibration took
+  in, would otherwise warn at every step). ``b_h,f`` is the ``1 - false_alarm_rate`` quantile of
+  that metric's ``|line|`` on the calibration slice (entities pooled), at least its normal band
+  ``b_f`` (as the forecast's): a noisy metric's line swings far at every step and is measured
+  against its own swings, so a smooth metric heading out of its band (memory, a queue, a disk)
+  is what stands out. A line as long as its horizon keeps the extrapolation's noise near the
+  data's. The agent keeps that many steps of every metric. Off by default (the measurements:
+  docs/benchmarks.md, "Early warning: with the metrics' own lines").
 - ``trend``: the fused exported score's recent trend. Over the last ``trend_steps`` steps the
   score, as ``-log p`` (the score times ``log(1 / false_alarm_rate)``), is fitted by least
   squares on the finite values only (at least ``MIN_TREND_POINTS`` of them), and the line is
@@ -83,8 +98,9 @@ on anyone's data, so the early-warning alert reads it at 1.0, as the anomaly sco
 benchmark replays that rule beside one on the probability.
 
 Without a forecaster (it is optional; the default detector set is mad + pca) only the trend
-evidence is used and there is no forecast uncertainty to gate on; :attr:`GroupEarlyWarning.method`
-records which variant was fitted (it goes into the calibration version).
+evidence (and the ramp, where configured) is used and there is no forecast uncertainty to gate
+on; :attr:`GroupEarlyWarning.method` records which variant was fitted (it goes into the
+calibration version).
 
 The band and the trend's ``-log p`` use the ``false_alarm_rate`` given at construction, so a
 change of the rate needs a refit of the early warning (unlike the anomaly score's calibration).
@@ -97,7 +113,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -108,10 +124,11 @@ from aiops_plugin.calibration.stage import RecentProbability
 from aiops_plugin.calibration.tail import TailCalibrator, score_from_p
 from aiops_plugin.config import EarlyWarningConfig, SloThreshold
 from aiops_plugin.detectors.forecaster import ForecastDistribution, ForecasterDetector
+from aiops_plugin.detectors.scaling import RobustScaler
 from aiops_plugin.windows import Windows
 
 STATE_VERSION = 1
-FORECAST, SLO, TREND = "forecast", "slo", "trend"
+FORECAST, SLO, RAMP, TREND = "forecast", "slo", "ramp", "trend"
 #: Fewest finite fused scores a trend is fitted on.
 MIN_TREND_POINTS = 3
 #: Values of the fit read the band quantiles are taken from at most (evenly spaced steps).
@@ -119,8 +136,13 @@ MAX_BAND_VALUES = 1_000_000
 #: The gate tempers the log-odds of probabilities kept in ``[CLIP, 1 - CLIP]``: no evidence here
 #: earns more certainty than that, so a strict enough gate can hold back any warning.
 PROBABILITY_CLIP = 1e-6
-#: Significant digits of the recent p-values kept in the state.
+#: Significant digits of the recent p-values (and the ramp's scaler) kept in the state.
 STATE_DIGITS = 6
+#: Steps of one chunk of :func:`line_extrapolation`.
+LINE_CHUNK = 4096
+#: Values (entities x steps x features) of one block of entities the ramp evidence is computed
+#: on at once; each of its float64 intermediates is 8 bytes a value.
+RAMP_BLOCK_VALUES = 2**21
 
 
 def minus_log_p(scores: np.ndarray, false_alarm_rate: float) -> np.ndarray:
@@ -135,34 +157,15 @@ def trend_extrapolation(values: np.ndarray, span: int, ahead: list[int]) -> np.n
     ``values``: ``(entities, time)``, NaN = missing. Returns ``(entities, time, len(ahead))``
     float64, NaN where fewer than ``MIN_TREND_POINTS`` finite values are in the span.
     """
-    y = np.asarray(values, dtype=np.float64)
-    n_entities, n_time = y.shape
-    sums = np.zeros((5, n_entities, n_time))
-    for lag in range(min(span, n_time)):  # a history shorter than the span: what there is
-        shifted = np.full((n_entities, n_time), np.nan)
-        shifted[:, lag:] = y[:, : n_time - lag]
-        finite = np.isfinite(shifted)
-        part = np.where(finite, shifted, 0.0)
-        x = -float(lag)
-        sums[0] += finite
-        sums[1] += finite * x
-        sums[2] += finite * x * x
-        sums[3] += part
-        sums[4] += part * x
-    count, sx, sxx, sy, sxy = sums
-    with np.errstate(invalid="ignore", divide="ignore"):
-        slope = (count * sxy - sx * sy) / (count * sxx - sx * sx)
-        level = (sy - slope * sx) / count
-    enough = count >= MIN_TREND_POINTS
-    steps = np.asarray(ahead, dtype=np.float64)
-    return np.where(enough[..., None], level[..., None] + slope[..., None] * steps, np.nan)
+    return line_extrapolation(values, span, ahead, min_points=MIN_TREND_POINTS)
 
 
-def normal_band(forecaster: ForecasterDetector, windows: Windows, false_alarm_rate: float) -> dict:
-    """Per feature of the forecaster, the half-width ``b_f`` (robust-scale units) of its normal
-    band on ``windows``: the ``1 - rate`` quantile of the observed ``|z|``, at least the
-    Gaussian ``Phi^-1(1 - rate / 2)``; features never observed are left out (no band)."""
-    features = forecaster._require_fitted()
+def normal_band(
+    scaler: RobustScaler, features: list[str], windows: Windows, false_alarm_rate: float
+) -> dict:
+    """Per feature, the half-width ``b_f`` (robust-scale units of ``scaler``) of its normal band
+    on ``windows``: the ``1 - rate`` quantile of the observed ``|z|``, at least the Gaussian
+    ``Phi^-1(1 - rate / 2)``; features never observed are left out (no band)."""
     windows = windows.reindex_features(features)
     n_entities, n_time, n_features = windows.values.shape
     stride = max(1, math.ceil(n_entities * n_time / MAX_BAND_VALUES))
@@ -175,7 +178,7 @@ def normal_band(forecaster: ForecasterDetector, windows: Windows, false_alarm_ra
         features=features,
         step=windows.step * stride,
     )
-    standard, mask = forecaster.scaler_.transform(sampled)
+    standard, mask = scaler.transform(sampled)
     magnitude = np.where(mask > 0, np.abs(standard), np.nan).reshape(-1, n_features)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -186,6 +189,63 @@ def normal_band(forecaster: ForecasterDetector, windows: Windows, false_alarm_ra
         for name, value in zip(features, quantile, strict=True)
         if np.isfinite(value)
     }
+
+
+def ramp_spans(horizons_steps: list[int], trend_steps: int) -> list[int]:
+    """Steps each horizon's metric lines are fitted over: the horizon itself, at least
+    ``trend_steps`` (a line fitted over a span as long as it is extrapolated keeps its
+    extrapolation's noise near the data's, however long the horizon)."""
+    return [max(int(trend_steps), int(h)) for h in horizons_steps]
+
+
+def line_extrapolation(
+    values: np.ndarray,
+    span: int,
+    ahead: list[int],
+    first: int = 0,
+    min_points: int | None = None,
+) -> np.ndarray:
+    """Least-squares line along axis 1 through the finite values among each step and the
+    ``span - 1`` before it, evaluated ``ahead`` steps after that step, for steps ``first..``.
+
+    ``values``: ``(entities, time, ...)``, NaN = missing. Returns ``(entities, time - first,
+    ..., len(ahead))`` float64, NaN where fewer than ``min_points`` (default ``max(
+    MIN_TREND_POINTS, span // 2)``) values are finite. Windowed sums of cumulative sums, a chunk
+    of ``LINE_CHUNK`` steps at a time (its time index counted from the chunk, so the squares
+    stay small): the cost does not grow with ``span``.
+    """
+    n_time = values.shape[1]
+    steps = np.asarray(ahead, dtype=np.float64)
+    out = np.full((values.shape[0], max(0, n_time - first), *values.shape[2:], len(steps)), np.nan)
+    need = max(MIN_TREND_POINTS, span // 2) if min_points is None else min_points
+    for c0 in range(first, n_time, LINE_CHUNK):
+        c1 = min(n_time, c0 + LINE_CHUNK)
+        lo = max(0, c0 - span + 1)
+        y = values[:, lo:c1].astype(np.float64)
+        finite = np.isfinite(y)
+        weight = finite.astype(np.float64)
+        part = np.where(finite, y, 0.0)
+        shape = (1, -1) + (1,) * (y.ndim - 2)
+        t = np.arange(c1 - lo, dtype=np.float64).reshape(shape)
+        ends = np.arange(c0 - lo, c1 - lo)
+        begins = np.maximum(ends - span + 1, 0)
+
+        def windowed(a: np.ndarray, ends: np.ndarray = ends, begins: np.ndarray = begins):
+            total = np.cumsum(a, axis=1)
+            total = np.concatenate([np.zeros_like(total[:, :1]), total], axis=1)
+            return total[:, ends + 1] - total[:, begins]
+
+        n, si, sii = windowed(weight), windowed(weight * t), windowed(weight * t * t)
+        sy, siy = windowed(part), windowed(part * t)
+        end = ends.astype(np.float64).reshape(shape)
+        # moved to the window's end: x = i - end <= 0
+        sx, sxx, sxy = si - end * n, sii - 2 * end * si + end * end * n, siy - end * sy
+        with np.errstate(invalid="ignore", divide="ignore"):
+            slope = (n * sxy - sx * sy) / (n * sxx - sx * sx)
+            level = (sy - slope * sx) / n
+        line = level[..., None] + slope[..., None] * steps
+        out[:, c0 - first : c1 - first] = np.where((n >= need)[..., None], line, np.nan)
+    return out
 
 
 def slo_columns(
@@ -258,6 +318,16 @@ def forecast_evidence(
     usable_slo = distribution.observed[:, :, None, columns]
     breach = np.where(valid, _horizon_max(log_breach, usable_slo, rows), np.nan)
     return crossing, breach, uncertainty
+
+
+def ramp_statistic(lines: np.ndarray, band: np.ndarray) -> np.ndarray:
+    """The ramp evidence of metric lines ``(entities, steps, features, horizons)`` (each
+    feature's line extrapolated to each horizon's end, robust-scale units): per horizon the
+    largest ``|line| / band`` over the features, ``band`` ``(horizons, features)`` (NaN: no band,
+    left out). ``(entities, steps, horizons)``, NaN where no feature has a line."""
+    ratio = np.abs(lines) / band.T
+    best = np.where(np.isfinite(ratio), ratio, -np.inf).max(axis=2, initial=-np.inf)
+    return np.where(np.isfinite(best), best, np.nan)
 
 
 def gate_weight(uncertainty: np.ndarray, threshold: float) -> np.ndarray:
@@ -351,6 +421,12 @@ class GroupEarlyWarning:
         self.evidence_: list[str] = []
         self.band_: dict[str, float] = {}
         self.gate_threshold_: np.ndarray | None = None
+        #: the ramp evidence's own standardisation (fitted on the detectors' training part of the
+        #: fit read), features and normal band ``(features,)``; None without the ramp
+        self.ramp_scaler_: RobustScaler | None = None
+        self.ramp_features_: list[str] = []
+        self.ramp_band_: np.ndarray | None = None
+        self.ramp_metric_band_: np.ndarray | None = None
         #: evidence kind -> one calibrator per horizon
         self.calibrators_: dict[str, list[TailCalibrator]] = {}
         self.recent_: list[RecentProbability] = []
@@ -358,12 +434,24 @@ class GroupEarlyWarning:
     @property
     def method(self) -> str:
         """Which evidence and stages the fitted model uses, e.g.
-        ``ew-forecast-trend-tail-cauchy-bum-gated-v1`` or ``ew-trend-tail-bum-v1``."""
+        ``ew-forecast-ramp-trend-tail-cauchy-bum-gated-v1`` or
+        ``ew-ramp-trend-tail-cauchy-bum-v1``."""
         if not self.evidence_:
             raise RuntimeError("GroupEarlyWarning is not fitted")
         combined = "-cauchy" if len(self.evidence_) > 1 else ""
         gated = "-gated" if self.gate_threshold_ is not None else ""
         return f"ew-{'-'.join(self.evidence_)}-tail{combined}-bum{gated}-v{STATE_VERSION}"
+
+    @property
+    def ramp_spans(self) -> list[int]:
+        """Steps each horizon's ramp lines are fitted over (:func:`ramp_spans`)."""
+        return ramp_spans(self.horizons_steps, self.settings.trend_steps)
+
+    @property
+    def history_steps(self) -> int:
+        """Steps of metric history an :meth:`update` needs in its windows (the forecaster's
+        context aside): the longest ramp span, 1 without the ramp."""
+        return max(self.ramp_spans) if RAMP in self.evidence_ else 1
 
     # ------------------------------------------------------------------------------ fitting
     def fit(
@@ -384,16 +472,24 @@ class GroupEarlyWarning:
         if scores.shape != expected:
             raise ValueError(f"fused_scores must be {expected} (the slice), got {scores.shape}")
         if forecaster is not None:
-            self.band_ = normal_band(forecaster, windows, self.false_alarm_rate)
+            features = forecaster._require_fitted()
+            self.band_ = normal_band(forecaster.scaler_, features, windows, self.false_alarm_rate)
+        kinds = (FORECAST, SLO) if forecaster else ()
+        self.ramp_scaler_, self.ramp_features_, self.ramp_band_ = None, [], None
+        self.ramp_metric_band_ = None
+        if self.settings.ramp and first > 0:
+            self._fit_ramp(windows, first)
+            kinds += (RAMP,)
         self.evidence_ = []
-        statistics, uncertainty = self._evidence(
-            scores, windows, first, forecaster, (FORECAST, SLO) if forecaster else ()
-        )
+        statistics, uncertainty = self._evidence(scores, windows, first, forecaster, kinds)
         self.evidence_ = [
             name
-            for name in (FORECAST, SLO, TREND)
+            for name in (FORECAST, SLO, RAMP, TREND)
             if name in statistics and np.isfinite(statistics[name]).any()
         ]
+        if RAMP not in self.evidence_:
+            self.ramp_scaler_, self.ramp_features_, self.ramp_band_ = None, [], None
+            self.ramp_metric_band_ = None
         if TREND not in self.evidence_:
             raise ValueError(
                 f"the calibration slice ({scores.shape[1]} steps) has no fused-score trend: "
@@ -426,6 +522,68 @@ class GroupEarlyWarning:
         ]
         return self
 
+    def _fit_ramp(self, windows: Windows, first: int) -> None:
+        """The ramp's standardisation on the detectors' training part of the fit read (steps
+        before ``first``), and per horizon and feature its band: the ``1 - rate`` quantile of
+        the lines' ``|extrapolation|`` over the calibration slice (all entities pooled), never
+        narrower than the metric's own normal band on the whole read. A noisy metric's line
+        swings far at every step; measured against its own swings it counts as much as a
+        smooth metric's does, not more."""
+        self.ramp_features_ = list(windows.features)
+        self.ramp_scaler_ = RobustScaler().fit(windows.head(first))
+        metric = normal_band(self.ramp_scaler_, self.ramp_features_, windows, self.false_alarm_rate)
+        floor = np.array([metric.get(name, np.nan) for name in self.ramp_features_])
+        self.ramp_metric_band_ = floor
+        n_steps = len(windows.timestamps) - first
+        stride = max(1, math.ceil(len(windows.entities) * n_steps / MAX_BAND_VALUES))
+        sampled = [
+            np.abs(lines[:, ::stride]).reshape(-1, *lines.shape[2:])
+            for _, lines in self._ramp_lines(windows, first)
+        ]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            quantile = np.nanquantile(np.concatenate(sampled), 1.0 - self.false_alarm_rate, axis=0)
+        self.ramp_band_ = np.fmax(quantile, floor[:, None]).T
+
+    def _ramp_lines(self, windows: Windows, first: int) -> Iterator[tuple[slice, np.ndarray]]:
+        """Each block of entities (at most ``RAMP_BLOCK_VALUES`` values a horizon) and its
+        metric lines at steps ``first..`` of ``windows``, each extrapolated to each horizon's
+        end: ``(block, steps, features, horizons)``, robust-scale units; NaN where the line is
+        already beyond the metric's band at the step itself. Such a metric is anomalous now,
+        which is the fused score's to say; a level that moved and stays (the fused score's
+        calibration took it in) must not read as a warning at every step."""
+        assert self.ramp_scaler_ is not None and self.ramp_metric_band_ is not None
+        n_time = len(windows.timestamps)
+        spans = self.ramp_spans
+        begin = max(0, first - max(spans) + 1)
+        recent = windows.tail(n_time - begin)
+        n_entities = len(windows.entities)
+        per_entity = (min(n_time - begin, LINE_CHUNK) + max(spans)) * len(self.ramp_features_)
+        block = max(1, RAMP_BLOCK_VALUES // max(1, per_entity))
+        for e0 in range(0, n_entities, block):
+            rows = slice(e0, min(n_entities, e0 + block))
+            part = recent.select_entities(range(rows.start, rows.stop))
+            standard, mask = self.ramp_scaler_.transform(part.reindex_features(self.ramp_features_))
+            standard[mask == 0] = np.nan
+            lines = []
+            for span, ahead in zip(spans, self.horizons_steps, strict=True):
+                line = line_extrapolation(standard, span, [0, ahead], first - begin)
+                inside = np.abs(line[..., 0]) <= self.ramp_metric_band_
+                lines.append(np.where(inside, line[..., 1], np.nan))
+            yield rows, np.stack(lines, axis=-1)
+
+    def _ramp_statistics(self, windows: Windows, first: int) -> np.ndarray:
+        """The ramp evidence of steps ``first..`` of ``windows``, ``(entities, steps,
+        horizons)``."""
+        assert self.ramp_band_ is not None
+        out = np.full(
+            (len(windows.entities), len(windows.timestamps) - first, len(self.horizons_steps)),
+            np.nan,
+        )
+        for rows, lines in self._ramp_lines(windows, first):
+            out[rows] = ramp_statistic(lines, self.ramp_band_)
+        return out
+
     def _evidence(
         self,
         scores: np.ndarray,
@@ -445,6 +603,8 @@ class GroupEarlyWarning:
                 self.horizons_steps,
             )
         }
+        if RAMP in kinds:
+            statistics[RAMP] = self._ramp_statistics(windows, first)
         if FORECAST not in kinds and SLO not in kinds:
             return statistics, None
         chunks: Iterable[ForecastDistribution] = ()
@@ -552,6 +712,8 @@ class GroupEarlyWarning:
                 self.horizons_steps,
             )[:, -1:]
         }
+        if RAMP in self.evidence_:
+            statistics[RAMP] = self._ramp_statistics(windows, len(windows.timestamps) - 1)
         uncertainty = None
         if FORECAST in self.evidence_:
             chunks: list[ForecastDistribution] = []
@@ -658,6 +820,7 @@ class GroupEarlyWarning:
             "gate_threshold": None
             if self.gate_threshold_ is None
             else [float(value) for value in self.gate_threshold_],
+            "ramp": None if self.ramp_scaler_ is None else self._ramp_state(),
             "calibrators": {
                 name: [calibrator.state_dict() for calibrator in per_horizon]
                 for name, per_horizon in self.calibrators_.items()
@@ -666,6 +829,26 @@ class GroupEarlyWarning:
                 [float(f"{value:.{STATE_DIGITS}g}") for value in recent.recent]
                 for recent in self.recent_
             ],
+        }
+
+    def _ramp_state(self) -> dict[str, Any]:
+        assert self.ramp_scaler_ is not None and self.ramp_band_ is not None
+        assert self.ramp_metric_band_ is not None
+        scaler = self.ramp_scaler_.state_dict()
+        return {
+            "features": list(self.ramp_features_),
+            "metric_band": [float(b) if np.isfinite(b) else None for b in self.ramp_metric_band_],
+            "band": [
+                [float(b) if np.isfinite(b) else None for b in per_horizon]
+                for per_horizon in self.ramp_band_
+            ],
+            "scaler": {
+                "keys": scaler["keys"],
+                **{
+                    name: _rounded(np.asarray(scaler[name]))
+                    for name in ("centers", "scales", "default_center", "default_scale")
+                },
+            },
         }
 
     @classmethod
@@ -686,6 +869,18 @@ class GroupEarlyWarning:
         model.band_ = {name: float(value) for name, value in state["band"].items()}
         threshold = state["gate_threshold"]
         model.gate_threshold_ = None if threshold is None else np.asarray(threshold, np.float64)
+        ramp = state.get("ramp")  # absent from states saved before the ramp evidence
+        if ramp is not None:
+            model.ramp_features_ = list(ramp["features"])
+            model.ramp_band_ = np.array(
+                [[np.nan if b is None else b for b in per_horizon] for per_horizon in ramp["band"]],
+                dtype=np.float64,
+            )
+            model.ramp_metric_band_ = np.array(
+                [np.nan if b is None else b for b in ramp["metric_band"]], dtype=np.float64
+            )
+            model.ramp_scaler_ = RobustScaler()
+            model.ramp_scaler_.load_state_dict(ramp["scaler"])
         model.calibrators_ = {
             name: [TailCalibrator.from_state_dict(s) for s in per_horizon]
             for name, per_horizon in state["calibrators"].items()
@@ -695,3 +890,8 @@ class GroupEarlyWarning:
             for values in state["recent"]
         ]
         return model
+
+
+def _rounded(values: np.ndarray) -> list:
+    """``values`` as nested lists of floats with ``STATE_DIGITS`` significant digits."""
+    return np.vectorize(lambda v: float(f"{v:.{STATE_DIGITS}g}"), otypes=[float])(values).tolist()

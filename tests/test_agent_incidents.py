@@ -261,3 +261,39 @@ def test_replay_exports_early_warnings_and_events_with_their_root_cause(
             body = json.load(answer)
     assert body["root_cause"][0]["entity_labels"] == {"instance": "early"}
     agent.store.close()
+
+
+def test_metric_lines_keep_their_span_of_history_and_come_back_from_the_store(
+    incidents: Incidents, tmp_path: Path
+) -> None:
+    """With ``early_warning.ramp`` the agent keeps the longest line's span of every metric
+    (30 cycles for the 30 s horizon at 1 s steps, more than mad's scoring context asks for),
+    so the lines are there from the first cycle on; the fitted lines are stored with the
+    calibration and an agent started afresh loads them."""
+    config = config_for(
+        incidents,
+        tmp_path,
+        early_warning={"ramp": True},
+        fit_exclusions={"alerts": False, "margin": "5s"},
+    )
+    agent = Agent(config)
+    agent.start_up()
+    agent.fit(now=incidents.fit_at)
+    warning = agent.early_warnings["smd"]
+    assert warning.method == "ew-ramp-trend-tail-cauchy-bum-v1"
+    assert warning.history_steps == 30
+    (result,) = agent.infer(now=incidents.fit_at + 1)
+    assert agent.buffers["smd"].values.shape[1] >= 30
+    # no fused-score history yet (the trend needs three cycles): the lines alone speak
+    assert result.early_warning is not None and np.isfinite(result.early_warning).all()
+    scores = [s.value for s in exported(agent)["aiops_early_warning_score"]]
+    assert len(scores) == 3 * 2 and all(np.isfinite(scores))
+    agent.store.close()
+
+    again = Agent(config)
+    again.start_up()
+    loaded = again.early_warnings["smd"]
+    assert loaded.method == warning.method and loaded.ramp_features_ == warning.ramp_features_
+    (result,) = again.infer(now=incidents.fit_at + 2)
+    assert result.early_warning is not None and np.isfinite(result.early_warning).all()
+    again.store.close()

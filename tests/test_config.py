@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -158,6 +160,35 @@ def test_model_hash_ignores_the_alarm_rate_suppression_and_other_groups(tmp_path
     config.calibration.tail_fraction = 0.1
     assert config.calibration_hash(first.name, {"mad": 1}) != calibration_before
     assert config.model_hash("mad", first.name) == before[first.name]
+
+
+def test_turning_the_metric_lines_on_recalibrates_and_their_default_changes_no_hash(
+    tmp_path: Path,
+) -> None:
+    """``early_warning.ramp`` joins the calibration hash only where it is on, so the hash of a
+    configuration that does not set it is what it was before the setting existed (a stored
+    calibration stays valid across the upgrade); turning it on recalibrates, refits nothing."""
+    config = load_config(write(tmp_path, MINIMAL))
+    group = config.entities[0].name
+    payload = {
+        "group": group,
+        "model_versions": {"mad": 1},
+        "tail_fraction": config.calibration.tail_fraction,
+        "recent_p_values": config.calibration.recent_p_values,
+        "horizons": config.calibration.horizons,
+        "early_warning": {
+            name: value
+            for name, value in config.early_warning.model_dump(mode="json").items()
+            if name != "ramp"
+        },
+        "slo": {},
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    assert config.calibration_hash(group, {"mad": 1}) == digest
+    model = config.model_hash("mad", group)
+    config.early_warning.ramp = True
+    assert config.calibration_hash(group, {"mad": 1}) != digest
+    assert config.model_hash("mad", group) == model
 
 
 def test_cli_check_config_exits_2_naming_file_and_field(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ line, the SLO features, the gate) and the benchmark on a tiny NAB slice."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from aiops_plugin import early_warning
 from aiops_plugin.calibration import score_from_p
 from aiops_plugin.calibration.stage import GroupCalibration
 from aiops_plugin.config import DetectorsConfig, EarlyWarningConfig, SloThreshold
@@ -25,10 +27,13 @@ from aiops_plugin.detectors.forecaster import ForecasterDetector
 from aiops_plugin.detectors.registry import FittedModel, build_detector
 from aiops_plugin.detectors.training import TrainingSettings
 from aiops_plugin.early_warning import (
+    FORECAST,
+    RAMP,
     SLO,
     GroupEarlyWarning,
     forecast_evidence,
     gate,
+    line_extrapolation,
     slo_columns,
     trend_extrapolation,
 )
@@ -76,9 +81,12 @@ class Fitted:
         return score_from_p(self.calibration.p_values(raw, windows.keys)["fused"], RATE)
 
     def early_warning(
-        self, with_forecaster: bool, slo: dict[str, SloThreshold] | None = None
+        self,
+        with_forecaster: bool,
+        slo: dict[str, SloThreshold] | None = None,
+        settings: EarlyWarningConfig | None = None,
     ) -> GroupEarlyWarning:
-        return GroupEarlyWarning(HORIZONS, EarlyWarningConfig(), slo or {}, RATE).fit(
+        return GroupEarlyWarning(HORIZONS, settings or EarlyWarningConfig(), slo or {}, RATE).fit(
             self.fused_slice,
             self.windows(self.values[:FIT_ROWS]),
             self.first,
@@ -146,11 +154,21 @@ def fitted() -> Fitted:
 
 @pytest.fixture(scope="module")
 def trend_only(fitted: Fitted) -> GroupEarlyWarning:
+    """The default without a forecaster: the fused score's trend alone."""
     return fitted.early_warning(with_forecaster=False)
 
 
 @pytest.fixture(scope="module")
+def with_ramp(fitted: Fitted) -> GroupEarlyWarning:
+    """``early_warning.ramp`` without a forecaster: the metrics' own lines and the fused
+    score's trend."""
+    return fitted.early_warning(with_forecaster=False, settings=EarlyWarningConfig(ramp=True))
+
+
+@pytest.fixture(scope="module")
 def with_forecast(fitted: Fitted) -> GroupEarlyWarning:
+    """The default with a forecaster: the forecast's evidence and the fused score's trend (the
+    metrics' lines join them in the state round trip)."""
     return fitted.early_warning(with_forecaster=True)
 
 
@@ -192,6 +210,33 @@ def test_trend_is_a_nan_tolerant_least_squares_line_extrapolated() -> None:
     assert np.isnan(trend_extrapolation(noisy, 3, [1])[0, [0, 1, 4]]).all()
 
 
+def test_metric_lines_match_a_least_squares_fit_across_chunks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every feature's own line, by windowed cumulative sums a chunk at a time: the same as
+    ``polyfit`` over each window's finite values, also across chunk boundaries (chunks of 16
+    steps here), from any first step on, and NaN where too few values are finite."""
+    monkeypatch.setattr(early_warning, "LINE_CHUNK", 16)
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(2, 70, 3)).cumsum(axis=1)
+    values[rng.random(values.shape) < 0.2] = np.nan
+    values[1, 30:40, 2] = np.nan  # a gap longer than the span
+    span, ahead, first = 8, [1, 12], 5
+    lines = line_extrapolation(values, span, ahead, first)
+    assert lines.shape == (2, 65, 3, 2)
+    for e, t, f in [(0, 5, 0), (0, 15, 1), (0, 16, 2), (1, 33, 0), (1, 69, 2), (1, 17, 1)]:
+        x = np.arange(max(0, t - span + 1), t + 1, dtype=np.float64)
+        y = values[e, x.astype(int), f]
+        finite = np.isfinite(y)
+        if finite.sum() >= span // 2:
+            coefficients = np.polyfit(x[finite], y[finite], 1)
+            expected = np.polyval(coefficients, t + np.asarray(ahead, dtype=np.float64))
+            np.testing.assert_allclose(lines[e, t - first, f], expected, rtol=1e-9, atol=1e-9)
+        else:
+            assert np.isnan(lines[e, t - first, f]).all()
+    assert np.isnan(lines[1, 39 - first, 2]).all()  # the window 32..39 holds no value
+
+
 def test_slo_thresholds_apply_to_every_feature_of_their_query() -> None:
     features = ["cpu", 'cpu{mode="user"}', "cpu_busy", "mem"]
     slo = {"cpu": SloThreshold(above=0.9), "mem": SloThreshold(below=1e9)}
@@ -218,14 +263,22 @@ def test_gate_tempers_the_evidence_toward_the_prior_in_proportion() -> None:
 
 # ------------------------------------------------------------------- the planted ramps
 def test_stays_low_on_normal_data(
-    fitted: Fitted, trend_only: GroupEarlyWarning, with_forecast: GroupEarlyWarning
+    fitted: Fitted,
+    trend_only: GroupEarlyWarning,
+    with_ramp: GroupEarlyWarning,
+    with_forecast: GroupEarlyWarning,
 ) -> None:
     values = fitted.after_fit()
-    for warning, forecasting in ((trend_only, False), (with_forecast, True)):
+    for warning, forecasting, from_the_start in (
+        (trend_only, False, False),
+        (with_ramp, False, True),
+        (with_forecast, True, True),
+    ):
         probability, fused = fitted.replay(warning, values, forecasting)
-        # the trend needs three scores: the replay's first two steps have only the forecast
+        # the trend needs three scores: the replay's first two steps have only the evidence
+        # read off the metrics (the forecast, the ramp: their history is the context's)
         assert np.isfinite(probability[2:]).all()
-        assert np.isfinite(probability[:2]).all() == forecasting
+        assert np.isfinite(probability[:2]).all() == from_the_start
         assert np.nanmax(probability) < 0.05, (warning.method, np.nanmax(probability, axis=0))
     assert np.nanmax(fused) < 1.0  # the stretch is normal by the fused score too
 
@@ -247,6 +300,34 @@ def test_forecast_warns_on_a_slow_ramp_before_the_fused_score_alarms(
     assert probability[warned:, 2].min() > 0.5  # it holds while the level stays beyond
 
 
+def test_metric_lines_warn_on_a_slow_ramp_before_the_fused_score_alarms(
+    fitted: Fitted, with_ramp: GroupEarlyWarning, trend_only: GroupEarlyWarning
+) -> None:
+    """No forecaster (the default detectors), ``early_warning.ramp`` on: three smooth metrics
+    climb over two hours to their fit maximum plus their range. Their own lines, extrapolated
+    over the 30-minute horizon, leave the metrics' band before the fused score of mad + pca
+    reaches 1; the exported score (no mixture behind it) says so first, the probability
+    follows, and neither moved before."""
+    assert with_ramp.method == "ew-ramp-trend-tail-cauchy-bum-v1"
+    values = plant_ramp(fitted, fitted.after_fit(), [2, 3, 4], length=120, beyond=1.0)
+    windows = fitted.windows(values)
+    fused = fitted.fused(windows)[:, CONTEXT:]
+    p, uncertainty = with_ramp.replay_p_values(fused, windows, CONTEXT, None)
+    scores = with_ramp.scores(p, uncertainty)[0]
+    alarmed = first_at_or_above(fused[0], 1.0)
+    warned = first_at_or_above(scores[:, 2], 1.0)
+    assert alarmed is not None and warned is not None
+    assert RAMP_START < warned < alarmed - 10, (warned, alarmed)
+    assert np.nanmax(scores[:RAMP_START]) < 1.0
+    # the fused score's trend alone says nothing before the fused score itself does
+    trend_p, _ = trend_only.replay_p_values(fused, windows, CONTEXT, None)
+    later = first_at_or_above(trend_only.scores(trend_p, None)[0, :, 2], 1.0)
+    assert later is None or later >= alarmed
+    probability, _ = fitted.replay(with_ramp, values, False)
+    assert np.nanmax(probability[:RAMP_START]) < 0.05
+    assert probability[alarmed, 2] > 0.5
+
+
 def test_trend_alone_warns_while_the_fused_score_climbs(
     fitted: Fitted, trend_only: GroupEarlyWarning
 ) -> None:
@@ -261,51 +342,60 @@ def test_trend_alone_warns_while_the_fused_score_climbs(
     assert first_at_or_above(fused, 1.0) is not None
 
 
+@pytest.mark.parametrize("model", ["with_forecast", "with_ramp"])
 def test_update_cycle_by_cycle_is_what_the_replay_gives(
-    fitted: Fitted, with_forecast: GroupEarlyWarning
+    fitted: Fitted, model: str, request: pytest.FixtureRequest
 ) -> None:
     """The agent's path: one ``update`` per cycle with the recent fused scores and the scored
-    windows (only the forecaster's context), also while the history is shorter than the
-    trend; the benchmark's ``replay`` of the same steps gives the same probabilities."""
+    windows (only the forecaster's context, or the metric lines' longest span: what the agent
+    keeps), also while the history is shorter than the trend; the benchmark's ``replay`` of
+    the same steps gives the same probabilities."""
+    warning: GroupEarlyWarning = request.getfixturevalue(model)
+    forecaster = fitted.forecaster if FORECAST in warning.evidence_ else None
+    context = max(fitted.forecaster.context_steps + 1, warning.history_steps)
+    assert (warning.history_steps > 1) == (RAMP in warning.evidence_)
     values = plant_ramp(fitted, fitted.after_fit(), [2, 3, 4], length=120, beyond=1.0)
     windows = fitted.windows(values)
     fused = fitted.fused(windows)
     steps = range(CONTEXT + 200, CONTEXT + 215)
-    cycles = copy.deepcopy(with_forecast)
+    cycles = copy.deepcopy(warning)
     by_update = []
     for i, step in enumerate(steps):
         history = fused[:, max(CONTEXT + 200, step - 20) : step + 1]
         if i == 0:
             assert history.shape[1] < cycles.settings.trend_steps
-        scored = windows.head(step + 1).tail(fitted.forecaster.context_steps + 1)
-        by_update.append(cycles.update_scored(history, scored, fitted.forecaster))
+        scored = windows.head(step + 1).tail(context)
+        by_update.append(cycles.update_scored(history, scored, forecaster))
     start = steps[0]
     end = steps[-1] + 1
-    replayed = copy.deepcopy(with_forecast).replay(
-        fused[:, start:end], windows.head(end), start, fitted.forecaster, refit_every=1
+    replayed = copy.deepcopy(warning).replay(
+        fused[:, start:end], windows.head(end), start, forecaster, refit_every=1
     )
     probabilities = np.stack([probability for probability, _ in by_update], axis=1)
     np.testing.assert_allclose(probabilities, replayed, rtol=1e-4, atol=1e-7)
     assert probabilities.shape == (1, 15, 3)
     # the exported early-warning score: the same evidence, on the anomaly score's scale
-    p, uncertainty = with_forecast.replay_p_values(
-        fused[:, start:end], windows.head(end), start, fitted.forecaster
+    p, uncertainty = warning.replay_p_values(
+        fused[:, start:end], windows.head(end), start, forecaster
     )
     scores = np.stack([score for _, score in by_update], axis=1)
-    np.testing.assert_allclose(scores, with_forecast.scores(p, uncertainty), rtol=1e-4)
+    np.testing.assert_allclose(scores, warning.scores(p, uncertainty), rtol=1e-4)
     assert (scores >= 0).all()
 
 
-def test_nothing_to_say_without_scores_or_forecasts(
-    fitted: Fitted, with_forecast: GroupEarlyWarning
+def test_nothing_to_say_without_scores_forecasts_or_metrics(
+    fitted: Fitted, with_forecast: GroupEarlyWarning, with_ramp: GroupEarlyWarning
 ) -> None:
     windows = fitted.windows(fitted.after_fit())
+    unobserved = dataclasses.replace(windows, observed=np.zeros_like(windows.observed))
     warning = copy.deepcopy(with_forecast)
-    nothing = warning.update(np.full((1, 4), np.nan), windows, None)
+    nothing = warning.update(np.full((1, 4), np.nan), unobserved, None)
     assert nothing.shape == (1, 3) and np.isnan(nothing).all()
-    # a forecaster alone is enough
+    # a forecaster alone is enough, and so are the metrics' own lines
     forecast_only = warning.update(np.full((1, 4), np.nan), windows, fitted.forecaster)
     assert np.isfinite(forecast_only).all()
+    ramp_only = copy.deepcopy(with_ramp).update(np.full((1, 4), np.nan), windows, None)
+    assert np.isfinite(ramp_only).all()
 
 
 def test_gate_holds_back_warnings_when_the_forecast_is_unsure(
@@ -381,17 +471,27 @@ def test_slo_crossing_raises_the_probability_as_the_forecast_approaches(
 def test_state_round_trip_is_small_plain_json(
     fitted: Fitted, with_forecast: GroupEarlyWarning
 ) -> None:
-    text = json.dumps(with_forecast.state_dict(), allow_nan=False)
+    """With a forecaster and the metrics' lines (every evidence kind); a state saved before the
+    metric lines existed (no ``ramp`` key) still loads."""
+    warning = fitted.early_warning(with_forecaster=True, settings=EarlyWarningConfig(ramp=True))
+    assert warning.method == "ew-forecast-ramp-trend-tail-cauchy-bum-gated-v1"
+    text = json.dumps(warning.state_dict(), allow_nan=False)
     assert len(text) < 400_000
     restored = GroupEarlyWarning.from_state_dict(json.loads(text))
-    assert restored.method == with_forecast.method
-    assert restored.band_ == with_forecast.band_
+    assert restored.method == warning.method
+    assert restored.band_ == warning.band_
+    assert restored.ramp_features_ == warning.ramp_features_
+    assert warning.ramp_band_ is not None and restored.ramp_band_ is not None
+    np.testing.assert_allclose(restored.ramp_band_, warning.ramp_band_, rtol=1e-5)
     values = plant_ramp(fitted, fitted.after_fit(), [2, 3, 4], length=120, beyond=1.0)
-    before, _ = fitted.replay(with_forecast, values, True)
+    before, _ = fitted.replay(warning, values, True)
     after, _ = fitted.replay(restored, values, True)
     np.testing.assert_allclose(after, before, rtol=1e-3, atol=1e-6)
     with pytest.raises(ValueError, match="version"):
         GroupEarlyWarning.from_state_dict({**json.loads(text), "version": 99})
+    older = with_forecast.state_dict()
+    del older["ramp"]
+    assert RAMP not in GroupEarlyWarning.from_state_dict(older).method
 
 
 # ------------------------------------------------------------------------- the benchmark
@@ -466,6 +566,21 @@ def test_benchmark_on_a_tiny_nab_slice(tmp_path: Path) -> None:
     assert text.startswith("## Early warning") and "Command: " in text
     assert "| 30m (6 steps) | early warning |" in text and "early_warning_nab.png" in text
     assert "### Reading" in text and "events warned before their start" in text
+    assert benchmark.variant(run) == (benchmark.SECTION, "", "")
+    # with the metrics' lines: their own section and images, beside the default's
+    with_ramp = benchmark.run_early_warning_benchmark(
+        ["nab"],
+        entities=entities[:1],
+        data_root=DATA_ROOT,
+        slice_rows=400,
+        settings=EarlyWarningConfig(ramp=True),
+    )
+    assert {item.method for item in with_ramp.entities} == {"ew-ramp-trend-tail-cauchy-bum-v1"}
+    assert benchmark.variant(with_ramp)[0] == benchmark.RAMP_SECTION
+    images = benchmark.plot_reliability(with_ramp, tmp_path)
+    assert [path.name for path in images] == ["early_warning_nab_ramp.png"]
+    text = benchmark.early_warning_markdown(with_ramp, {})
+    assert text.startswith("## Early warning: with the metrics' own lines")
 
 
 def test_schedule_refits_before_each_block_as_the_agent_does() -> None:

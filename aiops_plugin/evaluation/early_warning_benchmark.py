@@ -95,10 +95,12 @@ from aiops_plugin.evaluation.benchmark import (
 from aiops_plugin.evaluation.forecasting import horizon_steps_for
 from aiops_plugin.exporter import horizon_label
 
-#: The section of docs/benchmarks.md each run writes; with the forecaster among the detectors,
-#: its own section, so both variants stand side by side.
+#: The section of docs/benchmarks.md each run writes; with the forecaster among the detectors
+#: or with the metrics' lines (``early_warning.ramp``), its own section, so the variants stand
+#: side by side.
 SECTION = "early-warning"
 FORECASTER_SECTION = "early-warning-forecaster"
+RAMP_SECTION = "early-warning-ramp"
 DEFAULT_DETECTORS = ("mad", "pca")
 FUSED_SCORE = "fused score >= 1"
 EARLY_WARNING = "early warning"
@@ -247,6 +249,18 @@ class EarlyWarningRun:
     #: the schedule replayed (seconds of data); None: single fit on the train split
     fit_every_seconds: float | None = None
     fit_window_seconds: float | None = None
+    #: the early warning's settings (``early_warning``), None: the defaults
+    settings: EarlyWarningConfig | None = None
+
+
+def variant(run: EarlyWarningRun) -> tuple[str, str, str]:
+    """``(section, image suffix, title suffix)`` of a run: the default, with the forecaster,
+    or with the metrics' lines."""
+    if "forecaster" in run.detectors:
+        return FORECASTER_SECTION, "_forecaster", ": with the forecaster's forecasts"
+    if run.settings is not None and run.settings.ramp:
+        return RAMP_SECTION, "_ramp", ": with the metrics' own lines"
+    return SECTION, "", ""
 
 
 # ----------------------------------------------------------------------------------- scoring
@@ -316,7 +330,8 @@ def _replay_block(
     across a refit; nothing of them is returned or fed to the mixtures. Both mixtures start
     from their fit's calibration slice, as after an agent's refit."""
     first = start - lead_in
-    context = min(first, max(model.detector.context_steps for model in fit.models.values()))
+    detectors_context = max(model.detector.context_steps for model in fit.models.values())
+    context = min(first, max(detectors_context, fit.warning.history_steps))
     windows = series_windows(series, full[first - context : end])
     keys = windows.keys
     raw = {name: model.score(windows).score[:, context:] for name, model in fit.models.items()}
@@ -856,6 +871,7 @@ def run_early_warning_benchmark(
     command: str = "",
     fit_every_seconds: float | None = None,
     fit_window_seconds: float | None = None,
+    settings: EarlyWarningConfig | None = None,
 ) -> EarlyWarningRun:
     """Score every requested entity (the first ``max_entities`` of each dataset when given;
     ``slice_rows`` cuts each to a short slice, for smoke tests) and evaluate; single fit, or the
@@ -880,6 +896,7 @@ def run_early_warning_benchmark(
                     false_alarm_rate,
                     device,
                     refit_seconds,
+                    settings,
                     fit_every_seconds=fit_every_seconds,
                     fit_window_seconds=fit_window_seconds,
                 )
@@ -914,6 +931,7 @@ def run_early_warning_benchmark(
         methods=methods,
         fit_every_seconds=fit_every_seconds,
         fit_window_seconds=fit_window_seconds,
+        settings=settings,
     )
 
 
@@ -992,7 +1010,7 @@ def plot_reliability(run: EarlyWarningRun, directory: Path) -> list[Path]:
         counts.set_ylabel("steps per bin")
         counts.set_xlabel("predicted probability (bin)")
         figure.tight_layout()
-        suffix = "_forecaster" if "forecaster" in run.detectors else ""
+        suffix = variant(run)[1]
         path = directory / f"early_warning_{dataset}{suffix}.png"
         figure.savefig(path, dpi=90)
         plt.close(figure)
@@ -1025,9 +1043,8 @@ def _protocol(run: EarlyWarningRun) -> str:
 def early_warning_markdown(run: EarlyWarningRun, image_links: dict[str, str]) -> str:
     """The "Early warning" section of docs/benchmarks.md."""
     refit = f"{run.refit_seconds:g} s"
-    forecasting = "forecaster" in run.detectors
     lines = [
-        "## Early warning" + (": with the forecaster's forecasts" if forecasting else ""),
+        "## Early warning" + variant(run)[2],
         "",
         f"Command: `{run.command}`",
         "",
@@ -1289,6 +1306,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="one fit on the train split scores the whole test split (no schedule)",
     )
+    parser.add_argument(
+        "--ramp",
+        action="store_true",
+        help="with early_warning.ramp: every metric's own line joins the evidence",
+    )
     parser.add_argument("--slice-rows", type=int, help="short slices of N rows (smoke tests)")
     parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
     parser.add_argument("--csv-dir", type=Path, help="write lead/calibration/nab CSVs here")
@@ -1325,13 +1347,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             command=command.strip(),
             fit_every_seconds=None if args.single_fit else args.fit_every,
             fit_window_seconds=None if args.single_fit else args.fit_window,
+            settings=EarlyWarningConfig(ramp=True) if args.ramp else None,
         )
     except datasets.DatasetError as exc:
         raise SystemExit(f"error: {exc}") from exc
     links: dict[str, str] = {}
     if args.image_dir:
         for path in plot_reliability(run, args.image_dir):
-            dataset = path.stem.removeprefix("early_warning_").removesuffix("_forecaster")
+            dataset = path.stem.removeprefix("early_warning_").removesuffix(variant(run)[1])
             base = args.markdown.parent if args.markdown else Path.cwd()
             links[dataset] = os.path.relpath(path, base)
     if args.csv_dir:
@@ -1345,8 +1368,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             pickle.dump([asdict(item) for item in run.entities], handle)
     text = early_warning_markdown(run, links)
     if args.markdown:
-        section = FORECASTER_SECTION if "forecaster" in run.detectors else SECTION
-        write_markdown_section(args.markdown, section, text)
+        write_markdown_section(args.markdown, variant(run)[0], text)
     print(text)
 
 
