@@ -566,7 +566,11 @@ def test_benchmark_on_a_tiny_nab_slice(tmp_path: Path) -> None:
     assert text.startswith("## Early warning") and "Command: " in text
     assert "| 30m (6 steps) | early warning |" in text and "early_warning_nab.png" in text
     assert "### Reading" in text and "events warned before their start" in text
+    assert "### Before the labelled start" in text
+    assert len(run.precursors) == 3 * 2 * len(benchmark.PRECURSOR_QUANTILES)
     assert benchmark.variant(run) == (benchmark.SECTION, "", "")
+    shorter = dataclasses.replace(run, settings=EarlyWarningConfig(trend_steps=5))
+    assert benchmark.variant(shorter)[:2] == ("early-warning-trend-5", "_trend_5")
     # with the metrics' lines: their own section and images, beside the default's
     with_ramp = benchmark.run_early_warning_benchmark(
         ["nab"],
@@ -621,6 +625,50 @@ def test_schedule_refits_before_each_block_as_the_agent_does() -> None:
     )
     assert "refitted every 0.5 days of data on the trailing 7 days" in benchmark._protocol(run)
     assert "(3 to 3 fits per entity)" in benchmark._protocol(run)
+
+
+def test_precursors_count_the_events_a_signal_is_up_before_and_the_quiet_windows_alike() -> None:
+    """Two events; the signal is up in the 3 steps before the first only, and once far from
+    both (a quiet window). The quantile is the signal's outside events; the windows before an
+    event (and the event) are not quiet; the second event's window stops at the first's end."""
+    labels = np.zeros(60, dtype=np.int8)
+    labels[20:25] = 1
+    labels[26:30] = 1
+    signal = np.zeros(60)
+    signal[18] = 5.0  # in the 3 steps before the first event
+    signal[45] = 4.0  # a quiet spike
+    signal[22] = 9.0  # inside the first event: not among the quantile's values
+    signal[50] = np.nan  # NaN never exceeds
+    before, quiet = benchmark.precursor_windows(signal, labels, 3, 0.9)
+    # outside events: 50 finite values, two of them up: the 0.9 quantile is 0
+    assert before.tolist() == [True, False]
+    clear = [t for t in range(58) if all(t + k not in range(17, 30) for k in range(3))]
+    assert quiet.size == len(clear)
+    assert quiet.sum() == 3  # the three windows holding step 45
+    rows = benchmark.precursor_rows(
+        "x",
+        [
+            benchmark.EntityWarnings(
+                dataset="x",
+                entity="e",
+                step_seconds=60.0,
+                labels=labels,
+                fused_scores=signal,
+                probability=np.zeros(60),
+                early_warning=np.zeros((60, 1)),
+                early_warning_scores=np.zeros((60, 1)),
+                horizons_steps=[3],
+                method="m",
+                seconds=0.0,
+            )
+        ],
+    )
+    # at the 0.99 quantile (4.51 of the 50 finite values outside events) only the 5 exceeds
+    fused = [row for row in rows if row.signal == "fused score" and row.quantile == 0.99]
+    assert fused[0].events == 2 and fused[0].before_events == 0.5
+    assert fused[0].quiet_windows == len(clear) and fused[0].quiet == 0.0
+    flat = [row for row in rows if row.signal == benchmark.EARLY_WARNING_SCORE]
+    assert all(row.before_events == 0.0 and row.quiet == 0.0 for row in flat)
 
 
 def test_replayed_alert_rules_fire_as_prometheus_would() -> None:

@@ -44,6 +44,13 @@ What is measured, per horizon ``h`` (``H`` steps):
   outside labelled events (inside one the entity already is anomalous, which the anomaly
   probability reports), pooled per dataset; next to the Brier score of the constant base rate
   (no skill) and, for reference, the anomaly probability P(anomalous now) against the same label.
+- **Before the labelled start** (what any threshold could warn of): for the fused score and
+  each horizon's early-warning score, the share of events whose maximum over the ``H`` steps
+  before their start exceeds the signal's 99th / 99.9th percentile of the entity's steps
+  outside events, next to the share of the quiet ``H``-step windows (clear of every event
+  extended by ``H``) that do (:func:`precursor_rows`). Where the two shares are alike, nothing
+  the signal shows before an event sets it apart from any other stretch, and no threshold on
+  it can warn of that event without warning as often for nothing.
 - **NAB score** (NAB files only; standard, reward_low_FP_rate, reward_low_FN_rate profiles) of
   the anomaly probability and of each horizon's early warning (and of the fused score, for
   reference), with the threshold optimised on
@@ -66,6 +73,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from numpy.lib.stride_tricks import sliding_window_view
 
 from aiops_plugin.calibration import score_from_p
 from aiops_plugin.calibration.stage import GroupCalibration, RecentProbability
@@ -223,6 +231,25 @@ class CalibrationRow:
 
 
 @dataclass
+class PrecursorRow:
+    """How far a signal is up in the horizon before labelled events, against quiet windows."""
+
+    dataset: str
+    horizon: str
+    horizon_steps: int
+    signal: str
+    quantile: float
+    #: events with at least one step before their start (not right after the previous event)
+    events: int
+    #: of those, the share whose maximum over the horizon before the start exceeds the quantile
+    before_events: float
+    #: windows of the horizon's length clear of every event extended by the horizon
+    quiet_windows: int
+    #: of those, the share whose maximum exceeds the quantile
+    quiet: float
+
+
+@dataclass
 class NabRow:
     signal: str
     profile: str
@@ -251,15 +278,24 @@ class EarlyWarningRun:
     fit_window_seconds: float | None = None
     #: the early warning's settings (``early_warning``), None: the defaults
     settings: EarlyWarningConfig | None = None
+    precursors: list[PrecursorRow] = field(default_factory=list)
 
 
 def variant(run: EarlyWarningRun) -> tuple[str, str, str]:
     """``(section, image suffix, title suffix)`` of a run: the default, with the forecaster,
-    or with the metrics' lines."""
+    with the metrics' lines, or with another trend span."""
     if "forecaster" in run.detectors:
         return FORECASTER_SECTION, "_forecaster", ": with the forecaster's forecasts"
     if run.settings is not None and run.settings.ramp:
         return RAMP_SECTION, "_ramp", ": with the metrics' own lines"
+    default = EarlyWarningConfig().trend_steps
+    if run.settings is not None and run.settings.trend_steps != default:
+        steps = run.settings.trend_steps
+        return (
+            f"{SECTION}-trend-{steps}",
+            f"_trend_{steps}",
+            f": the fused score's trend over {steps} steps (default {default})",
+        )
     return SECTION, "", ""
 
 
@@ -658,6 +694,87 @@ def lead_rows(dataset: str, items: Sequence[EntityWarnings]) -> list[LeadRow]:
     return rows
 
 
+#: Quantiles of a signal's steps outside events the precursor table holds windows against.
+PRECURSOR_QUANTILES = (0.99, 0.999)
+
+
+def _event_runs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and ends (exclusive) of the runs of 1s in ``labels``."""
+    edges = np.diff(np.concatenate([[0], np.asarray(labels).astype(np.int8), [0]]))
+    return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+
+
+def precursor_windows(
+    signal: np.ndarray, labels: np.ndarray, steps: int, quantile: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """For one entity: per event (with at least one step before its start after the previous
+    one), whether the signal's maximum over the ``steps`` before its start exceeds the
+    ``quantile`` of the signal outside events; and the same for every quiet window of
+    ``steps`` steps (none of them within an event or the ``steps`` before one). NaN never
+    exceeds. Returns two bool arrays."""
+    values = np.nan_to_num(np.asarray(signal, dtype=np.float64), nan=-np.inf)
+    labelled = np.asarray(labels).astype(bool)
+    outside = values[~labelled]
+    level = (
+        np.quantile(outside[np.isfinite(outside)], quantile)
+        if np.isfinite(outside).any()
+        else np.inf
+    )
+    starts, ends = _event_runs(labelled)
+    previous = np.concatenate([[0], ends])[: len(starts)]
+    before = np.array(
+        [
+            values[max(start - steps, after) : start].max() > level
+            for start, after in zip(starts, previous, strict=True)
+            if max(start - steps, after) < start
+        ],
+        dtype=bool,
+    )
+    quiet = ~labelled
+    for start in starts:
+        quiet[max(0, start - steps) : start] = False
+    if len(values) < steps:
+        return before, np.zeros(0, dtype=bool)
+    clear = sliding_window_view(quiet, steps).all(axis=1)
+    return before, sliding_window_view(values, steps)[clear].max(axis=1) > level
+
+
+def precursor_rows(dataset: str, items: Sequence[EntityWarnings]) -> list[PrecursorRow]:
+    """Per horizon, for the fused score and the horizon's early-warning score at each of
+    ``PRECURSOR_QUANTILES``: the events' and the quiet windows' shares above it, pooled over
+    the entities (module docstring)."""
+    rows: list[PrecursorRow] = []
+    if not items:
+        return rows
+    for j, steps in enumerate(items[0].horizons_steps):
+        signals = {
+            "fused score": [item.fused_scores for item in items],
+            EARLY_WARNING_SCORE: [item.early_warning_scores[:, j] for item in items],
+        }
+        for name, values in signals.items():
+            for quantile in PRECURSOR_QUANTILES:
+                parts = [
+                    precursor_windows(signal, item.labels, steps, quantile)
+                    for signal, item in zip(values, items, strict=True)
+                ]
+                before = np.concatenate([part[0] for part in parts])
+                quiet = np.concatenate([part[1] for part in parts])
+                rows.append(
+                    PrecursorRow(
+                        dataset=dataset,
+                        horizon=horizon_label(steps * items[0].step_seconds),
+                        horizon_steps=steps,
+                        signal=name,
+                        quantile=quantile,
+                        events=int(before.size),
+                        before_events=float(before.mean()) if before.size else math.nan,
+                        quiet_windows=int(quiet.size),
+                        quiet=float(quiet.mean()) if quiet.size else math.nan,
+                    )
+                )
+    return rows
+
+
 def firing(condition: np.ndarray, for_seconds: float, step_seconds: float) -> np.ndarray:
     """1.0 at the steps where a rule with this ``condition`` (bool per step) and ``for:`` fires,
     else 0.0. Prometheus fires once the condition has held without a break for ``for_seconds``;
@@ -908,11 +1025,13 @@ def run_early_warning_benchmark(
                 flush=True,
             )
     lead, calibration, nab = [], [], []
+    precursors: list[PrecursorRow] = []
     methods: dict[str, list[str]] = {}
     for dataset in dataset_names:
         items = [item for item in scored if item.dataset == dataset]
         methods[dataset] = sorted({item.method for item in items})
         lead += lead_rows(dataset, items)
+        precursors += precursor_rows(dataset, items)
         calibration += calibration_rows(dataset, items)
         if dataset == "nab" and not slice_rows:
             nab += nab_rows(items, data_root)
@@ -932,6 +1051,7 @@ def run_early_warning_benchmark(
         fit_every_seconds=fit_every_seconds,
         fit_window_seconds=fit_window_seconds,
         settings=settings,
+        precursors=precursors,
     )
 
 
@@ -1134,6 +1254,8 @@ def early_warning_markdown(run: EarlyWarningRun, image_links: dict[str, str]) ->
             lines += ["", f"![{dataset} early-warning reliability]({image_links[dataset]})"]
         lines.append("")
     lines += ["### Reading", "", *early_warning_reading(run), ""]
+    if run.precursors:
+        lines += [*precursor_markdown(run), ""]
     if run.nab:
         lines += [
             "### NAB score",
@@ -1154,6 +1276,62 @@ def early_warning_markdown(run: EarlyWarningRun, image_links: dict[str, str]) ->
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def precursor_markdown(run: EarlyWarningRun) -> list[str]:
+    """The "Before the labelled start" table and its reading."""
+    lines = [
+        "### Before the labelled start",
+        "",
+        "Whether a signal is up in the horizon before the labelled events more often than in "
+        "any other stretch as long: *before events*, the share of events whose maximum over "
+        "the horizon before their start exceeds the signal's quantile (per entity, over its "
+        "steps outside events); *quiet windows*, the share of the windows of the horizon's "
+        "length clear of every event (and of the horizon before one) that do. A threshold at "
+        "that quantile can warn of at most the first share of the events, and alarms in about "
+        "the second share of the quiet windows.",
+        "",
+        "| dataset | horizon | signal | quantile | events | before events | quiet windows "
+        "| in quiet windows | ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in run.precursors:
+        ratio = row.before_events / row.quiet if row.quiet > 0 else math.nan
+        lines.append(
+            f"| {row.dataset.upper()} | {row.horizon} | {row.signal} | {row.quantile:g} "
+            f"| {row.events} | {_fmt(row.before_events)} | {row.quiet_windows} "
+            f"| {_fmt(row.quiet)} | {_fmt(ratio, 1)} |"
+        )
+    lines += ["", *_precursor_reading(run)]
+    return lines
+
+
+def _precursor_reading(run: EarlyWarningRun) -> list[str]:
+    """Per dataset, at the longest horizon and the higher quantile: the fused score's and the
+    early-warning score's shares, read against the quiet windows'."""
+    out = []
+    for dataset in run.datasets:
+        rows = [row for row in run.precursors if row.dataset == dataset]
+        if not rows:
+            continue
+        steps = max(row.horizon_steps for row in rows)
+        quantile = max(row.quantile for row in rows)
+        parts = []
+        for row in rows:
+            if row.horizon_steps == steps and row.quantile == quantile:
+                parts.append(
+                    f"the {row.signal} {_fmt(row.before_events)} of the events, "
+                    f"{_fmt(row.quiet)} of the quiet windows"
+                )
+        out.append(
+            f"- **{dataset.upper()}**, above the {quantile:g} quantile in the "
+            f"{_horizon_of(rows, steps)} before: " + "; ".join(parts) + "."
+        )
+    return out
+
+
+def _horizon_of(rows: Sequence[PrecursorRow], steps: int) -> str:
+    return next(row.horizon for row in rows if row.horizon_steps == steps)
 
 
 def _before(row: LeadRow) -> str:
@@ -1311,6 +1489,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with early_warning.ramp: every metric's own line joins the evidence",
     )
+    parser.add_argument(
+        "--trend-steps",
+        type=int,
+        default=EarlyWarningConfig().trend_steps,
+        help="early_warning.trend_steps: recent steps of the fused score whose trend is "
+        "extrapolated (default %(default)s)",
+    )
     parser.add_argument("--slice-rows", type=int, help="short slices of N rows (smoke tests)")
     parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
     parser.add_argument("--csv-dir", type=Path, help="write lead/calibration/nab CSVs here")
@@ -1347,7 +1532,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             command=command.strip(),
             fit_every_seconds=None if args.single_fit else args.fit_every,
             fit_window_seconds=None if args.single_fit else args.fit_window,
-            settings=EarlyWarningConfig(ramp=True) if args.ramp else None,
+            settings=EarlyWarningConfig(ramp=args.ramp, trend_steps=args.trend_steps),
         )
     except datasets.DatasetError as exc:
         raise SystemExit(f"error: {exc}") from exc
@@ -1361,6 +1546,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.csv_dir.mkdir(parents=True, exist_ok=True)
         _write_rows(run.lead, LeadRow, args.csv_dir / "early_warning_lead.csv")
         _write_rows(run.calibration, CalibrationRow, args.csv_dir / "early_warning_calibration.csv")
+        _write_rows(run.precursors, PrecursorRow, args.csv_dir / "early_warning_precursors.csv")
         if run.nab:
             _write_rows(run.nab, NabRow, args.csv_dir / "early_warning_nab.csv")
         # every entity's signals, to evaluate other rules without scoring again
