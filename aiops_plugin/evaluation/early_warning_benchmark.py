@@ -15,7 +15,9 @@ fits once on the train split and scores the whole test split with it (the litera
 protocol; by the end of SMD's test split its calibration is 16 days old, which the agent never
 lets happen). The beta-uniform mixtures behind both probabilities are refitted every
 ``refit_seconds`` of data instead of every step (the agent refits them every cycle), on the
-p-values before the step, to keep the run within minutes on two cores.
+p-values before the step, to keep the run within minutes on two cores. ``--ramp`` (the metrics'
+own lines, ``early_warning.ramp``) and ``--trend-steps N`` run the early warning with those
+settings, each into a section of its own beside the default's.
 
 What is measured, per horizon ``h`` (``H`` steps):
 
