@@ -700,12 +700,6 @@ def lead_rows(dataset: str, items: Sequence[EntityWarnings]) -> list[LeadRow]:
 PRECURSOR_QUANTILES = (0.99, 0.999)
 
 
-def _event_runs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Starts and ends (exclusive) of the runs of 1s in ``labels``."""
-    edges = np.diff(np.concatenate([[0], np.asarray(labels).astype(np.int8), [0]]))
-    return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-
-
 def precursor_windows(
     signal: np.ndarray, labels: np.ndarray, steps: int, quantile: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -722,7 +716,7 @@ def precursor_windows(
         if np.isfinite(outside).any()
         else np.inf
     )
-    starts, ends = _event_runs(labelled)
+    starts, ends = metrics.runs(labelled)
     previous = np.concatenate([[0], ends])[: len(starts)]
     before = np.array(
         [
@@ -854,9 +848,8 @@ def _alert_rows(
 def starts_within(labels: np.ndarray, steps: int) -> np.ndarray:
     """``(T,)`` bool: a labelled event starts in the next ``steps`` steps ``(t, t + steps]``."""
     y = np.asarray(labels).astype(bool)
-    onset = np.flatnonzero(y & ~np.concatenate([[False], y[:-1]]))
     out = np.zeros(y.size, dtype=bool)
-    for start in onset:
+    for start in metrics.runs(y)[0]:
         out[max(0, start - steps) : start] = True
     return out
 

@@ -131,7 +131,7 @@ def _drop_unscored(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return s[scored], y[scored]
 
 
-def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Maximal runs of True in ``mask`` as ``(starts, ends)`` step indices, ends exclusive."""
     padded = np.concatenate(([False], mask, [False]))
     change = np.flatnonzero(padded[1:] != padded[:-1])
@@ -217,7 +217,7 @@ def _volume_under_surface(
     if not y.any():
         return math.nan, math.nan
     n_steps = s.size
-    starts, ends = _runs(y)
+    starts, ends = runs(y)
     last = ends - 1
     n_pos = float(y.sum())
 
@@ -379,7 +379,7 @@ def point_adjusted_f1(
     if n_pos == 0:
         return PointAdjustedF1Result(math.nan, math.nan, math.nan, math.nan)
     filled = np.append(np.where(np.isnan(s), -np.inf, s), -np.inf)
-    starts, ends = _runs(y)
+    starts, ends = runs(y)
     event_max = np.maximum.reduceat(filled, np.column_stack((starts, ends)).ravel())[::2]
     event_max_sorted = np.sort(event_max)
     length_sorted = (ends - starts)[np.argsort(event_max, kind="stable")]
@@ -435,7 +435,7 @@ def event_metrics(
     s, y = _as_arrays(scores, labels)
     n_steps = s.size
     alarms = s >= threshold
-    starts, ends = _runs(y)
+    starts, ends = runs(y)
     previous_end = np.concatenate(([0], ends[:-1]))
     reach = np.maximum(starts - early_window_steps, previous_end)
 
@@ -448,7 +448,7 @@ def event_metrics(
     np.add.at(covered_change, reach, 1.0)
     np.add.at(covered_change, ends, -1.0)
     covered_before = np.concatenate(([0], np.cumsum(np.cumsum(covered_change)[:n_steps] > 0)))
-    alarm_starts, alarm_ends = _runs(alarms)
+    alarm_starts, alarm_ends = runs(alarms)
     false_alarms = int(np.sum(covered_before[alarm_ends] == covered_before[alarm_starts]))
     days = n_steps * float(step_seconds) / _SECONDS_PER_DAY
     return EventResult(
