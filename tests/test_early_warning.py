@@ -566,7 +566,8 @@ def test_benchmark_on_a_tiny_nab_slice(tmp_path: Path) -> None:
     assert text.startswith("## Early warning") and "Command: " in text
     assert "| 30m (6 steps) | early warning |" in text and "early_warning_nab.png" in text
     assert "### Reading" in text and "events warned before their start" in text
-    assert "### Before the labelled start" in text
+    assert "### Before the labelled start" in text and "exact McNemar p" in text
+    assert len(run.paired) == 3
     assert len(run.precursors) == 3 * 2 * len(benchmark.PRECURSOR_QUANTILES)
     assert benchmark.variant(run) == (benchmark.SECTION, "", "")
     shorter = dataclasses.replace(run, settings=EarlyWarningConfig(trend_steps=5))
@@ -669,6 +670,42 @@ def test_precursors_count_the_events_a_signal_is_up_before_and_the_quiet_windows
     assert fused[0].quiet_windows == len(clear) and fused[0].quiet == 0.0
     flat = [row for row in rows if row.signal == benchmark.EARLY_WARNING_SCORE]
     assert all(row.before_events == 0.0 and row.quiet == 0.0 for row in flat)
+
+
+def test_paired_events_count_what_each_signal_alone_warned_of_before_the_start() -> None:
+    """Three events: the early-warning score (horizon 3) is at 1 before the first, the fused
+    score before the second, both before the third; the fused score inside the first event, or
+    the early warning more than 3 steps before the second, do not count."""
+    labels = np.zeros(80, dtype=np.int8)
+    for start in (20, 40, 60):
+        labels[start : start + 5] = 1
+    fused, early = np.zeros(80), np.zeros((80, 1))
+    early[18, 0] = 1.2  # before event 1
+    fused[22] = 3.0  # inside event 1
+    fused[38] = 1.0  # before event 2
+    early[35, 0] = 2.0  # 5 steps before event 2: outside its horizon
+    fused[59], early[57, 0] = 1.5, 1.0  # both before event 3
+    item = benchmark.EntityWarnings(
+        dataset="x",
+        entity="e",
+        step_seconds=60.0,
+        labels=labels,
+        fused_scores=fused,
+        probability=np.zeros(80),
+        early_warning=np.zeros((80, 1)),
+        early_warning_scores=early,
+        horizons_steps=[3],
+        method="m",
+        seconds=0.0,
+    )
+    (row,) = benchmark.paired_rows("x", [item])
+    assert (row.events, row.only_signal, row.only_versus, row.both) == (3, 1, 1, 1)
+    assert row.p_value == pytest.approx(1.0)
+    lead = {r.signal: r for r in benchmark.lead_rows("x", [item])}
+    assert lead[benchmark.EARLY_WARNING_SCORE_AT_ONE].warned_before_start == pytest.approx(2 / 3)
+    assert lead[benchmark.FUSED_SCORE].warned_before_start == pytest.approx(2 / 3)
+    maxima, windowed = benchmark.pre_event_maxima(fused, labels, 3)
+    assert maxima.tolist() == [0.0, 1.0, 1.5] and windowed.all()
 
 
 def test_replayed_alert_rules_fire_as_prometheus_would() -> None:

@@ -40,7 +40,10 @@ What is measured, per horizon ``h`` (``H`` steps):
   same evidence before the mixture, tempered by the gate where there is one, its combined
   p-value on the exported score's scale (1.0 at the false-alarm rate), per
   entity calibrated on its own calibration slice, at 1.0 (the rule the fused score is held to,
-  nothing chosen on any data) and by the two threshold rules above.
+  nothing chosen on any data) and by the two threshold rules above. Event by event
+  (:func:`paired_rows`): the events only the early-warning score at 1.0 warned of before their
+  start against those only the fused score at 1.0 did, with the exact McNemar test, so a
+  difference of an event or two reads as what it is.
 - **Calibration**: ECE (10 equal-width bins) and Brier score of each horizon's probability
   against the label "a labelled event starts within the next ``H`` steps", over the steps
   outside labelled events (inside one the entity already is anomalous, which the anomaly
@@ -76,6 +79,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
+from scipy.stats import binomtest
 
 from aiops_plugin.calibration import score_from_p
 from aiops_plugin.calibration.stage import GroupCalibration, RecentProbability
@@ -252,6 +256,23 @@ class PrecursorRow:
 
 
 @dataclass
+class PairedRow:
+    """Two signals event by event: the events each warned of before their start."""
+
+    dataset: str
+    horizon: str
+    horizon_steps: int
+    signal: str
+    versus: str
+    events: int
+    only_signal: int
+    only_versus: int
+    both: int
+    #: exact McNemar test (two-sided) of ``only_signal`` against ``only_versus``
+    p_value: float
+
+
+@dataclass
 class NabRow:
     signal: str
     profile: str
@@ -281,6 +302,7 @@ class EarlyWarningRun:
     #: the early warning's settings (``early_warning``), None: the defaults
     settings: EarlyWarningConfig | None = None
     precursors: list[PrecursorRow] = field(default_factory=list)
+    paired: list[PairedRow] = field(default_factory=list)
 
 
 def variant(run: EarlyWarningRun) -> tuple[str, str, str]:
@@ -700,14 +722,31 @@ def lead_rows(dataset: str, items: Sequence[EntityWarnings]) -> list[LeadRow]:
 PRECURSOR_QUANTILES = (0.99, 0.999)
 
 
+def pre_event_maxima(
+    signal: np.ndarray, labels: np.ndarray, steps: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per labelled event, in order: the signal's maximum over the ``steps`` before its start
+    (back to the previous event's end at most: the steps in which an alarm counts as warned
+    before the start, as :func:`~aiops_plugin.evaluation.metrics.event_metrics` counts them),
+    and whether there is any such step. NaN never alarms (``-inf``), nor does an empty window."""
+    values = np.nan_to_num(np.asarray(signal, dtype=np.float64), nan=-np.inf)
+    starts, ends = metrics.runs(np.asarray(labels).astype(bool))
+    reach = np.maximum(starts - steps, np.concatenate([[0], ends])[: len(starts)])
+    maxima = np.array(
+        [values[lo:start].max(initial=-np.inf) for lo, start in zip(reach, starts, strict=True)],
+        dtype=np.float64,
+    )
+    return maxima, reach < starts
+
+
 def precursor_windows(
     signal: np.ndarray, labels: np.ndarray, steps: int, quantile: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """For one entity: per event (with at least one step before its start after the previous
-    one), whether the signal's maximum over the ``steps`` before its start exceeds the
-    ``quantile`` of the signal outside events; and the same for every quiet window of
-    ``steps`` steps (none of them within an event or the ``steps`` before one). NaN never
-    exceeds. Returns two bool arrays."""
+    """For one entity: per event with at least one step before its start after the previous
+    one (:func:`pre_event_maxima`), whether the signal's maximum over the ``steps`` before its
+    start exceeds the ``quantile`` of the signal outside events; and the same for every quiet
+    window of ``steps`` steps (none of them within an event or the ``steps`` before one). NaN
+    never exceeds. Returns two bool arrays."""
     values = np.nan_to_num(np.asarray(signal, dtype=np.float64), nan=-np.inf)
     labelled = np.asarray(labels).astype(bool)
     outside = values[~labelled]
@@ -716,23 +755,53 @@ def precursor_windows(
         if np.isfinite(outside).any()
         else np.inf
     )
-    starts, ends = metrics.runs(labelled)
-    previous = np.concatenate([[0], ends])[: len(starts)]
-    before = np.array(
-        [
-            values[max(start - steps, after) : start].max() > level
-            for start, after in zip(starts, previous, strict=True)
-            if max(start - steps, after) < start
-        ],
-        dtype=bool,
-    )
+    maxima, windowed = pre_event_maxima(values, labelled, steps)
+    before = maxima[windowed] > level
     quiet = ~labelled
-    for start in starts:
+    for start in metrics.runs(labelled)[0]:
         quiet[max(0, start - steps) : start] = False
     if len(values) < steps:
         return before, np.zeros(0, dtype=bool)
     clear = sliding_window_view(quiet, steps).all(axis=1)
     return before, sliding_window_view(values, steps)[clear].max(axis=1) > level
+
+
+def paired_rows(dataset: str, items: Sequence[EntityWarnings]) -> list[PairedRow]:
+    """Per horizon, event by event: which events the early-warning score at 1.0 and the fused
+    score at 1.0 warned of before their start, and the exact McNemar test of the events only
+    one of them warned of (two-sided binomial test of one count against their sum at 1/2)."""
+    rows: list[PairedRow] = []
+    if not items:
+        return rows
+    for j, steps in enumerate(items[0].horizons_steps):
+        early, base = [], []
+        for item in items:
+            early.append(
+                pre_event_maxima(item.early_warning_scores[:, j], item.labels, steps)[0]
+                >= OPERATING_THRESHOLD
+            )
+            base.append(
+                pre_event_maxima(item.fused_scores, item.labels, steps)[0] >= OPERATING_THRESHOLD
+            )
+        warned, versus = np.concatenate(early), np.concatenate(base)
+        alone, other = int((warned & ~versus).sum()), int((versus & ~warned).sum())
+        rows.append(
+            PairedRow(
+                dataset=dataset,
+                horizon=horizon_label(steps * items[0].step_seconds),
+                horizon_steps=steps,
+                signal=EARLY_WARNING_SCORE_AT_ONE,
+                versus=FUSED_SCORE,
+                events=int(warned.size),
+                only_signal=alone,
+                only_versus=other,
+                both=int((warned & versus).sum()),
+                p_value=float(binomtest(alone, alone + other, 0.5).pvalue)
+                if alone + other
+                else 1.0,
+            )
+        )
+    return rows
 
 
 def precursor_rows(dataset: str, items: Sequence[EntityWarnings]) -> list[PrecursorRow]:
@@ -1021,12 +1090,14 @@ def run_early_warning_benchmark(
             )
     lead, calibration, nab = [], [], []
     precursors: list[PrecursorRow] = []
+    paired: list[PairedRow] = []
     methods: dict[str, list[str]] = {}
     for dataset in dataset_names:
         items = [item for item in scored if item.dataset == dataset]
         methods[dataset] = sorted({item.method for item in items})
         lead += lead_rows(dataset, items)
         precursors += precursor_rows(dataset, items)
+        paired += paired_rows(dataset, items)
         calibration += calibration_rows(dataset, items)
         if dataset == "nab" and not slice_rows:
             nab += nab_rows(items, data_root)
@@ -1047,6 +1118,7 @@ def run_early_warning_benchmark(
         fit_window_seconds=fit_window_seconds,
         settings=settings,
         precursors=precursors,
+        paired=paired,
     )
 
 
@@ -1329,6 +1401,22 @@ def _horizon_of(rows: Sequence[PrecursorRow], steps: int) -> str:
     return next(row.horizon for row in rows if row.horizon_steps == steps)
 
 
+def _paired_reading(run: EarlyWarningRun, dataset: str) -> str:
+    """Event by event, the early-warning score at 1.0 against the fused score at 1.0."""
+    rows = [row for row in run.paired if row.dataset == dataset]
+    if not rows:
+        return ""
+    return (
+        " Event by event, warned before the start by the early-warning score at 1.0 alone / by "
+        "the fused score alone (exact McNemar p): "
+        + ", ".join(
+            f"{row.horizon} {row.only_signal} / {row.only_versus} (p {row.p_value:.2f})"
+            for row in rows
+        )
+        + "."
+    )
+
+
 def _before(row: LeadRow) -> str:
     """``k/n (median lead m min) at f false warnings/day``."""
     warned = round(row.warned_before_start * row.events) if row.events else 0
@@ -1415,7 +1503,9 @@ def early_warning_reading(run: EarlyWarningRun) -> list[str]:
             f"{untuned} of {n}, as many (at least one) with fewer false warnings at {level} of "
             f"{n}. Its Brier "
             f"score beats the constant base rate at {skill} of {n} horizons, and its ECE is "
-            f"below P(anomalous now)'s against the same label at {sharper} of {n}." + alerting
+            f"below P(anomalous now)'s against the same label at {sharper} of {n}."
+            + _paired_reading(run, dataset)
+            + alerting
         )
     lines += [
         "",
@@ -1542,6 +1632,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         _write_rows(run.lead, LeadRow, args.csv_dir / "early_warning_lead.csv")
         _write_rows(run.calibration, CalibrationRow, args.csv_dir / "early_warning_calibration.csv")
         _write_rows(run.precursors, PrecursorRow, args.csv_dir / "early_warning_precursors.csv")
+        _write_rows(run.paired, PairedRow, args.csv_dir / "early_warning_paired.csv")
         if run.nab:
             _write_rows(run.nab, NabRow, args.csv_dir / "early_warning_nab.csv")
         # every entity's signals, to evaluate other rules without scoring again
