@@ -572,6 +572,10 @@ def test_benchmark_on_a_tiny_nab_slice(tmp_path: Path) -> None:
     assert benchmark.variant(run) == (benchmark.SECTION, "", "")
     shorter = dataclasses.replace(run, settings=EarlyWarningConfig(trend_steps=5))
     assert benchmark.variant(shorter)[:2] == ("early-warning-trend-5", "_trend_5")
+    forecasting = dataclasses.replace(run, detectors=["mad", "pca", "forecaster"])
+    assert benchmark.variant(forecasting)[0] == benchmark.FORECASTER_SECTION
+    scheduled = dataclasses.replace(forecasting, fit_every_seconds=86400.0)
+    assert benchmark.variant(scheduled)[0] == f"{benchmark.FORECASTER_SECTION}-schedule"
     # with the metrics' lines: their own section and images, beside the default's
     with_ramp = benchmark.run_early_warning_benchmark(
         ["nab"],

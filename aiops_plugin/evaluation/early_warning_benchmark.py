@@ -309,6 +309,12 @@ def variant(run: EarlyWarningRun) -> tuple[str, str, str]:
     """``(section, image suffix, title suffix)`` of a run: the default, with the forecaster,
     with the metrics' lines, or with another trend span."""
     if "forecaster" in run.detectors:
+        if run.fit_every_seconds is not None:
+            return (
+                f"{FORECASTER_SECTION}-schedule",
+                "_forecaster_schedule",
+                ": with the forecaster's forecasts, on the agent's schedule",
+            )
         return FORECASTER_SECTION, "_forecaster", ": with the forecaster's forecasts"
     if run.settings is not None and run.settings.ramp:
         return RAMP_SECTION, "_ramp", ": with the metrics' own lines"
