@@ -632,6 +632,25 @@ def test_schedule_refits_before_each_block_as_the_agent_does() -> None:
     assert "(3 to 3 fits per entity)" in benchmark._protocol(run)
 
 
+def one_entity(
+    labels: np.ndarray, fused: np.ndarray, early_scores: np.ndarray, horizons: list[int]
+) -> benchmark.EntityWarnings:
+    """A hand-built entity's replayed signals (1-minute steps; probabilities all 0)."""
+    return benchmark.EntityWarnings(
+        dataset="x",
+        entity="e",
+        step_seconds=60.0,
+        labels=labels,
+        fused_scores=fused,
+        probability=np.zeros(len(labels)),
+        early_warning=np.zeros(early_scores.shape),
+        early_warning_scores=early_scores,
+        horizons_steps=horizons,
+        method="m",
+        seconds=0.0,
+    )
+
+
 def test_precursors_count_the_events_a_signal_is_up_before_and_the_quiet_windows_alike() -> None:
     """Two events; the signal is up in the 3 steps before the first only, and once far from
     both (a quiet window). The quantile is the signal's outside events; the windows before an
@@ -652,21 +671,7 @@ def test_precursors_count_the_events_a_signal_is_up_before_and_the_quiet_windows
     assert quiet.sum() == 3  # the three windows holding step 45
     rows = benchmark.precursor_rows(
         "x",
-        [
-            benchmark.EntityWarnings(
-                dataset="x",
-                entity="e",
-                step_seconds=60.0,
-                labels=labels,
-                fused_scores=signal,
-                probability=np.zeros(60),
-                early_warning=np.zeros((60, 1)),
-                early_warning_scores=np.zeros((60, 1)),
-                horizons_steps=[3],
-                method="m",
-                seconds=0.0,
-            )
-        ],
+        [one_entity(labels, signal, np.zeros((60, 1)), [3])],
     )
     # at the 0.99 quantile (4.51 of the 50 finite values outside events) only the 5 exceeds
     fused = [row for row in rows if row.signal == "fused score" and row.quantile == 0.99]
@@ -689,19 +694,7 @@ def test_paired_events_count_what_each_signal_alone_warned_of_before_the_start()
     fused[38] = 1.0  # before event 2
     early[35, 0] = 2.0  # 5 steps before event 2: outside its horizon
     fused[59], early[57, 0] = 1.5, 1.0  # both before event 3
-    item = benchmark.EntityWarnings(
-        dataset="x",
-        entity="e",
-        step_seconds=60.0,
-        labels=labels,
-        fused_scores=fused,
-        probability=np.zeros(80),
-        early_warning=np.zeros((80, 1)),
-        early_warning_scores=early,
-        horizons_steps=[3],
-        method="m",
-        seconds=0.0,
-    )
+    item = one_entity(labels, fused, early, [3])
     (row,) = benchmark.paired_rows("x", [item])
     assert (row.events, row.only_signal, row.only_versus, row.both) == (3, 1, 1, 1)
     assert row.p_value == pytest.approx(1.0)
