@@ -737,3 +737,27 @@ def test_replayed_alert_rules_are_the_shipped_ones() -> None:
         ).split()
     )
     assert warning["for"] == horizon_label(benchmark.EARLY_WARNING_ALERT.for_seconds)
+
+
+def test_an_entity_too_short_for_a_detector_is_left_out_and_named() -> None:
+    """NAB's NetworkIn file of instance i-a2eb1cd9 has a train split of 186 steps, too short for
+    the forecaster's first fit: the benchmark goes on with the other entities and says so."""
+    short = "realAWSCloudwatch/iio_us-east-1_i-a2eb1cd9_NetworkIn"
+    kept = "realAWSCloudwatch/ec2_cpu_utilization_24ae8d"
+    detectors = DetectorsConfig()
+    detectors.forecaster = detectors.forecaster.model_copy(
+        update={"window": 200, "hidden": 8, "heads": 2, "epochs": 1, "max_train_windows": 50}
+    )
+    run = benchmark.run_early_warning_benchmark(
+        ["nab"],
+        ["mad", "pca", "forecaster"],
+        entities=[short, kept],
+        data_root=DATA_ROOT,
+        slice_rows=600,
+        detectors=detectors,
+    )
+    assert [item.entity for item in run.entities] == [kept]
+    assert len(run.skipped) == 1 and run.skipped[0].startswith(f"nab {short}, forecaster: ")
+    assert "186 steps is too short" in run.skipped[0]
+    text = benchmark.early_warning_markdown(run, {})
+    assert f"Left out (a detector could not fit the train split): nab {short}, " in text

@@ -67,6 +67,7 @@ What is measured, per horizon ``h`` (``H`` steps):
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import pickle
@@ -108,6 +109,8 @@ from aiops_plugin.evaluation.benchmark import (
 )
 from aiops_plugin.evaluation.forecasting import horizon_steps_for
 from aiops_plugin.exporter import horizon_label
+
+log = logging.getLogger(__name__)
 
 #: The section of docs/benchmarks.md each run writes; with the forecaster among the detectors
 #: or with the metrics' lines (``early_warning.ramp``), its own section, so the variants stand
@@ -303,6 +306,8 @@ class EarlyWarningRun:
     settings: EarlyWarningConfig | None = None
     precursors: list[PrecursorRow] = field(default_factory=list)
     paired: list[PairedRow] = field(default_factory=list)
+    #: why each entity whose first fit failed (too short) was left out, naming it
+    skipped: list[str] = field(default_factory=list)
 
 
 def variant(run: EarlyWarningRun) -> tuple[str, str, str]:
@@ -1068,6 +1073,7 @@ def run_early_warning_benchmark(
     device = device or torch.device("cpu")
     detectors = detectors or DetectorsConfig()
     scored: list[EntityWarnings] = []
+    skipped: list[str] = []
     for dataset in dataset_names:
         all_series = datasets.load_datasets([dataset], entities, data_root)
         if max_entities is not None:
@@ -1075,8 +1081,8 @@ def run_early_warning_benchmark(
         for series in all_series:
             if slice_rows:
                 series = short_slice(series, slice_rows)
-            scored.append(
-                warn_series(
+            try:
+                warned = warn_series(
                     series,
                     detector_names,
                     detectors,
@@ -1087,7 +1093,14 @@ def run_early_warning_benchmark(
                     fit_every_seconds=fit_every_seconds,
                     fit_window_seconds=fit_window_seconds,
                 )
-            )
+            except ValueError as exc:
+                # a detector cannot fit this entity's train split (shorter than its window):
+                # it is left out, as the detector benchmark leaves it out, and the report says so
+                log.warning("early-warning benchmark: %s left out: %s", series.entity, exc)
+                named = series.entity in str(exc)
+                skipped.append(str(exc) if named else f"{series.dataset} {series.entity}: {exc}")
+                continue
+            scored.append(warned)
             print(
                 f"{series.dataset} {series.entity}: {scored[-1].seconds:.1f} s, "
                 f"{scored[-1].fits} fits",
@@ -1125,6 +1138,7 @@ def run_early_warning_benchmark(
         settings=settings,
         precursors=precursors,
         paired=paired,
+        skipped=skipped,
     )
 
 
@@ -1280,6 +1294,11 @@ def early_warning_markdown(run: EarlyWarningRun, image_links: dict[str, str]) ->
         "file documents.",
         "",
     ]
+    if run.skipped:
+        lines += [
+            "Left out (a detector could not fit the train split): " + " / ".join(run.skipped),
+            "",
+        ]
     for dataset in run.datasets:
         rows = [row for row in run.lead if row.dataset == dataset]
         if not rows:
