@@ -47,6 +47,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -58,6 +59,10 @@ from aiops_plugin.config import CalibrationConfig, DetectorsConfig
 from aiops_plugin.detectors.registry import FittedModel, build_detector
 from aiops_plugin.evaluation import datasets, metrics
 from aiops_plugin.windows import Windows
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -953,60 +958,102 @@ def _write_rows(rows: Sequence[object], row_type: type, path: Path) -> None:
 def plot_reliability(run: BenchmarkRun, directory: Path) -> list[Path]:
     """Per dataset, a reliability diagram of ``fused``'s anomaly probability, both variants,
     pooled over the measured (second) halves of its entities' test splits."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     written = []
     for dataset in run.datasets:
         p, y, p_labelled, y_labelled = _pooled_probabilities(run, dataset)
         if not p.size:
             continue
-        figure, (diagram, counts) = plt.subplots(
-            2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
-        )
-        diagram.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--")
-        width = 1.0 / CALIBRATION_BINS
-        for offset, (name, probability, labels, colour) in enumerate(
+        figure, (diagram, counts) = reliability_axes()
+        for slot, (name, probability, labels, colour) in enumerate(
             (
                 ("unlabelled", p, y, "tab:blue"),
                 ("labelled", p_labelled, y_labelled, "tab:orange"),
             )
         ):
-            if not probability.size:
-                continue
-            table = metrics.reliability_table(probability, labels, CALIBRATION_BINS)
-            ece = metrics.expected_calibration_error(probability, labels, CALIBRATION_BINS)
-            brier = metrics.brier_score(probability, labels)
-            filled = table.count > 0
-            diagram.plot(
-                table.mean_predicted[filled],
-                table.observed_frequency[filled],
-                marker="o",
-                color=colour,
-                label=f"{name}: ECE {_fmt(ece)}, Brier {_fmt(brier)}",
-            )
-            counts.bar(
-                table.bin_edges[:-1][filled] + width * (0.25 + 0.5 * offset),
-                table.count[filled],
-                width=width / 2,
-                color=colour,
-            )
-        diagram.set_xlim(0, 1)
-        diagram.set_ylim(0, 1)
-        diagram.set_ylabel("observed anomaly frequency")
-        diagram.set_title(f"{dataset}: fused P(anomalous), second half of each test split")
-        diagram.legend(loc="upper left", fontsize=8)
-        counts.set_yscale("log")
-        counts.set_ylabel("steps per bin")
-        counts.set_xlabel("predicted probability (bin)")
-        figure.tight_layout()
+            if probability.size:
+                draw_reliability(
+                    diagram, counts, probability, labels, name, colour, slot, 2, brier=True
+                )
         path = directory / f"{dataset}-reliability.png"
-        figure.savefig(path, dpi=90)
-        plt.close(figure)
+        save_reliability(
+            figure,
+            path,
+            "observed anomaly frequency",
+            f"{dataset}: fused P(anomalous), second half of each test split",
+        )
         written.append(path)
     return written
+
+
+def reliability_axes() -> tuple[Figure, tuple[Axes, Axes]]:
+    """A reliability figure: the diagram above the diagonal it should follow, and below it the
+    steps per bin on a log scale (how much each point of the diagram rests on)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (diagram, counts) = plt.subplots(
+        2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    diagram.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--")
+    return figure, (diagram, counts)
+
+
+def draw_reliability(
+    diagram: Axes,
+    counts: Axes,
+    probability: np.ndarray,
+    labels: np.ndarray,
+    name: str,
+    colour: str,
+    slot: int,
+    slots: int,
+    *,
+    linestyle: str = "-",
+    brier: bool = False,
+) -> None:
+    """One probability's curve (its ECE, and Brier score with ``brier``, in the legend) and
+    its bars, the ``slot``-th of ``slots`` side by side in each bin."""
+    table = metrics.reliability_table(probability, labels, CALIBRATION_BINS)
+    ece = metrics.expected_calibration_error(probability, labels, CALIBRATION_BINS)
+    label = f"{name}: ECE {_fmt(ece)}"
+    if brier:
+        label += f", Brier {_fmt(metrics.brier_score(probability, labels))}"
+    filled = table.count > 0
+    diagram.plot(
+        table.mean_predicted[filled],
+        table.observed_frequency[filled],
+        marker="o",
+        color=colour,
+        linestyle=linestyle,
+        label=label,
+    )
+    width = 1.0 / CALIBRATION_BINS
+    counts.bar(
+        table.bin_edges[:-1][filled] + width * (0.5 + slot) / slots,
+        table.count[filled],
+        width=width / slots,
+        color=colour,
+    )
+
+
+def save_reliability(figure: Figure, path: Path, observed: str, title: str) -> None:
+    """Label the axes of a :func:`reliability_axes` figure and write it to ``path``."""
+    import matplotlib.pyplot as plt
+
+    diagram, counts = figure.axes
+    diagram.set_xlim(0, 1)
+    diagram.set_ylim(0, 1)
+    diagram.set_ylabel(observed)
+    diagram.set_title(title)
+    diagram.legend(loc="upper left", fontsize=8)
+    counts.set_yscale("log")
+    counts.set_ylabel("steps per bin")
+    counts.set_xlabel("predicted probability (bin)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
 
 
 def plot_timelines(run: BenchmarkRun, directory: Path, per_dataset: int = 3) -> list[Path]:

@@ -101,8 +101,11 @@ from aiops_plugin.evaluation.benchmark import (
     _fit_detectors,
     _nab_file,
     _write_rows,
+    draw_reliability,
     machine_description,
     refit_blocks,
+    reliability_axes,
+    save_reliability,
     series_windows,
     short_slice,
     write_markdown_section,
@@ -1153,22 +1156,13 @@ def plot_reliability(run: EarlyWarningRun, directory: Path) -> list[Path]:
     """Per dataset, ``early_warning_<dataset>.png`` (``..._forecaster.png`` with the forecaster
     among the detectors): each horizon's reliability diagram (and P(anomalous now) against the
     shortest horizon's label, dashed) with the steps per bin."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for dataset in run.datasets:
         items = [item for item in run.entities if item.dataset == dataset]
         if not items:
             continue
-        figure, (diagram, counts) = plt.subplots(
-            2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
-        )
-        diagram.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--")
-        width = 1.0 / CALIBRATION_BINS
+        figure, (diagram, counts) = reliability_axes()
         curves: list[tuple[str, int | None, int, str]] = [
             (f"early warning {horizon_label(s * items[0].step_seconds)}", j, s, colour)
             for (j, s), colour in zip(
@@ -1186,41 +1180,22 @@ def plot_reliability(run: EarlyWarningRun, directory: Path) -> list[Path]:
                 "tab:grey",
             )
         )
-        for offset, (name, j, steps, colour) in enumerate(curves):
+        for slot, (name, j, steps, colour) in enumerate(curves):
             p, y = _calibration_data(items, j, steps)
             keep = np.isfinite(p)
-            if not keep.any():
-                continue
-            table = metrics.reliability_table(p[keep], y[keep], CALIBRATION_BINS)
-            ece = metrics.expected_calibration_error(p[keep], y[keep], CALIBRATION_BINS)
-            filled = table.count > 0
-            diagram.plot(
-                table.mean_predicted[filled],
-                table.observed_frequency[filled],
-                marker="o",
-                color=colour,
-                linestyle="--" if j is None else "-",
-                label=f"{name}: ECE {_fmt(ece)}",
-            )
-            counts.bar(
-                table.bin_edges[:-1][filled] + width * (0.1 + 0.2 * offset),
-                table.count[filled],
-                width=width / 5,
-                color=colour,
-            )
-        diagram.set_xlim(0, 1)
-        diagram.set_ylim(0, 1)
-        diagram.set_ylabel("observed: an event starts within the horizon")
-        diagram.set_title(f"{dataset}: early-warning probability, test steps outside events")
-        diagram.legend(loc="upper left", fontsize=8)
-        counts.set_yscale("log")
-        counts.set_ylabel("steps per bin")
-        counts.set_xlabel("predicted probability (bin)")
-        figure.tight_layout()
-        suffix = variant(run)[1]
-        path = directory / f"early_warning_{dataset}{suffix}.png"
-        figure.savefig(path, dpi=90)
-        plt.close(figure)
+            if keep.any():
+                linestyle = "--" if j is None else "-"
+                # one slot more than curves: a gap between the bins' bars
+                draw_reliability(
+                    diagram, counts, p[keep], y[keep], name, colour, slot, 5, linestyle=linestyle
+                )
+        path = directory / f"early_warning_{dataset}{variant(run)[1]}.png"
+        save_reliability(
+            figure,
+            path,
+            "observed: an event starts within the horizon",
+            f"{dataset}: early-warning probability, test steps outside events",
+        )
         written.append(path)
     return written
 
