@@ -63,8 +63,13 @@ from aiops_plugin.detectors.forecaster import resolve_export_metrics
 from aiops_plugin.detectors.registry import DETECTORS, FittedModel, build_detector
 from aiops_plugin.detectors.training import TrainingFailed, TrainingInterrupted
 from aiops_plugin.early_warning import GroupEarlyWarning
-from aiops_plugin.exporter import Exporter, GroupSnapshot, RootCauseRank
-from aiops_plugin.feedback import TRUE_POSITIVE, detector_weights, labelled_probability
+from aiops_plugin.exporter import Exporter, GroupSnapshot, RootCauseRank, horizon_label
+from aiops_plugin.feedback import (
+    TRUE_POSITIVE,
+    detector_weights,
+    labelled_probability,
+    warning_labels,
+)
 from aiops_plugin.fit_exclusions import (
     ExcludedPeriod,
     alert_periods,
@@ -213,6 +218,9 @@ class Agent:
         self.early_warnings: dict[str, GroupEarlyWarning] = {}
         #: per group: the recent cycles' fused scores (early-warning trend, root cause)
         self.histories: dict[str, ScoreHistory] = {}
+        #: per group and horizon: the recent cycles' early-warning scores, so that an event
+        #: keeps those of the steps before it opened (what feedback teaches the early warning)
+        self.warning_histories: dict[str, list[ScoreHistory]] = {}
         self.buffers: dict[str, Windows] = {}
         #: entity keys seen at the last fit, so an entity whose series vanished is reported
         self.fitted_entities: dict[str, dict[str, dict[str, str]]] = {}
@@ -462,6 +470,11 @@ class Agent:
                 read,
                 first,
                 forecaster.detector if forecaster is not None else None,
+                warning_labels(
+                    labelled,
+                    [horizon_label(h) for h in self.config.calibration.horizons],
+                    self.config.feedback.min_labelled_events,
+                ),
             )
             state["early_warning"] = early_warning.state_dict()
             method += f"; early warning: {early_warning.method}"
@@ -1046,6 +1059,8 @@ class Agent:
                 fused_probability,
                 contributions,
             )
+            if early_scores is not None:
+                self._remember_warnings(group.name, scored_windows, early_scores)
         result.entities = scored_windows.entities
         result.scores = latest
         result.probability = fused_probability
@@ -1126,6 +1141,45 @@ class Agent:
             history = self.histories[group] = ScoreHistory(capacity)
         return history
 
+    def _warning_histories(self, group: str) -> list[ScoreHistory]:
+        """The group's early-warning score history per horizon, each as long as its horizon
+        (started afresh when the configured horizons change)."""
+        capacities = [max(2, steps + 1) for steps in self._horizon_steps()]
+        histories = self.warning_histories.get(group)
+        if histories is None or [history.capacity for history in histories] != capacities:
+            histories = self.warning_histories[group] = [ScoreHistory(c) for c in capacities]
+        return histories
+
+    def _remember_warnings(self, group: str, windows: Windows, scores: np.ndarray) -> None:
+        """Append this cycle's early-warning scores ``(entities, horizons)``, after the events
+        have taken those of the cycles before."""
+        timestamp = float(windows.timestamps[-1])
+        for j, history in enumerate(self._warning_histories(group)):
+            history.append(timestamp, windows.keys, windows.entities, scores[:, j])
+
+    def _warnings_before(
+        self, group: str, keys: list[str], timestamp: float
+    ) -> dict[str, dict[str, list[float]]]:
+        """Per entity of ``keys``: horizon -> the early-warning scores of the cycles within the
+        horizon before this one's ``timestamp`` (``[t - horizon, t)``, what could have warned
+        of a start at ``t``), oldest first, finite ones only."""
+        if not keys:
+            return {}
+        histories = self._warning_histories(group)
+        out: dict[str, dict[str, list[float]]] = {key: {} for key in keys}
+        for seconds, history in zip(self.config.calibration.horizons, histories, strict=True):
+            times, _ = history.window()
+            within = (times >= timestamp - seconds - 1e-6) & (times < timestamp)
+            if not within.any():
+                continue
+            rows = history.rows(keys)[:, within]
+            label = horizon_label(seconds)
+            for key, row in zip(keys, rows, strict=True):
+                finite = row[np.isfinite(row)]
+                if finite.size:
+                    out[key][label] = [float(value) for value in finite]
+        return out
+
     def _event_details(
         self,
         group: str,
@@ -1135,7 +1189,8 @@ class Agent:
         contributions: np.ndarray | None,
     ) -> dict[str, dict]:
         """What an event keeps of this step, for the entities that may be in one (fused score
-        at or above ``events.close_score``): probability, top metrics, detector scores and,
+        at or above ``events.close_score``): probability, top metrics, detector scores, the
+        early-warning scores of the cycles before (kept by an event this step opens) and,
         where the entity has logs, its most anomalous log templates of the step."""
         fused = np.nan_to_num(latest[FUSED], nan=-np.inf)
         rows = np.flatnonzero(fused >= self.config.events.close_score)
@@ -1148,12 +1203,17 @@ class Agent:
         order = None
         if contributions is not None:
             order = np.argsort(-np.nan_to_num(contributions[rows], nan=-1.0), axis=1)[:, :top]
+        before = self._warnings_before(
+            group, [windows.keys[i] for i in rows], float(windows.timestamps[-1])
+        )
         for n, i in enumerate(rows):
             key = windows.keys[i]
             entry: dict = {
                 "probability": float(probability[i]),
                 "detector_scores": {name: float(latest[name][i]) for name in detectors},
             }
+            if before.get(key):
+                entry["warning_scores"] = before[key]
             if order is not None and contributions is not None:
                 entry["contributions"] = {
                     windows.features[j]: float(contributions[i, j])
@@ -1566,7 +1626,13 @@ class Agent:
                     for table in (self.calibrations, self.probabilities, self.early_warnings):
                         table.pop(group, None)
             for group in stale | removed:
-                for table in (self.buffers, self.histories, self.fitted_entities, self.vanished):
+                for table in (
+                    self.buffers,
+                    self.histories,
+                    self.warning_histories,
+                    self.fitted_entities,
+                    self.vanished,
+                ):
                     table.pop(group, None)
             if old.prometheus != new.prometheus:
                 self.reader = PrometheusReader(new.prometheus, self.shard, self.shards)

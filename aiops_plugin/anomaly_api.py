@@ -338,4 +338,5 @@ def _event_json(event: AnomalyEvent, now: datetime) -> dict[str, Any]:
         "detector_scores": event.detector_scores,
         "log_templates": event.log_templates,
         "root_cause": event.root_cause,
+        "warning_scores": event.warning_scores,
     }

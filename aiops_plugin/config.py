@@ -604,8 +604,8 @@ class FeedbackConfig(_Strict):
     min_labelled_events: int = Field(
         10,
         ge=2,
-        description="labelled events of a group (both kinds) before the probability is "
-        "calibrated on labels instead of the unlabelled mixture",
+        description="labelled events of a group (both kinds) before the probability (and the "
+        "early warning's) is calibrated on labels instead of the unlabelled mixture",
     )
 
 

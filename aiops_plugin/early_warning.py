@@ -83,6 +83,18 @@ Environments Based on LLM", ``../shared/seeds/llm-fusion-early-warning.txt``: a 
   ``logit P' = logit pi + tau (logit P - logit pi)``. At ``u = 2 g`` half the evidence is kept;
   at or below ``g`` all of it.
 
+**With feedback** (:mod:`aiops_plugin.feedback`): every anomaly event keeps the early-warning
+scores of the steps before it opened. Once a group has ``feedback.min_labelled_events``
+labelled events, each horizon whose confirmed incidents came with such scores gets the labelled
+probability instead of the mixture: the isotonic map (:class:`~aiops_plugin.calibration.
+probability.LabelledProbability`) from the score's p-value to "an incident follows", fitted
+on the scores of the ``H_h`` steps before each confirmed incident (positives), those before
+false alarms and the calibration slice's (negatives: steps no one called an incident). It
+answers "of the steps that looked like this, how many were followed by a real incident within
+the horizon", which the mixture cannot; the gate has already tempered those scores, so it is
+not applied again. The mixtures are still fed, so the next fit without labels picks up from
+them.
+
 **What the number means.** Under the mixture the probability is P(this step's evidence comes from
 the anomalous component): how far the horizon's evidence lies from anything the calibration
 slice produced, weighed against how often the group's recent p-values have been that small
@@ -120,8 +132,9 @@ import numpy as np
 from scipy.special import expit, log_ndtr, logit, ndtri, ndtri_exp
 
 from aiops_plugin.calibration.combination import cauchy_combination
+from aiops_plugin.calibration.probability import LabelledProbability
 from aiops_plugin.calibration.stage import RecentProbability
-from aiops_plugin.calibration.tail import TailCalibrator, score_from_p
+from aiops_plugin.calibration.tail import TailCalibrator, p_from_score, score_from_p
 from aiops_plugin.config import EarlyWarningConfig, SloThreshold
 from aiops_plugin.detectors.forecaster import ForecastDistribution, ForecasterDetector
 from aiops_plugin.detectors.scaling import RobustScaler
@@ -138,6 +151,9 @@ MAX_BAND_VALUES = 1_000_000
 PROBABILITY_CLIP = 1e-6
 #: Significant digits of the recent p-values (and the ramp's scaler) kept in the state.
 STATE_DIGITS = 6
+#: Calibration-slice scores per horizon the labelled probability takes as normal steps at most
+#: (evenly spaced): a monotone map of a few thousand labels needs no more.
+MAX_LABELLED_NORMALS = 200_000
 #: Steps of one chunk of :func:`line_extrapolation`.
 LINE_CHUNK = 4096
 #: Values (entities x steps x features) of one block of entities the ramp evidence is computed
@@ -360,6 +376,33 @@ def gate(
     return np.where(np.isnan(p) | (tau >= 1.0), p, tempered)
 
 
+def labelled_warning(
+    before_incidents: np.ndarray,
+    before_false_alarms: np.ndarray,
+    normal_scores: np.ndarray,
+    false_alarm_rate: float,
+) -> LabelledProbability | None:
+    """P(an incident follows within the horizon | early-warning score): the isotonic map of the
+    scores of the steps before confirmed incidents (positives) against those before false
+    alarms and ``normal_scores`` (negatives; at most ``MAX_LABELLED_NORMALS``, evenly spaced),
+    on the scores' p-values. None without a finite score of both kinds."""
+    positives = np.asarray(before_incidents, dtype=np.float64).ravel()
+    positives = positives[np.isfinite(positives)]
+    normal = np.asarray(normal_scores, dtype=np.float64).ravel()
+    normal = normal[np.isfinite(normal)]
+    if normal.size > MAX_LABELLED_NORMALS:
+        normal = normal[np.linspace(0, normal.size - 1, MAX_LABELLED_NORMALS).astype(int)]
+    negatives = np.concatenate([np.asarray(before_false_alarms, dtype=np.float64).ravel(), normal])
+    negatives = negatives[np.isfinite(negatives)]
+    if not positives.size or not negatives.size:
+        return None
+    scores = np.concatenate([positives, negatives])
+    labels = np.concatenate([np.ones(positives.size, bool), np.zeros(negatives.size, bool)])
+    return LabelledProbability(min_positives=1, min_negatives=1).fit(
+        p_from_score(np.maximum(scores, 0.0), false_alarm_rate), labels
+    )
+
+
 def replay_recent_probability(
     recent: RecentProbability, p: np.ndarray, refit_every: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -430,17 +473,21 @@ class GroupEarlyWarning:
         #: evidence kind -> one calibrator per horizon
         self.calibrators_: dict[str, list[TailCalibrator]] = {}
         self.recent_: list[RecentProbability] = []
+        #: per horizon, the probability learnt from feedback labels; None: the mixture's
+        self.labelled_: list[LabelledProbability | None] = []
 
     @property
     def method(self) -> str:
         """Which evidence and stages the fitted model uses, e.g.
         ``ew-forecast-ramp-trend-tail-cauchy-bum-gated-v1`` or
-        ``ew-ramp-trend-tail-cauchy-bum-v1``."""
+        ``ew-ramp-trend-tail-cauchy-bum-v1`` (``-labelled`` where feedback labels calibrate a
+        horizon's probability)."""
         if not self.evidence_:
             raise RuntimeError("GroupEarlyWarning is not fitted")
         combined = "-cauchy" if len(self.evidence_) > 1 else ""
         gated = "-gated" if self.gate_threshold_ is not None else ""
-        return f"ew-{'-'.join(self.evidence_)}-tail{combined}-bum{gated}-v{STATE_VERSION}"
+        labelled = "-labelled" if any(m is not None for m in self.labelled_) else ""
+        return f"ew-{'-'.join(self.evidence_)}-tail{combined}-bum{gated}{labelled}-v{STATE_VERSION}"
 
     @property
     def ramp_spans(self) -> list[int]:
@@ -460,12 +507,17 @@ class GroupEarlyWarning:
         windows: Windows,
         first: int,
         forecaster: ForecasterDetector | None,
+        warned_before: list[tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> GroupEarlyWarning:
         """Fit on the calibration slice.
 
         ``fused_scores``: ``(entities, steps)`` exported fused scores of the calibration slice
         (``windows.timestamps[first:]``); ``windows``: the whole fit read (same entity order),
         which also gives the forecasts their context and the band its quantiles.
+        ``warned_before``: from feedback, per horizon, the early-warning scores of the steps
+        before confirmed incidents and before false alarms
+        (:func:`aiops_plugin.feedback.warning_labels`); a horizon with scores before incidents
+        gets the labelled probability (module docstring).
         """
         scores = np.asarray(fused_scores, dtype=np.float64)
         expected = (len(windows.entities), len(windows.timestamps) - first)
@@ -520,7 +572,26 @@ class GroupEarlyWarning:
             RecentProbability(self.recent_capacity).seed(p[:, :, j])
             for j in range(len(self.horizons_steps))
         ]
+        self.labelled_ = [None] * len(self.horizons_steps)
+        if warned_before is not None:
+            self._fit_labelled(self.scores(p, uncertainty), warned_before)
         return self
+
+    def _fit_labelled(
+        self, slice_scores: np.ndarray, warned_before: list[tuple[np.ndarray, np.ndarray]]
+    ) -> None:
+        """Per horizon, the isotonic P(an incident follows | score) of the scores before
+        confirmed incidents against those before false alarms and the calibration slice's
+        ``slice_scores`` ``(entities, steps, horizons)``; None where no incident has any."""
+        if len(warned_before) != len(self.horizons_steps):
+            raise ValueError(
+                f"warned_before has {len(warned_before)} horizons, the model "
+                f"{len(self.horizons_steps)}"
+            )
+        for j, (before_incidents, before_false_alarms) in enumerate(warned_before):
+            self.labelled_[j] = labelled_warning(
+                before_incidents, before_false_alarms, slice_scores[..., j], self.false_alarm_rate
+            )
 
     def _fit_ramp(self, windows: Windows, first: int) -> None:
         """The ramp's standardisation on the detectors' training part of the fit read (steps
@@ -732,7 +803,21 @@ class GroupEarlyWarning:
             [recent_j.update(p[:, j]) for j, recent_j in enumerate(self.recent_)], axis=-1
         )
         prior = np.array([recent_j.model.anomalous_share_ for recent_j in self.recent_])
-        return self._gated(probability, uncertainty, prior), self.scores(p, uncertainty)
+        scores = self.scores(p, uncertainty)
+        return self._with_labels(self._gated(probability, uncertainty, prior), scores), scores
+
+    def _with_labels(self, probability: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """``probability`` ``(entities, ..., horizons)`` with each labelled horizon's replaced
+        by its labelled probability of the (gated) early-warning ``scores``."""
+        if not any(m is not None for m in self.labelled_):
+            return probability
+        out = np.array(probability, dtype=np.float64, copy=True)
+        for j, labelled in enumerate(self.labelled_):
+            if labelled is not None:
+                score = scores[..., j]
+                p = p_from_score(np.maximum(score, 0.0), self.false_alarm_rate)
+                out[..., j] = np.where(np.isfinite(score), labelled.probability(p), np.nan)
+        return out
 
     def scores(self, p: np.ndarray, uncertainty: np.ndarray | None) -> np.ndarray:
         """The early-warning scores of combined p-values ``(entities, ..., horizons)`` and the
@@ -781,7 +866,8 @@ class GroupEarlyWarning:
         ]
         probability = np.stack([part[0] for part in replayed], axis=-1)
         prior = np.stack([part[1] for part in replayed], axis=-1)[None]
-        return self._gated(probability, uncertainty, prior)
+        gated = self._gated(probability, uncertainty, prior)
+        return self._with_labels(gated, self.scores(p, uncertainty))
 
     def replay_p_values(
         self,
@@ -803,8 +889,9 @@ class GroupEarlyWarning:
 
     # -------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Plain JSON (no NaN or infinity): settings, the band, the gate, the calibrators and
-        each horizon's recent p-values (``STATE_DIGITS`` significant digits)."""
+        """Plain JSON (no NaN or infinity): settings, the band, the gate, the calibrators,
+        each horizon's recent p-values (``STATE_DIGITS`` significant digits) and labelled
+        probability (None without one)."""
         self._require_fitted()
         return {
             "version": STATE_VERSION,
@@ -829,6 +916,7 @@ class GroupEarlyWarning:
                 [float(f"{value:.{STATE_DIGITS}g}") for value in recent.recent]
                 for recent in self.recent_
             ],
+            "labelled": [None if m is None else m.state_dict() for m in self.labelled_],
         }
 
     def _ramp_state(self) -> dict[str, Any]:
@@ -889,7 +977,16 @@ class GroupEarlyWarning:
             RecentProbability(model.recent_capacity).seed(np.asarray(values, dtype=np.float64))
             for values in state["recent"]
         ]
+        # absent from states saved before feedback labels reached the early warning
+        labelled = state.get("labelled") or [None] * len(model.horizons_steps)
+        model.labelled_ = [None if m is None else _labelled_from_state(m) for m in labelled]
         return model
+
+
+def _labelled_from_state(state: dict[str, Any]) -> LabelledProbability:
+    labelled = LabelledProbability()
+    labelled.load_state_dict(state)
+    return labelled
 
 
 def _rounded(values: np.ndarray) -> list:

@@ -14,6 +14,11 @@ Three uses, each on the events of one group labelled within its fit window:
   fused p-values, with the calibration slice's fused p-values as normal steps (those are steps
   no one called an incident). It answers "of the events that looked like this, how many were
   real", which the unlabelled mixture cannot.
+- **The early warning's labelled probability**: with as many labelled events, each horizon's
+  P(an incident within the horizon) becomes an isotonic regression on the early-warning scores
+  of the steps before confirmed incidents (each event keeps those of the steps before it
+  opened) against those before false alarms and the calibration slice's
+  (:mod:`aiops_plugin.early_warning`).
 - **Normal-data selection**: confirmed incidents leave the next fit's training and calibration
   data (:mod:`aiops_plugin.fit_exclusions`).
 """
@@ -72,3 +77,36 @@ def labelled_probability(
     p = np.concatenate([peak_p, normal])
     labels = np.concatenate([true, np.zeros(normal.size, dtype=bool)])
     return LabelledProbability(min_positives=1, min_negatives=1).fit(p, labels)
+
+
+def warning_labels(
+    labelled: Sequence[tuple[AnomalyEvent, str]],
+    horizons: Sequence[str],
+    min_labelled_events: int,
+) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """Per horizon (its exported label, e.g. ``"15m"``), ``(scores before confirmed incidents,
+    scores before false alarms)``: the early-warning scores the events kept of the steps before
+    they opened. None with fewer than ``min_labelled_events`` labelled events or where no
+    confirmed incident kept any score (events opened before the early warning ran)."""
+    if len(labelled) < min_labelled_events:
+        return None
+    out = []
+    for horizon in horizons:
+        before = {
+            kind: [
+                score
+                for event, label in labelled
+                if label == kind
+                for score in event.warning_scores.get(horizon, ())
+            ]
+            for kind in (TRUE_POSITIVE, FALSE_POSITIVE)
+        }
+        out.append(
+            (
+                np.asarray(before[TRUE_POSITIVE], dtype=np.float64),
+                np.asarray(before[FALSE_POSITIVE], dtype=np.float64),
+            )
+        )
+    if not any(incidents.size for incidents, _ in out):
+        return None
+    return out

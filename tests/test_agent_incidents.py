@@ -133,8 +133,16 @@ def test_maintenance_windows_are_left_out_of_the_fit(incidents: Incidents, tmp_p
     agent.store.close()
 
 
-def _event(agent: Agent, instance: str, at: float, scores: dict[str, float], peak: float) -> int:
-    """An anomaly event of ``instance`` at ``at`` with these detector scores at its peak."""
+def _event(
+    agent: Agent,
+    instance: str,
+    at: float,
+    scores: dict[str, float],
+    peak: float,
+    warning_scores: dict[str, list[float]] | None = None,
+) -> int:
+    """An anomaly event of ``instance`` at ``at`` with these detector scores at its peak (and
+    these early-warning scores before it opened)."""
     labels = {instance: {"instance": instance}}
     key = entity_key({"instance": instance})
     opened = agent.store.track_anomaly_events(
@@ -143,7 +151,13 @@ def _event(agent: Agent, instance: str, at: float, scores: dict[str, float], pea
         timestamp=datetime.fromtimestamp(at, UTC),
         scores={key: peak},
         labels={key: labels[instance]},
-        details={key: {"detector_scores": scores, "probability": 0.95}},
+        details={
+            key: {
+                "detector_scores": scores,
+                "probability": 0.95,
+                "warning_scores": warning_scores or {},
+            }
+        },
     )
     agent.store.track_anomaly_events(
         group="smd",
@@ -195,12 +209,23 @@ def test_enough_labels_calibrate_the_probability_on_them(incidents: Incidents, t
             (1.1, "false_positive"),
         ]
     ):
-        event = _event(agent, "quiet", incidents.fit_at - 900 + 100 * i, {"mad": peak}, peak)
+        # the early warning was up before the incidents, quiet before the false alarms
+        before = [peak - 1.0] * 10 if label == "true_positive" else [0.2] * 10
+        warned = {"10s": before, "30s": before * 3}
+        event = _event(
+            agent, "quiet", incidents.fit_at - 900 + 100 * i, {"mad": peak}, peak, warned
+        )
         agent.store.save_feedback(event, "bob", label, None)
     agent.fit(now=incidents.fit_at)
+    early_warning = agent.early_warnings["smd"]
+    assert all(model is not None for model in early_warning.labelled_)
+    model = early_warning.labelled_[0]
+    assert model is not None
+    rate = agent.config.calibration.false_alarm_rate
+    up, quiet = model.probability(np.array([rate**3.0, rate**0.2]))
+    assert up > 0.5 > quiet
     probability = agent.probabilities["smd"]
     assert probability.labelled is not None
-    rate = agent.config.calibration.false_alarm_rate
     strong, weak = probability.probability(np.array([rate**5.0, rate**1.1]))
     assert strong > 0.5 > weak
     versions = {
@@ -211,6 +236,7 @@ def test_enough_labels_calibrate_the_probability_on_them(incidents: Incidents, t
         "smd", "fused", agent.config.calibration_hash("smd", versions)
     )
     assert "isotonic" in stored.method and "labelled_probability" in stored.state
+    assert "-labelled-" in stored.method and stored.state["early_warning"]["labelled"][0]
     agent.store.close()
 
 
@@ -251,6 +277,10 @@ def test_replay_exports_early_warnings_and_events_with_their_root_cause(
     assert late.root_cause[0]["entity_labels"] == {"instance": "early"}
     assert late.root_cause[0]["lead_seconds"] > 0
     assert late.top_metrics and late.detector_scores
+    # what the early warning said in the cycles before the event opened (2 s apart: at most 5
+    # for the 10 s horizon, 15 for the 30 s one), for feedback to teach the next fit
+    assert set(late.warning_scores) == {"10s", "30s"}
+    assert 0 < len(late.warning_scores["10s"]) <= 5 < len(late.warning_scores["30s"]) <= 15
     ranks = {s.labels["instance"]: s.value for s in exported(agent)["aiops_root_cause_rank"]}
     assert ranks["early"] == 1.0
 

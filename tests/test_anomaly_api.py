@@ -188,6 +188,7 @@ def test_event_fields(served: tuple[Agent, str]) -> None:
         "detector_scores": {},
         "log_templates": [],
         "root_cause": [],
+        "warning_scores": {},
     }
     node = events[N2]
     assert node["labels"] == {"instance": "n1:9100", "job": "node"}
@@ -448,6 +449,7 @@ def test_one_event_shows_its_details_and_root_cause(served: tuple[Agent, str]) -
                 "contributions": {"latency": 0.6, "errors": 0.3, "cpu": 0.1},
                 "detector_scores": {"mad": 4.5, "pca": 2.0},
                 "log_templates": [{"template": "timeout after <*> ms", "count": 7, "score": 2.5}],
+                "warning_scores": {"5m": [0.4, 1.2], "15m": [0.3, float("nan"), 0.9]},
             }
         },
     )
@@ -460,6 +462,8 @@ def test_one_event_shows_its_details_and_root_cause(served: tuple[Agent, str]) -
     assert body["detector_scores"] == {"mad": 4.5, "pca": 2.0}
     assert body["log_templates"] == [{"template": "timeout after <*> ms", "count": 7, "score": 2.5}]
     assert body["root_cause"] == ranking
+    # what the early warning said before the event opened (a NaN step said nothing)
+    assert body["warning_scores"] == {"5m": [0.4, 1.2], "15m": [0.3, 0.9]}
     listed_event = get(url, API, limit=1).json()["anomalies"][0]
     assert listed_event["root_cause"] == ranking and "feedback" not in listed_event
 

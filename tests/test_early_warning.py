@@ -494,6 +494,55 @@ def test_state_round_trip_is_small_plain_json(
     assert RAMP not in GroupEarlyWarning.from_state_dict(older).method
 
 
+def test_feedback_labels_calibrate_each_horizon_on_what_came_before_incidents(
+    fitted: Fitted, trend_only: GroupEarlyWarning
+) -> None:
+    """Scores of 2-4 came before the confirmed incidents, 0.5-1.5 before false alarms: with
+    those labels a horizon's probability is "how often an incident followed a score like this"
+    (monotone, high at the incidents' scores, near 0 at ordinary ones), the mixtures are still
+    fed, and the labels survive the state; a horizon no incident spoke of keeps the mixture."""
+    incidents, false_alarms = np.linspace(2.0, 4.0, 15), np.linspace(0.5, 1.5, 15)
+    empty = np.zeros(0)
+    labelled = GroupEarlyWarning(HORIZONS, EarlyWarningConfig(), {}, RATE).fit(
+        fitted.fused_slice,
+        fitted.windows(fitted.values[:FIT_ROWS]),
+        fitted.first,
+        None,
+        [(incidents, false_alarms), (incidents, false_alarms), (empty, false_alarms)],
+    )
+    assert labelled.method == "ew-trend-tail-bum-labelled-v1"
+    assert [m is not None for m in labelled.labelled_] == [True, True, False]
+    values = plant_ramp(fitted, fitted.after_fit(), [2, 3, 4], length=120, beyond=1.0)
+    with_labels, _ = fitted.replay(labelled, values, False)
+    without, _ = fitted.replay(trend_only, values, False)
+    # the unlabelled horizon is the mixture's, exactly as without feedback
+    np.testing.assert_allclose(with_labels[:, 2], without[:, 2])
+    scores = np.linspace(0.0, 5.0, 51)
+    model = labelled.labelled_[0]
+    assert model is not None
+    probability = model.probability(RATE**scores)
+    assert np.all(np.diff(probability) >= 0)
+    assert probability[scores >= 2.0].min() > 0.5 > probability[scores <= 1.5].max()
+    # on the replay: where the score is ordinary the labelled probability is near 0
+    windows = fitted.windows(values)
+    fused = fitted.fused(windows)[:, CONTEXT:]
+    p, _ = labelled.replay_p_values(fused, windows, CONTEXT, None)
+    replay_scores = labelled.scores(p, None)[0]
+    ordinary = np.isfinite(replay_scores[:, 0]) & (replay_scores[:, 0] < 0.5)
+    assert ordinary.any() and (with_labels[ordinary, 0] < 0.05).all()
+    # the scores are what they were: labels change the probability only
+    unlabelled_p, _ = trend_only.replay_p_values(fused, windows, CONTEXT, None)
+    np.testing.assert_allclose(labelled.scores(p, None), trend_only.scores(unlabelled_p, None))
+    text = json.dumps(labelled.state_dict(), allow_nan=False)
+    restored = GroupEarlyWarning.from_state_dict(json.loads(text))
+    assert restored.method == labelled.method
+    again, _ = fitted.replay(restored, values, False)
+    np.testing.assert_allclose(again, with_labels, rtol=1e-3, atol=1e-6)
+    older = trend_only.state_dict()
+    del older["labelled"]  # saved before labels reached the early warning
+    assert GroupEarlyWarning.from_state_dict(older).labelled_ == [None, None, None]
+
+
 # ------------------------------------------------------------------------- the benchmark
 def test_warning_threshold_is_matched_to_a_false_warning_rate_from_the_top_down() -> None:
     """Two days, one event, three isolated false warnings at 0.9 above a 0.2 baseline."""
@@ -761,3 +810,30 @@ def test_an_entity_too_short_for_a_detector_is_left_out_and_named() -> None:
     assert "186 steps is too short" in run.skipped[0]
     text = benchmark.early_warning_markdown(run, {})
     assert f"Left out (a detector could not fit the train split): nab {short}, " in text
+
+
+def test_labelled_calibration_learns_the_scores_that_came_before_the_first_halfs_events() -> None:
+    """Twelve events in the first half and thirteen in the second, each after 3 steps of
+    early-warning score 2 (the score is 0.1 elsewhere): fitted on the first half, the labelled
+    probability is 1 before the second half's events and 0 elsewhere, where the unlabelled one
+    (all 0.5 here) is far off. With fewer events in the first half than feedback needs, no
+    rows."""
+    steps, horizon = 4000, 3
+    labels = np.zeros(steps, dtype=np.int8)
+    scores = np.full((steps, 1), 0.1)
+    for start in np.arange(100, steps, 160):
+        labels[start : start + 5] = 1
+        scores[start - horizon : start, 0] = 2.0
+    item = one_entity(labels, np.zeros(steps), scores, [horizon])
+    item.early_warning[:] = 0.5
+    rows = benchmark.labelled_calibration_rows("x", [item], RATE)
+    assert [row.signal for row in rows] == [
+        benchmark.EARLY_WARNING_SECOND_HALF,
+        benchmark.EARLY_WARNING_LABELLED,
+    ]
+    unlabelled, labelled = rows
+    assert unlabelled.steps == labelled.steps and labelled.positives == 13 * horizon
+    assert labelled.brier == pytest.approx(0.0, abs=1e-12) and labelled.ece < 1e-9
+    assert unlabelled.brier > 0.2
+    few = one_entity(labels[:1000], np.zeros(1000), scores[:1000], [horizon])
+    assert benchmark.labelled_calibration_rows("x", [few], RATE) == []

@@ -12,6 +12,7 @@ from aiops_plugin.feedback import (
     TRUE_POSITIVE,
     detector_weights,
     labelled_probability,
+    warning_labels,
 )
 from aiops_plugin.store import AnomalyEvent
 
@@ -20,7 +21,11 @@ DETECTORS = ["mad", "pca"]
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
 
 
-def event(peak_score: float, **detector_scores: float) -> AnomalyEvent:
+def event(
+    peak_score: float,
+    warning_scores: dict[str, list[float]] | None = None,
+    **detector_scores: float,
+) -> AnomalyEvent:
     return AnomalyEvent(
         id=1,
         group_name="hosts",
@@ -32,6 +37,7 @@ def event(peak_score: float, **detector_scores: float) -> AnomalyEvent:
         peak_score=peak_score,
         peak_at=T0,
         detector_scores=dict(detector_scores),
+        warning_scores=warning_scores or {},
     )
 
 
@@ -102,3 +108,19 @@ def test_unscored_calibration_steps_are_ignored() -> None:
     clean = labelled_probability(labels, RATE, kept, 10)
     assert gapped is not None and clean is not None
     np.testing.assert_allclose(gapped.probability(p), clean.probability(p))
+
+
+def test_warning_labels_gather_what_the_early_warning_said_before_each_kind() -> None:
+    labelled = [
+        (event(3.0, {"5m": [1.5, 2.5], "15m": [0.4, 1.5, 2.5]}), TRUE_POSITIVE),
+        (event(2.0, {"5m": [0.3]}), FALSE_POSITIVE),
+        (event(2.0), TRUE_POSITIVE),  # opened before the early warning ran: nothing kept
+    ]
+    five, fifteen, thirty = warning_labels(labelled, ["5m", "15m", "30m"], 3)
+    np.testing.assert_array_equal(five[0], [1.5, 2.5])
+    np.testing.assert_array_equal(five[1], [0.3])
+    np.testing.assert_array_equal(fifteen[0], [0.4, 1.5, 2.5])
+    assert fifteen[1].size == thirty[0].size == thirty[1].size == 0
+    # too few labels, or no incident that kept any score: no labels for the early warning
+    assert warning_labels(labelled, ["5m"], 4) is None
+    assert warning_labels(labelled[1:], ["5m"], 2) is None

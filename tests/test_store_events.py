@@ -228,6 +228,19 @@ def test_nan_and_inf_in_details_are_dropped(store: Store) -> None:
     assert event.log_templates == [{"template": "b", "count": 2, "score": 1.25}]
 
 
+def test_the_warning_scores_are_those_before_the_step_that_opened_the_event(
+    store: Store,
+) -> None:
+    """What the early warning said before the event opened is kept; the steps of the event
+    say what came during it, not before, and change nothing."""
+    before = {"5m": [0.2, np.float32(1.5), NAN], "15m": [NAN], "30m": []}
+    track(store, 0, {KEY_A: 2.0}, details={KEY_A: {"warning_scores": before}})
+    track(store, 1, {KEY_A: 3.0}, details={KEY_A: {"warning_scores": {"5m": [9.0]}}})
+    [event] = store.open_anomaly_events()
+    assert event.warning_scores == {"5m": [0.2, 1.5]}
+    assert store.get_anomaly_event(event.id).warning_scores == {"5m": [0.2, 1.5]}
+
+
 def test_an_infinite_score_opens_an_event_without_contributions(store: Store) -> None:
     details = {"contributions": {"cpu": 1.0}, "detector_scores": {"mad": 5.0}}
     [event] = track(store, 0, {KEY_A: INF}, details={KEY_A: details})
@@ -243,6 +256,8 @@ def test_an_infinite_score_opens_an_event_without_contributions(store: Store) ->
         ({"probability": "high"}, r"\['probability'\] is 'high', not a number"),
         ({"contributions": {"cpu": None}}, r"\['contributions'\]\['cpu'\] is None"),
         ({"log_templates": [{"template": "x", "score": 1.0}]}, "lacks count"),
+        ({"warning_scores": {"5m": 1.0}}, r"\['warning_scores'\]\['5m'\] must be a list"),
+        ({"warning_scores": {"5m": [0.1, "x"]}}, r"\['warning_scores'\]\['5m'\]\[1\] is 'x'"),
     ],
 )
 def test_malformed_details_are_refused_and_nothing_written(
@@ -478,3 +493,20 @@ def test_a_cycle_of_many_quiet_entities_touches_only_the_anomalous_ones(store: S
         group="pods", detector="fused", timestamp=at(1), scores=scores, labels={}
     )
     assert [(event.entity_key, event.end_at) for event in closed] == [(hot, at(1))]
+
+
+def test_migration_0006_gives_existing_events_no_warning_scores(store_url: str) -> None:
+    Store(store_url).close()  # creates the SQLite folder
+    command.upgrade(alembic_config(store_url), "0005")
+    with Store.open(store_url) as store:
+        [event] = track(store, 0, {KEY_A: 2.0})
+    command.downgrade(alembic_config(store_url), "0005")
+    engine = create_engine(store_url)
+    try:
+        with engine.connect() as connection:
+            columns = inspect(connection).get_columns("anomaly_events")
+        assert "warning_scores" not in {column["name"] for column in columns}
+    finally:
+        engine.dispose()
+    with Store.open(store_url) as store:  # upgrades to head again
+        assert store.get_anomaly_event(event.id).warning_scores == {}

@@ -82,17 +82,22 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.stats import binomtest
 
-from aiops_plugin.calibration import score_from_p
+from aiops_plugin.calibration import p_from_score, score_from_p
 from aiops_plugin.calibration.stage import GroupCalibration, RecentProbability
 from aiops_plugin.config import (
     CalibrationConfig,
     DetectorsConfig,
     EarlyWarningConfig,
+    FeedbackConfig,
     ScheduleConfig,
 )
 from aiops_plugin.detectors.forecaster import ForecasterDetector
 from aiops_plugin.detectors.registry import FittedModel
-from aiops_plugin.early_warning import GroupEarlyWarning, replay_recent_probability
+from aiops_plugin.early_warning import (
+    GroupEarlyWarning,
+    labelled_warning,
+    replay_recent_probability,
+)
 from aiops_plugin.evaluation import datasets, metrics
 from aiops_plugin.evaluation.benchmark import (
     CALIBRATION_BINS,
@@ -136,6 +141,10 @@ def _tuned(signal: str) -> str:
 EARLY_WARNING_TUNED = _tuned(EARLY_WARNING)
 EARLY_WARNING_SCORE_TUNED = _tuned(EARLY_WARNING_SCORE)
 ANOMALY_PROBABILITY = "P(anomalous now)"
+#: the early warning on the second half of each test split, as the agent exports it and with
+#: feedback on the first half's events (:func:`labelled_calibration_rows`)
+EARLY_WARNING_SECOND_HALF = "early warning, second half"
+EARLY_WARNING_LABELLED = "early warning, labelled on the first half, second half"
 
 
 @dataclass(frozen=True)
@@ -182,6 +191,7 @@ ALERT_SIGNALS = (
 #: Candidate thresholds of a probability per selection: quantiles this close to the top.
 _CANDIDATES = 400
 _DEFAULT_CALIBRATION = CalibrationConfig()
+_MIN_LABELLED_EVENTS = FeedbackConfig().min_labelled_events
 _DEFAULT_SCHEDULE = ScheduleConfig()
 
 
@@ -976,6 +986,73 @@ def calibration_rows(dataset: str, items: Sequence[EntityWarnings]) -> list[Cali
     return rows
 
 
+def labelled_calibration_rows(
+    dataset: str, items: Sequence[EntityWarnings], false_alarm_rate: float
+) -> list[CalibrationRow]:
+    """The early warning with feedback, as the agent's next fit would learn it: every event
+    starting in the first half of a test split is labelled a confirmed incident, the scores of
+    the horizon's steps before it are the positives, the first half's other steps outside
+    events the normal steps (the agent: its calibration slice), pooled over the dataset's
+    entities (one group); the labelled probability (:func:`~aiops_plugin.early_warning.
+    labelled_warning`) and the unlabelled one are measured on the second halves, against "an
+    event starts within the horizon". None with fewer labelled events than the agent needs
+    (``feedback.min_labelled_events``)."""
+    rows: list[CalibrationRow] = []
+    if not items:
+        return rows
+    for j, steps in enumerate(items[0].horizons_steps):
+        horizon = horizon_label(steps * items[0].step_seconds)
+        positives, normal, measured, labels, unlabelled = [], [], [], [], []
+        events = 0
+        for item in items:
+            mid = item.labels.size // 2
+            anomalous = item.labels.astype(bool)
+            ahead = starts_within(item.labels, steps)
+            scores = item.early_warning_scores[:, j]
+            for start in metrics.runs(anomalous[:mid])[0]:
+                if start > 0:
+                    events += 1
+                    positives.append(scores[max(0, start - steps) : start])
+            first = np.arange(item.labels.size) < mid
+            normal.append(scores[first & ~anomalous & ~ahead])
+            second = ~first & ~anomalous
+            measured.append(scores[second])
+            labels.append(ahead[second])
+            unlabelled.append(item.early_warning[second, j])
+        if events < _MIN_LABELLED_EVENTS:
+            continue
+        model = labelled_warning(
+            np.concatenate(positives), np.zeros(0), np.concatenate(normal), false_alarm_rate
+        )
+        if model is None:
+            continue
+        score = np.concatenate(measured)
+        y = np.concatenate(labels).astype(np.int8)
+        keep = np.isfinite(score)
+        labelled = model.probability(p_from_score(np.maximum(score[keep], 0.0), false_alarm_rate))
+        for signal, probability, truth in (
+            (EARLY_WARNING_SECOND_HALF, np.concatenate(unlabelled), y),
+            (EARLY_WARNING_LABELLED, labelled, y[keep]),
+        ):
+            finite = np.isfinite(probability)
+            share = float(truth[finite].mean()) if finite.any() else math.nan
+            rows.append(
+                CalibrationRow(
+                    dataset=dataset,
+                    horizon=horizon,
+                    signal=signal,
+                    steps=int(finite.sum()),
+                    positives=int(truth[finite].sum()),
+                    ece=metrics.expected_calibration_error(
+                        probability[finite], truth[finite], CALIBRATION_BINS
+                    ),
+                    brier=metrics.brier_score(probability[finite], truth[finite]),
+                    brier_constant=share * (1.0 - share),
+                )
+            )
+    return rows
+
+
 def _nab_arrays(
     items: Sequence[EntityWarnings], signals: Sequence[np.ndarray], root: Path | None
 ) -> list[tuple[np.ndarray, np.ndarray, list]]:
@@ -1121,6 +1198,7 @@ def run_early_warning_benchmark(
         precursors += precursor_rows(dataset, items)
         paired += paired_rows(dataset, items)
         calibration += calibration_rows(dataset, items)
+        calibration += labelled_calibration_rows(dataset, items, false_alarm_rate)
         if dataset == "nab" and not slice_rows:
             nab += nab_rows(items, data_root)
     return EarlyWarningRun(
@@ -1222,6 +1300,37 @@ def _protocol(run: EarlyWarningRun) -> str:
     )
 
 
+def _labelled_reading(
+    calibration: dict[tuple[str, str], CalibrationRow], horizons: Sequence[str]
+) -> str:
+    """One sentence on the early warning with feedback, where the run measured it."""
+    pairs = [
+        (calibration[(h, EARLY_WARNING_SECOND_HALF)], calibration[(h, EARLY_WARNING_LABELLED)])
+        for h in horizons
+        if (h, EARLY_WARNING_LABELLED) in calibration
+    ]
+    if not pairs:
+        return ""
+    return (
+        " With feedback on the first half's events, on the second halves, ECE / Brier (constant "
+        "base rate) unlabelled -> labelled: "
+        + "; ".join(
+            f"{labelled.horizon} {_fmt(plain.ece)} / {_fmt(plain.brier, 4)} -> "
+            f"{_fmt(labelled.ece)} / {_fmt(labelled.brier, 4)} "
+            f"({_fmt(labelled.brier_constant, 4)})"
+            for plain, labelled in pairs
+        )
+        + "."
+    )
+
+
+def _calibration_line(row: CalibrationRow) -> str:
+    return (
+        f"| {row.horizon} | {row.signal} | {row.steps} | {row.positives} "
+        f"| {_fmt(row.ece)} | {_fmt(row.brier, 4)} | {_fmt(row.brier_constant, 4)} |"
+    )
+
+
 def early_warning_markdown(run: EarlyWarningRun, image_links: dict[str, str]) -> str:
     """The "Early warning" section of docs/benchmarks.md."""
     refit = f"{run.refit_seconds:g} s"
@@ -1304,19 +1413,32 @@ def early_warning_markdown(run: EarlyWarningRun, image_links: dict[str, str]) ->
                 f"| {_fmt(row.median_lead_seconds, 0)} | {_fmt(row.detected_by_end)} |"
             )
         calibration = [row for row in run.calibration if row.dataset == dataset]
+        halves_only = (EARLY_WARNING_SECOND_HALF, EARLY_WARNING_LABELLED)
+        header = [
+            "| horizon | probability | steps | positives | ECE | Brier | Brier (constant) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         lines += [
             "",
             'Calibration against "an event starts within the horizon" (steps outside events, '
             "pooled):",
             "",
-            "| horizon | probability | steps | positives | ECE | Brier | Brier (constant) |",
-            "|---|---|---|---|---|---|---|",
+            *header,
+            *[_calibration_line(row) for row in calibration if row.signal not in halves_only],
         ]
-        for row in calibration:
-            lines.append(
-                f"| {row.horizon} | {row.signal} | {row.steps} | {row.positives} "
-                f"| {_fmt(row.ece)} | {_fmt(row.brier, 4)} | {_fmt(row.brier_constant, 4)} |"
-            )
+        labelled = [row for row in calibration if row.signal in halves_only]
+        if labelled:
+            lines += [
+                "",
+                "With feedback: every event starting in the first half of a test split labelled "
+                "a confirmed incident, the early warning's labelled probability fitted on the "
+                "scores of the horizon's steps before them against the first half's other "
+                "steps outside events (the dataset's entities as one group), both "
+                "probabilities measured on the second halves:",
+                "",
+                *header,
+                *[_calibration_line(row) for row in labelled],
+            ]
         if dataset in image_links:
             lines += ["", f"![{dataset} early-warning reliability]({image_links[dataset]})"]
         lines.append("")
@@ -1504,6 +1626,7 @@ def early_warning_reading(run: EarlyWarningRun) -> list[str]:
             f"{n}. Its Brier "
             f"score beats the constant base rate at {skill} of {n} horizons, and its ECE is "
             f"below P(anomalous now)'s against the same label at {sharper} of {n}."
+            + _labelled_reading(calibration, horizons)
             + _paired_reading(run, dataset)
             + alerting
         )

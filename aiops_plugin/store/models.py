@@ -164,6 +164,12 @@ class AnomalyEventRow(Base):
     root_cause: Mapped[list[dict[str, Any]] | None] = mapped_column(
         JSON, doc="ranked entities that went first, replaced as a whole"
     )
+    warning_scores: Mapped[dict[str, list[float]]] = mapped_column(
+        JSON,
+        default=dict,
+        server_default=text("'{}'"),
+        doc="horizon -> early-warning scores of the steps before the event opened, oldest first",
+    )
 
 
 class AnomalyFeedbackRow(Base):

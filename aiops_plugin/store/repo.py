@@ -64,7 +64,13 @@ FEEDBACK_LABELS = ("true_positive", "false_positive")
 FEEDBACK_USER_MAX_CHARS = 200
 FEEDBACK_COMMENT_MAX_CHARS = 2000
 #: What ``track_anomaly_events(details=...)`` accepts per entity and step.
-EVENT_DETAIL_FIELDS = ("probability", "contributions", "detector_scores", "log_templates")
+EVENT_DETAIL_FIELDS = (
+    "probability",
+    "contributions",
+    "detector_scores",
+    "log_templates",
+    "warning_scores",
+)
 
 # Largest integer primary key a driver accepts (SQLite: 64-bit rowid).
 _MAX_ROW_ID = 2**63 - 1
@@ -151,7 +157,10 @@ class AnomalyEvent:
     ``event_top_log_templates``. ``detector_scores`` are the detectors' scores at the peak step;
     ``root_cause`` is the ranking last set by ``Store.set_event_root_cause``. ``feedback``
     (``[{"user", "label", "comment", "created_at", "updated_at"}]``, oldest first) is filled by
-    ``Store.get_anomaly_event`` only and is empty in lists.
+    ``Store.get_anomaly_event`` only and is empty in lists. ``warning_scores`` (horizon ->
+    the early-warning scores of the steps before the event opened, oldest first, finite ones
+    only) is what the early warning said before it: with feedback, the evidence that came
+    before confirmed incidents and false alarms (:mod:`aiops_plugin.feedback`).
     """
 
     id: int
@@ -170,6 +179,7 @@ class AnomalyEvent:
     log_templates: list[dict[str, Any]] = field(default_factory=list)
     root_cause: list[dict[str, Any]] = field(default_factory=list)
     feedback: list[dict[str, Any]] = field(default_factory=list)
+    warning_scores: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def duration_seconds(self) -> float | None:
@@ -206,6 +216,7 @@ class _StepDetails:
     contributions: dict[str, float]
     detector_scores: dict[str, float]
     log_templates: dict[str, tuple[int, float]]
+    warning_scores: dict[str, list[float]]
 
 
 class Store:
@@ -568,11 +579,13 @@ class Store:
 
         ``details`` (entity key -> any of ``EVENT_DETAIL_FIELDS``) is what this step says about
         each anomaly: ``"probability"``, ``"contributions"`` (metric -> share of the score),
-        ``"detector_scores"`` (detector -> score) and ``"log_templates"`` (``[{"template",
-        "count", "score"}]``). Steps at or above ``close_score`` add theirs to the open event:
-        the highest probability is kept, detector scores are those of the peak step,
+        ``"detector_scores"`` (detector -> score), ``"log_templates"`` (``[{"template",
+        "count", "score"}]``) and ``"warning_scores"`` (horizon -> the early-warning scores of
+        the steps before this one). Steps at or above ``close_score`` add theirs to the open
+        event: the highest probability is kept, detector scores are those of the peak step,
         contributions are summed weighted by the step's score (a step whose score is infinite
-        adds none), log templates are merged by text (counts summed, the highest score kept).
+        adds none), log templates are merged by text (counts summed, the highest score kept);
+        the warning scores are those of the step that opened it.
         Quiet steps add nothing. NaN and infinite values are dropped; an unknown field or a
         value that is not a number is a ValueError.
         """
@@ -928,6 +941,7 @@ class Store:
             detector_scores=dict(row.detector_scores),
             log_templates=copy.deepcopy(row.log_templates[: self.event_top_log_templates]),
             root_cause=copy.deepcopy(row.root_cause or []),
+            warning_scores=copy.deepcopy(row.warning_scores or {}),
         )
 
 
@@ -1053,6 +1067,7 @@ def _opened_event(
         contributions={},
         detector_scores={},
         log_templates=[],
+        warning_scores={},
     )
 
 
@@ -1074,6 +1089,8 @@ def _add_active_step(
         row.detector_scores = dict(step.detector_scores) if step is not None else {}
     if step is None:
         return
+    if opening and step.warning_scores:
+        row.warning_scores = {horizon: list(v) for horizon, v in step.warning_scores.items()}
     if step.probability is not None and (
         row.peak_probability is None or step.probability > row.peak_probability
     ):
@@ -1147,7 +1164,21 @@ def _step_details(key: str, raw: dict[str, Any]) -> _StepDetails:
         contributions=_finite_values(raw.get("contributions"), f"{where}['contributions']"),
         detector_scores=_finite_values(raw.get("detector_scores"), f"{where}['detector_scores']"),
         log_templates=templates,
+        warning_scores=_finite_lists(raw.get("warning_scores"), f"{where}['warning_scores']"),
     )
+
+
+def _finite_lists(values: dict[str, Any] | None, where: str) -> dict[str, list[float]]:
+    """Name -> the finite numbers of a list (a NaN step said nothing); empty lists dropped."""
+    lists: dict[str, list[float]] = {}
+    for name, items in (values or {}).items():
+        if not isinstance(items, list | tuple):
+            raise ValueError(f"{where}[{name!r}] must be a list of numbers, got {items!r}")
+        numbers = [_number(value, f"{where}[{name!r}][{i}]") for i, value in enumerate(items)]
+        finite = [value for value in numbers if math.isfinite(value)]
+        if finite:
+            lists[str(name)] = finite
+    return lists
 
 
 def _finite_values(values: dict[str, Any] | None, where: str) -> dict[str, float]:
