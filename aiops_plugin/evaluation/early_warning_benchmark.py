@@ -968,22 +968,29 @@ def calibration_rows(dataset: str, items: Sequence[EntityWarnings]) -> list[Cali
     for j, steps in enumerate(items[0].horizons_steps):
         horizon = horizon_label(steps * items[0].step_seconds)
         for signal, index in ((EARLY_WARNING, j), (ANOMALY_PROBABILITY, None)):
-            p, y = _calibration_data(items, index, steps)
-            keep = np.isfinite(p)
-            share = float(y[keep].mean()) if keep.any() else math.nan
             rows.append(
-                CalibrationRow(
-                    dataset=dataset,
-                    horizon=horizon,
-                    signal=signal,
-                    steps=int(keep.sum()),
-                    positives=int(y[keep].sum()),
-                    ece=metrics.expected_calibration_error(p, y, CALIBRATION_BINS),
-                    brier=metrics.brier_score(p, y),
-                    brier_constant=share * (1.0 - share),
-                )
+                _calibration_row(dataset, horizon, signal, *_calibration_data(items, index, steps))
             )
     return rows
+
+
+def _calibration_row(
+    dataset: str, horizon: str, signal: str, probability: np.ndarray, labels: np.ndarray
+) -> CalibrationRow:
+    """ECE and Brier score of ``probability`` against ``labels`` (NaN steps left out) and the
+    Brier score of the constant base rate."""
+    keep = np.isfinite(probability)
+    share = float(labels[keep].mean()) if keep.any() else math.nan
+    return CalibrationRow(
+        dataset=dataset,
+        horizon=horizon,
+        signal=signal,
+        steps=int(keep.sum()),
+        positives=int(labels[keep].sum()),
+        ece=metrics.expected_calibration_error(probability, labels, CALIBRATION_BINS),
+        brier=metrics.brier_score(probability, labels),
+        brier_constant=share * (1.0 - share),
+    )
 
 
 def labelled_calibration_rows(
@@ -1030,26 +1037,12 @@ def labelled_calibration_rows(
         y = np.concatenate(labels).astype(np.int8)
         keep = np.isfinite(score)
         labelled = model.probability(p_from_score(np.maximum(score[keep], 0.0), false_alarm_rate))
-        for signal, probability, truth in (
-            (EARLY_WARNING_SECOND_HALF, np.concatenate(unlabelled), y),
-            (EARLY_WARNING_LABELLED, labelled, y[keep]),
-        ):
-            finite = np.isfinite(probability)
-            share = float(truth[finite].mean()) if finite.any() else math.nan
-            rows.append(
-                CalibrationRow(
-                    dataset=dataset,
-                    horizon=horizon,
-                    signal=signal,
-                    steps=int(finite.sum()),
-                    positives=int(truth[finite].sum()),
-                    ece=metrics.expected_calibration_error(
-                        probability[finite], truth[finite], CALIBRATION_BINS
-                    ),
-                    brier=metrics.brier_score(probability[finite], truth[finite]),
-                    brier_constant=share * (1.0 - share),
-                )
-            )
+        rows += [
+            _calibration_row(
+                dataset, horizon, EARLY_WARNING_SECOND_HALF, np.concatenate(unlabelled), y
+            ),
+            _calibration_row(dataset, horizon, EARLY_WARNING_LABELLED, labelled, y[keep]),
+        ]
     return rows
 
 
