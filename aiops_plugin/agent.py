@@ -1168,11 +1168,7 @@ class Agent:
         histories = self._warning_histories(group)
         out: dict[str, dict[str, list[float]]] = {key: {} for key in keys}
         for seconds, history in zip(self.config.calibration.horizons, histories, strict=True):
-            times, _ = history.window()
-            within = (times >= timestamp - seconds - 1e-6) & (times < timestamp)
-            if not within.any():
-                continue
-            rows = history.rows(keys)[:, within]
+            rows = history.rows_between(keys, timestamp - seconds - 1e-6, timestamp)
             label = horizon_label(seconds)
             for key, row in zip(keys, rows, strict=True):
                 finite = row[np.isfinite(row)]

@@ -486,8 +486,13 @@ class GroupEarlyWarning:
             raise RuntimeError("GroupEarlyWarning is not fitted")
         combined = "-cauchy" if len(self.evidence_) > 1 else ""
         gated = "-gated" if self.gate_threshold_ is not None else ""
-        labelled = "-labelled" if any(m is not None for m in self.labelled_) else ""
+        labelled = "-labelled" if self.labelled else ""
         return f"ew-{'-'.join(self.evidence_)}-tail{combined}-bum{gated}{labelled}-v{STATE_VERSION}"
+
+    @property
+    def labelled(self) -> bool:
+        """Whether feedback labels calibrate the probability of at least one horizon."""
+        return any(model is not None for model in self.labelled_)
 
     @property
     def ramp_spans(self) -> list[int]:
@@ -804,13 +809,12 @@ class GroupEarlyWarning:
         )
         prior = np.array([recent_j.model.anomalous_share_ for recent_j in self.recent_])
         scores = self.scores(p, uncertainty)
-        return self._with_labels(self._gated(probability, uncertainty, prior), scores), scores
+        gated = self._gated(probability, uncertainty, prior)
+        return (self._with_labels(gated, scores) if self.labelled else gated), scores
 
     def _with_labels(self, probability: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """``probability`` ``(entities, ..., horizons)`` with each labelled horizon's replaced
         by its labelled probability of the (gated) early-warning ``scores``."""
-        if not any(m is not None for m in self.labelled_):
-            return probability
         out = np.array(probability, dtype=np.float64, copy=True)
         for j, labelled in enumerate(self.labelled_):
             if labelled is not None:
@@ -867,7 +871,7 @@ class GroupEarlyWarning:
         probability = np.stack([part[0] for part in replayed], axis=-1)
         prior = np.stack([part[1] for part in replayed], axis=-1)[None]
         gated = self._gated(probability, uncertainty, prior)
-        return self._with_labels(gated, self.scores(p, uncertainty))
+        return self._with_labels(gated, self.scores(p, uncertainty)) if self.labelled else gated
 
     def replay_p_values(
         self,

@@ -70,6 +70,15 @@ class ScoreHistory:
         _, scores = self.window()
         if steps is not None:
             scores = scores[:, -steps:] if steps > 0 else scores[:, :0]
+        return self._for_keys(keys, scores)
+
+    def rows_between(self, keys: list[str], start: float, end: float) -> np.ndarray:
+        """``(len(keys), T)`` of the cycles with ``start <= timestamp < end``, in time order;
+        NaN rows for keys never seen."""
+        times, scores = self.window()
+        return self._for_keys(keys, scores[:, (times >= start) & (times < end)])
+
+    def _for_keys(self, keys: list[str], scores: np.ndarray) -> np.ndarray:
         out = np.full((len(keys), scores.shape[1]), np.nan, dtype=np.float32)
         rows = np.array([self._index.get(key, -1) for key in keys], dtype=np.int64)
         known = rows >= 0

@@ -30,6 +30,15 @@ def test_new_and_missing_entities_are_nan_where_not_scored() -> None:
     assert history.rows(["a"], steps=1).shape == (1, 1)
 
 
+def test_rows_between_keep_the_cycles_from_start_up_to_not_including_end() -> None:
+    history = ScoreHistory(5)
+    for t in range(5):
+        history.append(10.0 * t, ["a"], [{"e": "a"}], np.array([float(t)]))
+    assert history.rows_between(["a", "never"], 10.0, 40.0)[0].tolist() == [1.0, 2.0, 3.0]
+    assert np.isnan(history.rows_between(["never"], 10.0, 40.0)).all()
+    assert history.rows_between(["a"], 41.0, 99.0).shape == (1, 0)
+
+
 def test_a_cycle_on_the_same_step_replaces_its_column() -> None:
     history = ScoreHistory(4)
     history.append(5.0, ["a"], [{"e": "a"}], np.array([1.0]))
